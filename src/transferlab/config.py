@@ -1,0 +1,199 @@
+"""params.yaml -> typed, frozen dataclasses.
+
+Every knob of the pipeline lives in params.yaml. This module is the only place
+that reads it: an unknown key or a value of the wrong type is an error that names
+the key and lists what is valid, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
+
+
+class ConfigError(ValueError):
+    """A params file that does not describe a valid pipeline."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # A local path (archive or directory) or an http(s)/file URL.
+    source: str = "../shared/data/cifar10-jpeg.tar.gz"
+    # auto | cifar10 | image_folder
+    format: str = "auto"
+    # "md5:<hex>" or "sha256:<hex>"; required before a CIFAR-10 pickle is loaded.
+    checksum: str | None = None
+    image_size: int = 32
+    val_fraction: float = 0.1
+    # Only used when the source has no test split of its own.
+    test_fraction: float = 0.2
+    cache_dir: str = "data/cache"
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    name: str = "efficientnet_lite0"
+    # imagenet | none | a path to a local weights file
+    weights: str = "imagenet"
+    # Input resolution the stored images are upscaled to inside the model.
+    input_size: int = 96
+
+
+@dataclass(frozen=True)
+class FeaturesConfig:
+    batch_size: int = 128
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    units: int = 512
+    dropout: float = 0.5
+    optimizer: str = "adam"
+    learning_rate: float = 1e-3
+    epochs: int = 40
+    batch_size: int = 256
+    patience: int = 5
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    experiment: str = "transferlab"
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int = 42
+    data: DataConfig = field(default_factory=DataConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+CHOICES = {
+    "data.format": ("auto", "cifar10", "image_folder"),
+    "head.optimizer": ("adam", "adamw", "sgd", "rmsprop"),
+}
+
+
+def _check_type(value: Any, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _check_type(value, option, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0])
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, bool):
+        raise ConfigError(f"{key}: expected int, received: {value!r}")
+    if isinstance(hint, type) and not isinstance(value, hint):
+        raise ConfigError(f"{key}: expected {hint.__name__}, received: {value!r}")
+    return value
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'params'}: expected a mapping, received: {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        where = prefix or "the top level"
+        raise ConfigError(
+            f"unknown key(s) {unknown} in {where}; valid keys: {names}"
+        )
+    values = {}
+    for name in names:
+        if name not in raw:
+            continue
+        key = f"{prefix}.{name}" if prefix else name
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, raw[name], key)
+            continue
+        value = _check_type(raw[name], hint, key)
+        if key in CHOICES and value not in CHOICES[key]:
+            raise ConfigError(f"{key}: must be one of {list(CHOICES[key])}, received: {value!r}")
+        values[name] = value
+    return cls(**values)
+
+
+def _validate(params: Params) -> None:
+    from transferlab.backbones import BACKBONES  # the registry owns the names
+
+    if params.backbone.name not in BACKBONES:
+        raise ConfigError(
+            f"backbone.name: unknown backbone {params.backbone.name!r}; "
+            f"registered: {sorted(BACKBONES)}"
+        )
+    d = params.data
+    if not 0.0 <= d.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction must be in [0, 1), received: {d.val_fraction}")
+    if not 0.0 < d.test_fraction < 1.0:
+        raise ConfigError(f"data.test_fraction must be in (0, 1), received: {d.test_fraction}")
+    if d.image_size < 8:
+        raise ConfigError(f"data.image_size must be at least 8, received: {d.image_size}")
+    if d.checksum is not None and d.checksum.split(":", 1)[0] not in ("md5", "sha256"):
+        raise ConfigError(
+            f"data.checksum must look like 'md5:<hex>' or 'sha256:<hex>', received: {d.checksum!r}"
+        )
+    h = params.head
+    if not 0.0 <= h.dropout < 1.0:
+        raise ConfigError(f"head.dropout must be in [0, 1), received: {h.dropout}")
+
+
+def from_dict(raw: dict) -> Params:
+    params = _build(Params, raw, "")
+    _validate(params)
+    return params
+
+
+def load(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: no such params file; run from the project root or pass --params")
+    with path.open() as fh:
+        try:
+            raw = yaml.safe_load(fh) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    try:
+        return from_dict(raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def to_dict(params: Params) -> dict:
+    return dataclasses.asdict(params)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}, the shape MLflow params take."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, dict):
+            out.update(flatten(value, name))
+        else:
+            out[name] = value
+    return out

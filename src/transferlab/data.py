@@ -1,0 +1,547 @@
+"""Data sources -> uint8 arrays, class names and a manifest.
+
+Stage: `transferlab prepare` (dvc stage `prepare`).
+
+Sources, chosen by `data.source` and `data.format` in params.yaml:
+- the canonical CIFAR-10 python archive from a URL: downloaded to a temporary
+  name, checksum verified, then renamed into the cache; a bad download is deleted;
+- a local archive (tar, tar.gz, zip) or directory in the canonical CIFAR-10 format;
+- an image-folder tree, as a directory or an archive: train/<class>/... and
+  test/<class>/..., or one folder of classes split by a seeded ratio.
+
+CIFAR-10 pickles are unpickled only after the archive's checksum passes, and then
+only through an unpickler that admits numpy arrays and plain containers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import pickle
+import shutil
+import tarfile
+import tempfile
+import urllib.parse
+import urllib.request
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from transferlab.config import CIFAR10_MD5, CIFAR10_URL
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
+FEW_IMAGES = 10  # a class with fewer training images than this gets a warning
+
+
+class DataError(ValueError):
+    """Input data that cannot be used; the message names the file and the fix."""
+
+
+@dataclass
+class Dataset:
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    classes: list[str]
+    skipped: list[dict] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- checksums
+
+
+def file_digest(path: str | Path, algo: str = "sha256") -> str:
+    h = hashlib.new(algo)
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def tree_digest(root: Path) -> str:
+    """sha256 over every file's relative path and content, in sorted order."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(file_digest(path).encode())
+    return h.hexdigest()
+
+
+def verify_checksum(path: Path, checksum: str) -> None:
+    algo, _, expected = checksum.partition(":")
+    actual = file_digest(path, algo)
+    if actual.lower() != expected.lower():
+        raise DataError(
+            f"{path}: {algo} checksum mismatch: expected {expected}, got {actual}. "
+            "The file is corrupt or not the one params.yaml names; delete it and "
+            "download it again, or fix data.checksum."
+        )
+
+
+# --------------------------------------------------------------------------- download
+
+
+def is_url(source: str) -> bool:
+    return urllib.parse.urlparse(source).scheme in ("http", "https", "file")
+
+
+def download(url: str, cache_dir: Path, checksum: str | None) -> Path:
+    """Fetch `url` into `cache_dir`, verified; a cached copy that verifies is reused."""
+    if checksum is None:
+        raise DataError(
+            f"{url}: downloads need data.checksum ('md5:<hex>' or 'sha256:<hex>') "
+            "so that a corrupt or substituted file is never used"
+        )
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    name = Path(urllib.parse.urlparse(url).path).name or "download"
+    dest = cache_dir / name
+    if dest.exists():
+        try:
+            verify_checksum(dest, checksum)
+            log.info("using cached %s", dest)
+            return dest
+        except DataError:
+            log.warning("cached %s fails its checksum; downloading again", dest)
+            dest.unlink()
+    fd, tmp_name = tempfile.mkstemp(dir=cache_dir, prefix=f".{name}.", suffix=".part")
+    tmp = Path(tmp_name)
+    try:
+        try:
+            response = urllib.request.urlopen(url, timeout=60)
+        except OSError as exc:
+            raise DataError(
+                f"could not download {url}: {exc}. On an offline machine, copy the file "
+                f"to {dest} or set data.source to a local path."
+            ) from exc
+        with response, os.fdopen(fd, "wb") as out:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {name}") as bar:
+                for chunk in iter(lambda: response.read(1 << 20), b""):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+        verify_checksum(tmp, checksum)
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
+
+
+# --------------------------------------------------------------------------- archives
+
+
+def is_archive(path: Path) -> bool:
+    return path.is_file() and (tarfile.is_tarfile(path) or zipfile.is_zipfile(path))
+
+
+def safe_extract(archive: Path, dest: Path) -> None:
+    """Extract `archive` into `dest`, refusing members that would land outside it."""
+    dest.mkdir(parents=True, exist_ok=True)
+    if tarfile.is_tarfile(archive):
+        with tarfile.open(archive) as tar:
+            try:
+                # The "data" filter refuses absolute paths, "..", links that escape
+                # and device files; check every member before writing any.
+                for member in tar.getmembers():
+                    tarfile.data_filter(member, str(dest))
+            except tarfile.FilterError as exc:
+                raise DataError(
+                    f"{archive}: refusing to extract: {exc}. The archive has a member "
+                    "that would be written outside the target folder; rebuild it with "
+                    "relative paths."
+                ) from exc
+            tar.extractall(dest, filter="data")
+        return
+    if zipfile.is_zipfile(archive):
+        root = dest.resolve()
+        with zipfile.ZipFile(archive) as zf:
+            for info in zf.infolist():
+                target = (dest / info.filename).resolve()
+                if info.filename.startswith(("/", "\\")) or not target.is_relative_to(root):
+                    raise DataError(
+                        f"{archive}: refusing to extract member {info.filename!r}: it would "
+                        "be written outside the target folder; rebuild the zip with relative paths."
+                    )
+            zf.extractall(dest)
+        return
+    raise DataError(f"{archive}: not a tar or zip archive")
+
+
+def extract_cached(archive: Path, cache_dir: Path, digest: str) -> Path:
+    """Extract once per archive content; a half-done extraction is never reused."""
+    dest = cache_dir / "extracted" / digest[:16]
+    if (dest / ".complete").exists():
+        return dest
+    if dest.exists():
+        shutil.rmtree(dest)
+    tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".extract-"))
+    try:
+        log.info("extracting %s", archive)
+        safe_extract(archive, tmp)
+        (tmp / ".complete").touch()
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return dest
+
+
+# --------------------------------------------------------------------------- CIFAR-10
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Admits only what CIFAR-10 batches contain: numpy arrays and plain containers."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("collections", "OrderedDict"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a data file")
+
+
+def _load_batch(path: Path) -> dict:
+    with open(path, "rb") as fh:
+        try:
+            return _ArrayUnpickler(fh, encoding="bytes").load()
+        except (pickle.UnpicklingError, EOFError, ValueError) as exc:
+            raise DataError(f"{path}: not a valid CIFAR-10 batch: {exc}") from exc
+
+
+def find_cifar10_root(root: Path) -> Path | None:
+    hits = sorted(root.rglob("data_batch_1"))
+    return hits[0].parent if hits else None
+
+
+def load_cifar10(root: Path) -> Dataset:
+    """Read the canonical python batches (data_batch_1..5, test_batch, batches.meta)."""
+    meta_path = root / "batches.meta"
+    if not meta_path.exists():
+        raise DataError(f"{meta_path}: missing; a canonical CIFAR-10 folder has batches.meta")
+    meta = _load_batch(meta_path)
+    classes = [c.decode() if isinstance(c, bytes) else str(c) for c in meta[b"label_names"]]
+
+    def read(names: list[Path]) -> tuple[np.ndarray, np.ndarray]:
+        xs, ys = [], []
+        for path in names:
+            batch = _load_batch(path)
+            data = np.asarray(batch[b"data"], dtype=np.uint8)
+            xs.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+            ys.append(np.asarray(batch[b"labels"], dtype=np.int64))
+        return np.concatenate(xs), np.concatenate(ys)
+
+    train_files = sorted(root.glob("data_batch_*"))
+    test_file = root / "test_batch"
+    if not test_file.exists():
+        raise DataError(f"{test_file}: missing from the CIFAR-10 folder {root}")
+    x_train, y_train = read(train_files)
+    x_test, y_test = read([test_file])
+    return Dataset(x_train, y_train, x_test, y_test, classes)
+
+
+# --------------------------------------------------------------------------- image folders
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB (16-bit and 32-bit gray are scaled, not clipped)."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    elif img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.clip(arr * 255.0 if arr.max() <= 1.0 else arr, 0, 255).astype(np.uint8))
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        # Composite on white rather than dropping alpha, so transparent areas
+        # do not turn into whatever colour the hidden pixels had.
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB")
+
+
+def decode_image(path: Path, size: int) -> np.ndarray:
+    with Image.open(path) as img:
+        img.load()
+        rgb = to_rgb(img)
+    if rgb.size != (size, size):
+        rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(rgb, dtype=np.uint8)
+
+
+def _list_class_files(class_dir: Path, ignored: list[str]) -> list[Path]:
+    files = []
+    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            if name.startswith("."):
+                continue
+            if path.suffix.lower() not in IMAGE_EXTENSIONS:
+                ignored.append(str(path))
+                continue
+            files.append(path)
+    return files
+
+
+def _class_dirs(split_dir: Path) -> list[Path]:
+    return sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _decode_all(
+    items: list[tuple[Path, int]], size: int, desc: str, skipped: list[dict], root: Path
+) -> tuple[np.ndarray, np.ndarray]:
+    def work(item: tuple[Path, int]):
+        path, label = item
+        try:
+            return decode_image(path, size), label, None
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            return None, label, f"{type(exc).__name__}: {exc}"
+
+    xs, ys = [], []
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        results = pool.map(work, items, chunksize=64)
+        for (path, _), (arr, label, error) in tqdm(
+            zip(items, results), total=len(items), desc=desc, unit="img", mininterval=2
+        ):
+            if error is not None:
+                skipped.append({"file": str(path.relative_to(root)), "reason": error})
+                continue
+            xs.append(arr)
+            ys.append(label)
+    if not xs:
+        return np.zeros((0, size, size, 3), np.uint8), np.zeros((0,), np.int64)
+    return np.stack(xs), np.asarray(ys, dtype=np.int64)
+
+
+def _gather(split_dir: Path, classes: list[str], ignored: list[str]) -> list[tuple[Path, int]]:
+    items = []
+    for label, name in enumerate(classes):
+        class_dir = split_dir / name
+        if not class_dir.is_dir():
+            continue
+        items += [(p, label) for p in _list_class_files(class_dir, ignored)]
+    return items
+
+
+def _descend_single_wrapper(root: Path) -> Path:
+    """An archive often wraps everything in one top folder; a classifier needs at
+    least two classes, so a lone folder is a wrapper: look inside it."""
+    while True:
+        entries = [p for p in root.iterdir() if not p.name.startswith(".")]
+        if len(entries) != 1 or not entries[0].is_dir() or entries[0].name in ("train", "test"):
+            return root
+        root = entries[0]
+
+
+def load_image_folder(root: Path, image_size: int, test_fraction: float, seed: int) -> Dataset:
+    root = _descend_single_wrapper(root)
+    ignored: list[str] = []
+    skipped: list[dict] = []
+    has_split = (root / "train").is_dir() and (root / "test").is_dir()
+    train_root = root / "train" if has_split else root
+    classes = [p.name for p in _class_dirs(train_root)]
+    if not classes:
+        raise DataError(
+            f"{train_root}: no class folders found. Expected train/<class>/<image> and "
+            "test/<class>/<image>, or <class>/<image> to be split by data.test_fraction."
+        )
+    if has_split:
+        test_classes = [p.name for p in _class_dirs(root / "test")]
+        extra = sorted(set(test_classes) - set(classes))
+        if extra:
+            raise DataError(
+                f"{root / 'test'}: classes {extra} are in the test split but not in "
+                f"{root / 'train'}; add training images for them or remove them from test/"
+            )
+    train_items = _gather(train_root, classes, ignored)
+    counts = {c: 0 for c in classes}
+    for _, label in train_items:
+        counts[classes[label]] += 1
+    empty = [c for c, n in counts.items() if n == 0]
+    if empty:
+        raise DataError(
+            f"{train_root}: class folder(s) {empty} hold no images. Add images or remove "
+            "the folder(s); an empty class would add an output unit that can never be learned."
+        )
+    x_train, y_train = _decode_all(train_items, image_size, "decode train", skipped, root)
+    if has_split:
+        test_items = _gather(root / "test", classes, ignored)
+        x_test, y_test = _decode_all(test_items, image_size, "decode test", skipped, root)
+    else:
+        x_train, x_test, y_train, y_test = stratified_split(x_train, y_train, test_fraction, seed)
+    decoded = np.bincount(y_train, minlength=len(classes))
+    lost = [classes[i] for i, n in enumerate(decoded) if n == 0]
+    if lost:
+        raise DataError(
+            f"{train_root}: no image of class(es) {lost} could be decoded; see the skipped "
+            "files in the manifest and replace them"
+        )
+    for name, n in zip(classes, decoded):
+        if n < FEW_IMAGES:
+            log.warning("class %r has only %d training images; results for it will be noisy", name, n)
+    if skipped:
+        log.warning("skipped %d file(s) that could not be decoded; listed in the manifest", len(skipped))
+    return Dataset(x_train, y_train, x_test, y_test, classes, skipped, ignored)
+
+
+# --------------------------------------------------------------------------- splits and outputs
+
+
+def stratified_split(x: np.ndarray, y: np.ndarray, fraction: float, seed: int):
+    """Seeded split, stratified when every class has at least two members."""
+    from sklearn.model_selection import train_test_split
+
+    counts = np.bincount(y)
+    n_held = int(round(len(y) * fraction))
+    stratify = y if counts[counts > 0].min() >= 2 and n_held >= len(counts[counts > 0]) else None
+    return train_test_split(x, y, test_size=fraction, random_state=seed, stratify=stratify)
+
+
+def resize_array(x: np.ndarray, size: int) -> np.ndarray:
+    if x.shape[1:3] == (size, size):
+        return x
+    out = np.empty((len(x), size, size, 3), np.uint8)
+    for i, img in enumerate(x):
+        out[i] = np.asarray(Image.fromarray(img).resize((size, size), Image.Resampling.BILINEAR))
+    return out
+
+
+def resolve_source(source: str, cache_dir: Path, checksum: str | None) -> tuple[Path, str]:
+    """A local path for `source` (downloading a URL), plus a checksum describing it."""
+    if is_url(source):
+        if checksum is None and source == CIFAR10_URL:
+            checksum = f"md5:{CIFAR10_MD5}"
+        path = download(source, cache_dir / "downloads", checksum)
+        return path, checksum or ""
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise DataError(
+            f"{path}: data.source does not exist. Point data.source in params.yaml at an "
+            "archive or folder of images, or at the CIFAR-10 URL on a machine with internet."
+        )
+    if path.is_dir():
+        return path, f"sha256:{tree_digest(path)}"
+    if checksum is not None:
+        verify_checksum(path, checksum)
+        return path, checksum
+    return path, f"sha256:{file_digest(path)}"
+
+
+def load_source(
+    source: str, fmt: str, cache_dir: Path, checksum: str | None, image_size: int,
+    test_fraction: float, seed: int,
+) -> tuple[Dataset, str]:
+    path, digest = resolve_source(source, cache_dir, checksum)
+    root = path
+    if path.is_file():
+        if not is_archive(path):
+            raise DataError(f"{path}: not a directory, tar or zip archive")
+        root = extract_cached(path, cache_dir, digest.split(":", 1)[1])
+    cifar_root = find_cifar10_root(root) if fmt in ("auto", "cifar10") else None
+    if fmt == "cifar10" and cifar_root is None:
+        raise DataError(f"{path}: data.format is cifar10 but no data_batch_1 was found inside")
+    if cifar_root is not None:
+        if path.is_file() and checksum is None and not digest.endswith(CIFAR10_MD5):
+            # The archive is unverified: its pickles could be anything.
+            known = file_digest(path, "md5")
+            if known != CIFAR10_MD5:
+                raise DataError(
+                    f"{path}: a CIFAR-10 python archive is unpickled only after its checksum "
+                    f"passes; its md5 {known} is not the canonical {CIFAR10_MD5}. Set "
+                    "data.checksum to the archive's checksum if you trust this file."
+                )
+        ds = load_cifar10(cifar_root)
+        if image_size != 32:
+            ds.x_train = resize_array(ds.x_train, image_size)
+            ds.x_test = resize_array(ds.x_test, image_size)
+        return ds, digest
+    return load_image_folder(root, image_size, test_fraction, seed), digest
+
+
+def _counts(y: np.ndarray, classes: list[str]) -> dict[str, int]:
+    n = np.bincount(y, minlength=len(classes))
+    return {c: int(k) for c, k in zip(classes, n)}
+
+
+def write_prepared(ds: Dataset, out_dir: Path, val_fraction: float, seed: int, manifest: dict) -> dict:
+    """Carve val from train (seeded) and write arrays + classes + manifest atomically."""
+    if val_fraction > 0:
+        x_train, x_val, y_train, y_val = stratified_split(ds.x_train, ds.y_train, val_fraction, seed)
+    else:
+        x_train, y_train = ds.x_train, ds.y_train
+        x_val, y_val = ds.x_train[:0], ds.y_train[:0]
+    splits = {"train": (x_train, y_train), "val": (x_val, y_val), "test": (ds.x_test, ds.y_test)}
+    manifest = dict(manifest)
+    manifest.update(
+        classes=ds.classes,
+        counts={name: _counts(y, ds.classes) for name, (_, y) in splits.items()},
+        totals={name: int(len(y)) for name, (_, y) in splits.items()},
+        image_shape=list(x_train.shape[1:]),
+        skipped=ds.skipped,
+        num_skipped=len(ds.skipped),
+        ignored=ds.ignored[:1000],
+        num_ignored=len(ds.ignored),
+    )
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
+    try:
+        for name, (x, y) in splits.items():
+            np.save(tmp / f"x_{name}.npy", np.ascontiguousarray(x))
+            np.save(tmp / f"y_{name}.npy", y.astype(np.int64))
+        (tmp / "classes.json").write_text(json.dumps(ds.classes, indent=1) + "\n")
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return manifest
+
+
+@dataclass
+class Prepared:
+    x: dict[str, np.ndarray]
+    y: dict[str, np.ndarray]
+    classes: list[str]
+    manifest: dict
+
+
+def load_prepared(out_dir: str | Path, mmap: bool = True) -> Prepared:
+    out_dir = Path(out_dir)
+    if not (out_dir / "manifest.json").exists():
+        raise DataError(f"{out_dir}: no prepared data here; run `dvc repro prepare` first")
+    mode = "r" if mmap else None
+    x = {s: np.load(out_dir / f"x_{s}.npy", mmap_mode=mode) for s in ("train", "val", "test")}
+    y = {s: np.load(out_dir / f"y_{s}.npy") for s in ("train", "val", "test")}
+    classes = json.loads((out_dir / "classes.json").read_text())
+    manifest = json.loads((out_dir / "manifest.json").read_text())
+    return Prepared(x, y, classes, manifest)
+
+
+def cifar10_batch_bytes(x: np.ndarray, y: np.ndarray) -> bytes:
+    """One canonical-format batch (for tests and for writing small fixtures)."""
+    data = x.transpose(0, 3, 1, 2).reshape(len(x), -1)
+    buf = io.BytesIO()
+    pickle.dump({b"data": data, b"labels": [int(v) for v in y]}, buf, protocol=2)
+    return buf.getvalue()

@@ -1,0 +1,38 @@
+"""Metrics, the per-class report and the confusion matrix (scikit-learn + matplotlib)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import ConfusionMatrixDisplay, classification_report, confusion_matrix
+
+
+def confusion(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
+    return confusion_matrix(y_true, y_pred, labels=list(range(n_classes)))
+
+
+def per_class_report(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dict:
+    return classification_report(
+        y_true, y_pred, labels=list(range(len(classes))), target_names=classes,
+        output_dict=True, zero_division=0,
+    )
+
+
+def confusion_png(cm: np.ndarray, classes: list[str], path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    size = max(5.0, 0.55 * len(classes) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ConfusionMatrixDisplay(cm, display_labels=classes).plot(
+        ax=ax, cmap="Blues", colorbar=False, xticks_rotation=45, values_format="d"
+    )
+    ax.set_title(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
