@@ -184,6 +184,7 @@ def extract_cached(archive: Path, cache_dir: Path, digest: str) -> Path:
         return dest
     if dest.exists():
         shutil.rmtree(dest)
+    cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".extract-"))
     try:
         log.info("extracting %s", archive)
