@@ -163,7 +163,11 @@ def cmd_head(params: config.Params) -> None:
             f"head on {params.backbone.name} features: {eval_split} accuracy {acc:.3f}",
         )
         report = evaluate.per_class_report(y_true, y_pred, prepared.classes)
-        mlflow.log_metrics({k: v for k, v in metrics.items() if k not in ("train_accuracy",)})
+        # Per-epoch curves hold train_*/val_*; the kept (best) model's figures get a
+        # best_ prefix so they do not add a point to those curves.
+        mlflow.log_metrics({f"best_{eval_split}_accuracy": metrics[f"{eval_split}_accuracy"],
+                            "best_epoch": metrics["best_epoch"], "epochs_run": metrics["epochs_run"],
+                            "head_seconds": metrics["head_seconds"]})
         mlflow.log_artifact(str(png), "confusion")
         mlflow.log_dict(report, f"reports/{eval_split}_per_class.json")
         mlflow.log_dict(cm.tolist(), f"confusion/confusion_{eval_split}.json")

@@ -153,6 +153,9 @@ def safe_extract(archive: Path, dest: Path) -> None:
                 # The "data" filter refuses absolute paths, "..", links that escape
                 # and device files; check every member before writing any.
                 for member in tar.getmembers():
+                    if member.name.startswith(("/", "\\")) or Path(member.name).is_absolute():
+                        # the data filter would strip the slash; an absolute path is refused
+                        raise tarfile.AbsolutePathError(member)
                     tarfile.data_filter(member, str(dest))
             except tarfile.FilterError as exc:
                 raise DataError(
@@ -210,6 +213,8 @@ class _ArrayUnpickler(pickle.Unpickler):
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
         ("collections", "OrderedDict"),
+        # protocol 2 writes Python 3 bytes as _codecs.encode(str, "latin1"): a pure function
+        ("_codecs", "encode"),
     }
 
     def find_class(self, module: str, name: str):

@@ -1,0 +1,295 @@
+import functools
+import hashlib
+import http.server
+import io
+import json
+import os
+import pickle
+import tarfile
+import threading
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import synth
+from transferlab import data
+
+
+def load(source, tmp_path, **kw):
+    args = dict(fmt="auto", cache_dir=tmp_path / "cache", checksum=None, image_size=32,
+                test_fraction=0.25, seed=0)
+    args.update(kw)
+    return data.load_source(str(source), args.pop("fmt"), **args)
+
+
+def sha256(path):
+    return "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+# --------------------------------------------------------------------------- image folders
+
+
+def test_image_folder_with_splits(tmp_path):
+    root = synth.make_image_folder(tmp_path / "imgs", per_class=5, test_per_class=3)
+    ds, digest = load(root, tmp_path)
+    assert ds.classes == sorted(synth.CLASSES)
+    assert ds.x_train.shape == (15, 32, 32, 3) and ds.x_train.dtype == np.uint8
+    assert ds.x_test.shape == (9, 32, 32, 3)
+    assert np.bincount(ds.y_train).tolist() == [5, 5, 5]
+    assert digest.startswith("sha256:")
+
+
+def test_single_folder_is_split_by_seeded_ratio(tmp_path):
+    root = synth.make_image_folder(tmp_path / "imgs", per_class=8, split=False)
+    a, _ = load(root, tmp_path, test_fraction=0.25, seed=3)
+    b, _ = load(root, tmp_path, test_fraction=0.25, seed=3)
+    c, _ = load(root, tmp_path, test_fraction=0.25, seed=4)
+    assert len(a.y_test) == 6 and len(a.y_train) == 18
+    assert np.bincount(a.y_test).tolist() == [2, 2, 2]  # stratified
+    np.testing.assert_array_equal(a.x_test, b.x_test)
+    assert not np.array_equal(a.x_test, c.x_test)
+
+
+def test_other_sizes_and_modes_become_rgb_at_the_configured_size(tmp_path):
+    root = synth.make_image_folder(tmp_path / "imgs", per_class=2, test_per_class=1)
+    d = root / "train" / "circle"
+    rgb = np.full((50, 70, 3), 200, np.uint8)
+    Image.fromarray(rgb).convert("L").save(d / "gray.png")
+    Image.fromarray(rgb).convert("P").save(d / "palette.png")
+    rgba = np.zeros((40, 40, 4), np.uint8)
+    rgba[..., 0] = 255
+    rgba[..., 3] = 0  # fully transparent red -> white, not red
+    Image.fromarray(rgba, "RGBA").save(d / "alpha.png")
+    Image.fromarray((np.full((20, 20), 65535, np.uint16))).save(d / "sixteen.png")
+    Image.fromarray(rgb).convert("CMYK").save(d / "cmyk.jpg")
+    ds, _ = load(root, tmp_path)
+    assert ds.x_train.shape[1:] == (32, 32, 3)
+    assert len(ds.y_train) == 6 + 5 and ds.skipped == []
+    # the transparent image composited on white; the 16-bit white stays white
+    whites = [i for i in range(len(ds.x_train)) if ds.x_train[i].min() >= 250]
+    assert len(whites) >= 2
+
+
+def test_undecodable_files_are_skipped_and_listed(tmp_path):
+    root = synth.make_image_folder(tmp_path / "imgs", per_class=3, test_per_class=1)
+    d = root / "train" / "square"
+    (d / "empty.jpg").write_bytes(b"")
+    (d / "text.jpg").write_text("not an image")
+    good = (root / "train" / "square" / "0000.png").read_bytes()
+    (d / "truncated.png").write_bytes(good[: len(good) // 2])
+    (d / "notes.txt").write_text("ignored, not an image extension")
+    (d / ".hidden.png").write_bytes(good)
+    ds, _ = load(root, tmp_path)
+    skipped = sorted(Path(s["file"]).name for s in ds.skipped)
+    assert skipped == ["empty.jpg", "text.jpg", "truncated.png"]
+    assert len(ds.y_train) == 9
+    assert any(p.endswith("notes.txt") for p in ds.ignored)
+
+
+def test_nested_folders_and_upper_case_extensions_are_read(tmp_path):
+    root = synth.make_image_folder(tmp_path / "imgs", per_class=2, test_per_class=1)
+    nested = root / "train" / "stripes" / "more"
+    nested.mkdir()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(nested / "X.PNG")
+    ds, _ = load(root, tmp_path)
+    assert np.bincount(ds.y_train).tolist() == [2, 2, 3]
+
+
+def test_empty_class_is_an_error_naming_it(tmp_path):
+    root = synth.make_image_folder(tmp_path / "imgs", per_class=2, test_per_class=1)
+    (root / "train" / "zebra").mkdir()
+    with pytest.raises(data.DataError, match=r"\['zebra'\] hold no images"):
+        load(root, tmp_path)
+
+
+def test_test_class_missing_from_train_is_an_error(tmp_path):
+    root = synth.make_image_folder(tmp_path / "imgs", per_class=2, test_per_class=1)
+    extra = root / "test" / "zebra"
+    extra.mkdir()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(extra / "a.png")
+    with pytest.raises(data.DataError, match=r"\['zebra'\] are in the test split but not in"):
+        load(root, tmp_path)
+
+
+def test_missing_source_names_the_path(tmp_path):
+    with pytest.raises(data.DataError, match="nowhere.*does not exist"):
+        load(tmp_path / "nowhere", tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["tar.gz", "zip"])
+def test_image_folder_archive(tmp_path, kind):
+    root = synth.make_image_folder(tmp_path / "src" / "wrapper", per_class=3, test_per_class=2)
+    archive = tmp_path / f"imgs.{kind}"
+    if kind == "zip":
+        with zipfile.ZipFile(archive, "w") as zf:
+            for p in sorted(root.rglob("*.png")):
+                zf.write(p, p.relative_to(root.parent))
+    else:
+        with tarfile.open(archive, "w:gz") as tar:
+            tar.add(root, arcname="wrapper")
+    ds, digest = load(archive, tmp_path)
+    assert len(ds.y_train) == 9 and len(ds.y_test) == 6
+    assert digest == sha256(archive)
+    # extracted once, reused: the marker file exists in the cache
+    assert list((tmp_path / "cache" / "extracted").glob("*/.complete"))
+
+
+def test_archive_checksum_mismatch_is_a_hard_error(tmp_path):
+    root = synth.make_image_folder(tmp_path / "imgs", per_class=2, test_per_class=1)
+    archive = tmp_path / "imgs.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(root, arcname=".")
+    with pytest.raises(data.DataError, match="checksum mismatch"):
+        load(archive, tmp_path, checksum="sha256:" + "0" * 64)
+
+
+def _evil_tar(path: Path, name: str, linkname: str | None = None):
+    with tarfile.open(path, "w") as tar:
+        info = tarfile.TarInfo(name)
+        if linkname is None:
+            payload = b"owned"
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+        else:
+            info.type = tarfile.SYMTYPE
+            info.linkname = linkname
+            tar.addfile(info)
+
+
+@pytest.mark.parametrize("name,link", [("../escape.txt", None), ("/tmp/abs-escape.txt", None),
+                                       ("train/x/link", "../../../../escape.txt")])
+def test_archive_members_outside_target_are_refused(tmp_path, name, link):
+    archive = tmp_path / "evil.tar"
+    _evil_tar(archive, name, link)
+    dest = tmp_path / "deep" / "dest"
+    with pytest.raises(data.DataError, match="refusing to extract"):
+        data.safe_extract(archive, dest)
+    assert not (tmp_path / "deep" / "escape.txt").exists()
+    assert not (tmp_path / "escape.txt").exists()
+    assert not Path("/tmp/abs-escape.txt").exists()
+    assert not any(dest.rglob("*"))
+
+
+def test_zip_member_outside_target_is_refused(tmp_path):
+    archive = tmp_path / "evil.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("../escape.txt", "owned")
+    with pytest.raises(data.DataError, match="refusing to extract member '../escape.txt'"):
+        data.safe_extract(archive, tmp_path / "dest")
+    assert not (tmp_path / "escape.txt").exists()
+
+
+# --------------------------------------------------------------------------- canonical CIFAR-10
+
+
+def test_local_cifar10_archive_with_checksum(tmp_path):
+    archive = synth.make_cifar10_archive(tmp_path / "cifar.tar.gz", n_train=20, n_test=10)
+    ds, digest = load(archive, tmp_path, checksum=sha256(archive))
+    assert ds.classes == synth.CLASSES
+    assert ds.x_train.shape == (20, 32, 32, 3) and ds.x_test.shape == (10, 32, 32, 3)
+    assert digest == sha256(archive)
+
+
+def test_cifar10_images_keep_their_layout(tmp_path):
+    """The canonical row layout (3x32x32, channel first) must come back as HWC."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 255, (4, 32, 32, 3), dtype=np.uint8)
+    y = np.array([0, 1, 2, 0])
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir()
+    (root / "data_batch_1").write_bytes(data.cifar10_batch_bytes(x, y))
+    (root / "test_batch").write_bytes(data.cifar10_batch_bytes(x[:2], y[:2]))
+    (root / "batches.meta").write_bytes(pickle.dumps({b"label_names": [b"a", b"b", b"c"]}))
+    ds, _ = load(tmp_path, tmp_path / "x", fmt="cifar10")  # a local directory
+    np.testing.assert_array_equal(ds.x_train, x)
+    np.testing.assert_array_equal(ds.y_train, y)
+
+
+def test_unverified_cifar10_archive_is_not_unpickled(tmp_path, monkeypatch):
+    archive = synth.make_cifar10_archive(tmp_path / "cifar.tar.gz")
+    called = []
+    monkeypatch.setattr(data, "_load_batch", lambda p: called.append(p))
+    with pytest.raises(data.DataError, match="unpickled only after its checksum passes"):
+        load(archive, tmp_path)
+    assert called == []
+
+
+def test_cifar_unpickler_refuses_code(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo owned",))
+
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(pickle.dumps({b"data": Evil()}))
+    with pytest.raises(data.DataError, match="refusing to load"):
+        data._load_batch(path)
+
+
+# --------------------------------------------------------------------------- download
+
+
+@pytest.fixture
+def http_dir(tmp_path):
+    served = tmp_path / "served"
+    served.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield served, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_download_verifies_and_caches(tmp_path, http_dir):
+    served, base = http_dir
+    archive = synth.make_cifar10_archive(served / "cifar-10-python.tar.gz")
+    md5 = "md5:" + hashlib.md5(archive.read_bytes()).hexdigest()
+    ds, digest = load(f"{base}/cifar-10-python.tar.gz", tmp_path, checksum=md5)
+    assert len(ds.y_train) == 20 and digest == md5
+    cached = tmp_path / "cache" / "downloads" / "cifar-10-python.tar.gz"
+    assert cached.exists()
+    assert not list(cached.parent.glob("*.part"))
+    archive.unlink()  # the server no longer has it: the verified cache is used
+    ds2, _ = load(f"{base}/cifar-10-python.tar.gz", tmp_path, checksum=md5)
+    np.testing.assert_array_equal(ds.x_train, ds2.x_train)
+
+
+def test_download_checksum_mismatch_removes_the_file(tmp_path, http_dir):
+    served, base = http_dir
+    synth.make_cifar10_archive(served / "cifar-10-python.tar.gz")
+    with pytest.raises(data.DataError, match="checksum mismatch"):
+        data.download(f"{base}/cifar-10-python.tar.gz", tmp_path / "dl", "md5:" + "0" * 32)
+    assert list((tmp_path / "dl").iterdir()) == []
+
+
+def test_download_needs_a_checksum(tmp_path):
+    with pytest.raises(data.DataError, match="downloads need data.checksum"):
+        data.download("http://127.0.0.1:9/x.tar.gz", tmp_path, None)
+
+
+def test_unreachable_url_says_how_to_work_offline(tmp_path):
+    with pytest.raises(data.DataError, match="On an offline machine, copy the file"):
+        data.download("http://127.0.0.1:9/x.tar.gz", tmp_path, "md5:" + "0" * 32)
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def test_write_prepared_carves_a_seeded_val_split(tmp_path):
+    root = synth.make_image_folder(tmp_path / "imgs", per_class=10, test_per_class=2)
+    ds, digest = load(root, tmp_path)
+    out = tmp_path / "prepared"
+    manifest = data.write_prepared(ds, out, 0.2, 7, {"source": str(root), "checksum": digest})
+    prepared = data.load_prepared(out)
+    assert manifest["totals"] == {"train": 24, "val": 6, "test": 6}
+    assert manifest["counts"]["val"] == {"circle": 2, "square": 2, "stripes": 2}
+    assert prepared.x["train"].dtype == np.uint8
+    assert json.loads((out / "manifest.json").read_text())["checksum"] == digest
+    again = data.write_prepared(ds, out, 0.2, 7, {})
+    np.testing.assert_array_equal(data.load_prepared(out).y["val"], prepared.y["val"])
+    assert again["totals"] == manifest["totals"]

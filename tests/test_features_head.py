@@ -1,0 +1,61 @@
+import json
+
+import keras
+import numpy as np
+import pytest
+
+from transferlab import backbones, features, head
+
+
+def test_extract_streams_in_batches_and_matches_predict(tmp_path):
+    model = backbones.build_feature_extractor("efficientnet_lite0", 16, 32, weights=None)
+    x = np.random.default_rng(0).integers(0, 255, (10, 16, 16, 3), dtype=np.uint8)
+    np.save(tmp_path / "x.npy", x)
+    mmap = np.load(tmp_path / "x.npy", mmap_mode="r")
+    out = features.extract(model, mmap, batch_size=4)  # 4 + 4 + 2
+    assert out.shape == (10, 1280) and out.dtype == np.float32
+    np.testing.assert_allclose(out, model.predict(x, verbose=0), atol=1e-5)
+
+
+def test_extract_splits_writes_features_and_meta(tmp_path):
+    model = backbones.build_feature_extractor("mobilenetv2", 16, 32, weights=None)
+    rng = np.random.default_rng(0)
+    x = {s: rng.integers(0, 255, (n, 16, 16, 3), dtype=np.uint8) for s, n in [("train", 6), ("val", 2), ("test", 3)]}
+    out = tmp_path / "feats"
+    meta = features.extract_splits(model, x, out, 4, {"backbone": "mobilenetv2"})
+    feats, meta2 = features.load_features(out)
+    assert {s: len(f) for s, f in feats.items()} == {"train": 6, "val": 2, "test": 3}
+    assert meta == meta2 and meta["feature_dim"] == 1280
+    assert json.loads((out / "meta.json").read_text())["timings"]["train"]["images"] == 6
+    assert not list(tmp_path.glob(".feats-*"))  # no temporary folder left behind
+
+
+def test_load_features_names_the_missing_stage(tmp_path):
+    with pytest.raises(FileNotFoundError, match="dvc repro features"):
+        features.load_features(tmp_path / "none")
+
+
+def test_head_layers_are_named():
+    model = head.build_head(32, 4, units=16, dropout=0.2)
+    assert [layer.name for layer in model.layers] == ["features", "head_dense", "head_dropout", "predictions"]
+    assert model.output_shape == (None, 4)
+
+
+def test_head_learns_separable_features_and_stops_early():
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(3, 16)) * 4
+    y = rng.integers(0, 3, 600)
+    x = (centers[y] + rng.normal(size=(600, 16))).astype(np.float32)
+    model = head.build_head(16, 3, units=32, dropout=0.1)
+    hist = head.train_head(model, x[:500], y[:500], x[500:], y[500:], optimizer="adam",
+                           learning_rate=1e-2, epochs=100, batch_size=64, patience=3, verbose=0)
+    assert len(hist.history["loss"]) < 100  # early stopping fired
+    acc = (model.predict(x[500:], verbose=0).argmax(1) == y[500:]).mean()
+    assert acc > 0.95
+
+
+@pytest.mark.parametrize("name", head.OPTIMIZERS)
+def test_optimizers(name):
+    lr = keras.ops.convert_to_numpy(head.make_optimizer(name, 1e-3).learning_rate)
+    assert float(lr) == pytest.approx(1e-3)

@@ -1,0 +1,149 @@
+"""End to end: `dvc repro` through the head stage on a tiny config, in a temporary
+copy of the project; then the MLflow store as `mlflow ui` serves it."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+import synth
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+TINY = {
+    "seed": 1,
+    "data": {"source": "tiny-images", "image_size": 16, "val_fraction": 0.25, "cache_dir": "data/cache"},
+    "backbone": {"name": "efficientnet_lite0", "weights": "none", "input_size": 32},
+    "features": {"batch_size": 16},
+    "head": {"units": 16, "dropout": 0.1, "epochs": 3, "batch_size": 8, "patience": 2},
+    "tracking": {"experiment": "smoke"},
+}
+
+
+def run(cmd, cwd, env):
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A copy of the project (pipeline files and sources) with a tiny params.yaml."""
+    dest = tmp_path_factory.mktemp("project")
+    for name in ("dvc.yaml", "MLproject", "conda.yaml"):
+        if (ROOT / name).exists():
+            shutil.copy(ROOT / name, dest / name)
+    shutil.copytree(ROOT / "src", dest / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    (dest / "params.yaml").write_text(yaml.safe_dump(TINY, sort_keys=False))
+    synth.make_image_folder(dest / "tiny-images", per_class=8, test_per_class=4, size=20)
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    run(["git", "init", "-q"], dest, env)
+    run(["dvc", "init", "-q"], dest, env)
+    run(["dvc", "config", "core.analytics", "false"], dest, env)
+    return dest, env
+
+
+@pytest.fixture(scope="module")
+def reproduced(project):
+    dest, env = project
+    first = run(["dvc", "repro"], dest, env)
+    second = run(["dvc", "repro"], dest, env)
+    return dest, env, first, second
+
+
+def test_dvc_repro_runs_every_stage(reproduced):
+    dest, _, first, _ = reproduced
+    for stage in ("prepare", "features", "head"):
+        assert f"Running stage '{stage}'" in first
+    manifest = json.loads((dest / "data/prepared/manifest.json").read_text())
+    assert manifest["totals"] == {"train": 18, "val": 6, "test": 12}
+    assert manifest["image_shape"] == [16, 16, 3]
+    assert (dest / "data/features/efficientnet_lite0-32px/meta.json").exists()
+    assert (dest / "models/head/model.keras").exists()
+    metrics = json.loads((dest / "metrics/head.json").read_text())
+    assert 0.0 <= metrics["val_accuracy"] <= 1.0 and metrics["epochs_run"] >= 1
+    assert (dest / "plots/head/confusion_val.png").stat().st_size > 1000
+
+
+def test_second_repro_does_nothing(reproduced):
+    _, _, _, second = reproduced
+    assert "Running stage" not in second
+    assert "up to date" in second
+
+
+def test_mlflow_runs_hold_params_metrics_and_tags(reproduced):
+    import mlflow
+
+    dest, _, _, _ = reproduced
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{dest / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("smoke")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    runs = {r.data.tags["stage"]: r for r in client.search_runs([exp.experiment_id])}
+    assert set(runs) == {"prepare", "features", "head"}
+    h = runs["head"]
+    assert h.data.params["head.units"] == "16" and h.data.params["backbone.name"] == "efficientnet_lite0"
+    assert h.data.tags["backbone"] == "efficientnet_lite0"
+    assert h.data.tags["git_commit"]
+    # the head's inputs carry the md5 dvc.lock recorded for them
+    lock = yaml.safe_load((dest / "dvc.lock").read_text())
+    prepared_md5 = next(o["md5"] for o in lock["stages"]["prepare"]["outs"] if o["path"] == "data/prepared")
+    assert h.data.tags["dvc.dep.data/prepared"] == prepared_md5
+    head_metrics = json.loads((dest / "metrics/head.json").read_text())
+    assert len(client.get_metric_history(h.info.run_id, "val_accuracy")) == head_metrics["epochs_run"]
+    assert h.data.metrics["best_val_accuracy"] == head_metrics["val_accuracy"]
+    artifacts = [a.path for a in client.list_artifacts(h.info.run_id, "confusion")]
+    assert "confusion/confusion_val.png" in artifacts
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_mlflow_ui_lists_the_runs(reproduced):
+    dest, env, _, _ = reproduced
+    port = _free_port()
+    proc = subprocess.Popen(
+        ["mlflow", "ui", "--backend-store-uri", f"sqlite:///{dest / 'mlflow.db'}",
+         "--host", "127.0.0.1", "--port", str(port)],
+        cwd=dest, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"{base}/health", timeout=2)
+                break
+            except OSError:
+                if time.time() > deadline or proc.poll() is not None:
+                    pytest.fail("mlflow ui did not start")
+                time.sleep(1)
+        req = urllib.request.Request(
+            f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=smoke")
+        exp_id = json.load(urllib.request.urlopen(req))["experiment"]["experiment_id"]
+        body = json.dumps({"experiment_ids": [exp_id]}).encode()
+        req = urllib.request.Request(f"{base}/api/2.0/mlflow/runs/search", data=body,
+                                     headers={"Content-Type": "application/json"})
+        runs = json.load(urllib.request.urlopen(req))["runs"]
+        names = sorted(r["info"]["run_name"] for r in runs)
+        assert names == ["features-efficientnet_lite0", "head-efficientnet_lite0", "prepare-efficientnet_lite0"]
+        head_run = next(r for r in runs if r["info"]["run_name"].startswith("head"))
+        assert any(m["key"] == "val_accuracy" for m in head_run["data"]["metrics"])
+        assert any(p["key"] == "head.dropout" for p in head_run["data"]["params"])
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
