@@ -157,19 +157,26 @@ def build_body(name: str, input_size: int, weights: str | None = "imagenet") -> 
     return body
 
 
+def image_input(spec: BackboneSpec, image_size: int, input_size: int, augment: list | None = None):
+    """uint8 images of the stored size -> (augmented,) upscaled, preprocessed tensor.
+    Returns (model input, tensor)."""
+    inputs = keras.Input((image_size, image_size, 3), name="image")
+    x = inputs
+    for layer in augment or []:
+        x = layer(x)
+    if image_size != input_size:
+        x = layers.Resizing(input_size, input_size, interpolation="bilinear", name="upscale")(x)
+    return inputs, Preprocess(spec.preprocess, name="preprocess")(x)
+
+
 def build_feature_extractor(
     name: str, image_size: int, input_size: int, weights: str | None = "imagenet"
 ) -> keras.Model:
     """uint8 images of the stored size -> pooled features, all inside one model:
     upscale to the backbone's input size, preprocess, body, global average pool."""
     spec = get(name)
-    inputs = keras.Input((image_size, image_size, 3), name="image")
-    x = inputs
-    if image_size != input_size:
-        x = layers.Resizing(input_size, input_size, interpolation="bilinear", name="upscale")(x)
-    x = Preprocess(spec.preprocess, name="preprocess")(x)
-    body = build_body(name, input_size, weights)
-    x = body(x, training=False)
+    inputs, x = image_input(spec, image_size, input_size)
+    x = build_body(name, input_size, weights)(x, training=False)
     x = layers.GlobalAveragePooling2D(name="pool")(x)
     return keras.Model(inputs, x, name=f"{name}_features")
 

@@ -3,6 +3,9 @@
     transferlab prepare   # data source -> data/prepared/
     transferlab features  # frozen backbone -> data/features/<backbone>-<size>px/
     transferlab head      # head on cached features -> models/head/, metrics/head.json
+    transferlab finetune  # unfreeze the top blocks -> models/finetune/
+    transferlab evaluate  # test set -> metrics/evaluate.json, registered model
+    transferlab run --set backbone.name=vgg16   # overrides -> params.yaml -> dvc repro
 
 Each reads params.yaml (or --params), calls the library, writes its outputs and
 logs one MLflow run. `dvc repro` runs them in order (dvc.yaml).
@@ -15,6 +18,7 @@ import csv
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -76,22 +80,34 @@ def cmd_prepare(params: config.Params) -> None:
         mlflow.log_artifact(str(PREPARED / "manifest.json"))
 
 
+def uses_activation_cache(params: config.Params) -> bool:
+    from transferlab import backbones, finetune
+
+    spec = backbones.get(params.backbone.name)
+    return params.finetune.mode == "cached" and 0 < finetune.n_unfrozen(spec, params.finetune.unfreeze) < len(spec.blocks)
+
+
 def cmd_features(params: config.Params) -> None:
     import keras
 
-    from transferlab import backbones, data, features, tracking
+    from transferlab import backbones, data, features, finetune, tracking
 
     keras.utils.set_random_seed(params.seed)
     prepared = data.load_prepared(PREPARED)
     b = params.backbone
+    spec = backbones.get(b.name)
     image_size = int(prepared.x["train"].shape[1])
-    model = backbones.build_feature_extractor(b.name, image_size, b.input_size, b.weights)
+    meta = {"backbone": b.name, "input_size": b.input_size, "weights": b.weights, "image_size": image_size}
+    if uses_activation_cache(params):
+        body = backbones.build_body(b.name, b.input_size, b.weights)
+        split = finetune.split_body(spec, body, params.finetune.unfreeze)
+        model = finetune.cache_extractor(spec, split, image_size, b.input_size)
+        meta.update(boundary=split.boundary, unfreeze=params.finetune.unfreeze)
+    else:
+        model = backbones.build_feature_extractor(b.name, image_size, b.input_size, b.weights)
     out_dir = features_dir(params)
     start = time.perf_counter()
-    meta = features.extract_splits(
-        model, prepared.x, out_dir, params.features.batch_size,
-        {"backbone": b.name, "input_size": b.input_size, "weights": b.weights, "image_size": image_size},
-    )
+    meta = features.extract_splits(model, prepared.x, out_dir, params.features.batch_size, meta)
     (out_dir / "params.yaml").write_text(_resolved(params))
     seconds = time.perf_counter() - start
     total = sum(t["images"] for t in meta["timings"].values())
@@ -100,7 +116,9 @@ def cmd_features(params: config.Params) -> None:
     with tracking.stage_run(
         "features", experiment=params.tracking.experiment, backbone=b.name,
         params=config.flatten({"backbone": config.to_dict(params)["backbone"],
-                               "features": config.to_dict(params)["features"]}),
+                               "features": config.to_dict(params)["features"],
+                               "finetune.unfreeze": params.finetune.unfreeze,
+                               "finetune.mode": params.finetune.mode}),
         inputs=[str(PREPARED)],
     ):
         import mlflow
@@ -188,30 +206,243 @@ def _write_history(path: Path, hist: dict) -> None:
             writer.writerow([i + 1, *[f"{float(hist[n][i]):.6g}" for n in names]])
 
 
+def cmd_finetune(params: config.Params) -> None:
+    import keras
+    import mlflow
+
+    from transferlab import backbones, data, features, finetune, tracking
+
+    keras.utils.set_random_seed(params.seed)
+    prepared = data.load_prepared(PREPARED)
+    b, f = params.backbone, params.finetune
+    spec = backbones.get(b.name)
+    image_size = int(prepared.x["train"].shape[1])
+    head_model = keras.saving.load_model(MODELS / "head" / "model.keras", safe_mode=True)
+    body = backbones.build_body(b.name, b.input_size, b.weights)
+    out_dir = MODELS / "finetune"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    n_blocks = finetune.n_unfrozen(spec, f.unfreeze)
+    with tracking.stage_run(
+        "finetune", experiment=params.tracking.experiment, backbone=b.name,
+        params=config.flatten({"seed": params.seed, "backbone": config.to_dict(params)["backbone"],
+                               "finetune": config.to_dict(params)["finetune"]}),
+        inputs=[str(PREPARED), str(features_dir(params)), str(MODELS / "head")],
+    ):
+        metrics = {"unfrozen_blocks": n_blocks}
+        if n_blocks > 0:
+            metrics.update(_train_finetune(params, spec, body, head_model, prepared, image_size))
+        else:
+            log.info("finetune.unfreeze is 0: the model is the backbone with the trained head")
+            (PLOTS / "finetune").mkdir(parents=True, exist_ok=True)
+            (PLOTS / "finetune" / "history.csv").write_text("epoch,train_accuracy,val_accuracy\n")
+        model = finetune.assemble(spec, body, head_model, image_size, b.input_size)
+        model.save(out_dir / "model.keras")
+        (out_dir / "params.yaml").write_text(_resolved(params))
+        _write_json(METRICS / "finetune.json", metrics)
+        mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        mlflow.log_artifact(str(out_dir / "params.yaml"))
+
+
+def _train_finetune(params, spec, body, head_model, prepared, image_size) -> dict:
+    import numpy as np
+
+    from transferlab import features, finetune, tracking
+
+    b, f = params.backbone, params.finetune
+    cached = uses_activation_cache(params)
+    if f.mode == "cached" and not cached:
+        log.warning("finetune.unfreeze=%r leaves nothing frozen to cache: using the full path", f.unfreeze)
+    n_train, bs = len(prepared.y["train"]), f.batch_size
+    steps = -(-n_train // bs)
+    trainable = finetune.set_trainable(spec, body, f.unfreeze)
+    if cached:
+        split = finetune.split_body(spec, body, f.unfreeze)
+        acts = features.load_activations(features_dir(params))
+        model = finetune.assemble_upper(split, head_model)
+        train = finetune.FlipCacheDataset(acts["train"], acts.get("train_flip") if f.augment.flip else None,
+                                          prepared.y["train"], bs, params.seed)
+        val = (np.asarray(acts["val"], np.float32), prepared.y["val"]) if len(prepared.y["val"]) else None
+        fit_kwargs = {}
+    else:
+        a = f.augment
+        augment = finetune.augmentation(a.flip, a.shift, a.rotation, a.zoom, params.seed)
+        model = finetune.assemble(spec, body, head_model, image_size, b.input_size, augment)
+        train = np.asarray(prepared.x["train"])
+        val = (np.asarray(prepared.x["val"]), prepared.y["val"]) if len(prepared.y["val"]) else None
+        fit_kwargs = {"y": prepared.y["train"], "batch_size": bs, "shuffle": True}
+    lr = finetune.learning_rate(f.schedule, f.learning_rate, f.epochs, steps, f.warmup_epochs)
+    finetune.compile_model(model, f.optimizer, lr, f.weight_decay)
+    backup = Path("data/checkpoints/finetune")
+    cbs, best_path = finetune.callbacks(backup, patience=f.patience, schedule=f.schedule,
+                                        has_val=val is not None, extra=[tracking.EpochLogger()])
+    log.info("finetune: %s path, top %s block(s) of %s unfrozen (%d trainable tensors in the body)",
+             "cached" if cached else "full", f.unfreeze, spec.name, trainable)
+    start = time.perf_counter()
+    model.fit(train, validation_data=val, epochs=f.epochs, callbacks=cbs, verbose=2, **fit_kwargs)
+    seconds = time.perf_counter() - start
+    model.load_weights(best_path)  # the best epoch, not the last
+    hist = finetune.read_history(backup / "history.csv")
+    _write_history(PLOTS / "finetune" / "history.csv", hist)
+    monitor = "val_accuracy" if val is not None else "accuracy"
+    best = int(np.argmax(hist[monitor]))
+    shutil.rmtree(backup)  # done: a later run starts fresh
+    return {
+        "path": "cached" if cached else "full",
+        f"best_{monitor}": round(hist[monitor][best], 5),
+        "best_epoch": best + 1,
+        "epochs_run": len(hist[monitor]),
+        "finetune_seconds": round(seconds, 2),
+        "train_images_per_second": round(n_train * len(hist[monitor]) / seconds, 1),
+    }
+
+
+def cmd_evaluate(params: config.Params) -> None:
+    import keras
+    import mlflow
+    import numpy as np
+    from transferlab import data, evaluate, features, tracking
+
+    prepared = data.load_prepared(PREPARED)
+    model = keras.saving.load_model(MODELS / "finetune" / "model.keras", safe_mode=True)
+    x, y = prepared.x["test"], prepared.y["test"]
+    start = time.perf_counter()
+    probs = features.extract(model, x, params.evaluate.batch_size, desc="evaluate test")
+    seconds = time.perf_counter() - start
+    y_pred = probs.argmax(axis=1)
+    result = evaluate.summarize(y, probs, prepared.classes)
+    metrics = {"test_accuracy": result["test_accuracy"], "test_loss": result["test_loss"],
+               "evaluate_seconds": round(seconds, 2),
+               "test_images_per_second": round(len(y) / seconds, 1)}
+    _write_json(METRICS / "evaluate.json", metrics)
+    evaluate.write_confusion_csv(y, y_pred, prepared.classes, PLOTS / "evaluate" / "confusion.csv")
+    png = evaluate.confusion_png(result["confusion"], prepared.classes, PLOTS / "evaluate" / "confusion.png",
+                                 f"{params.backbone.name} on test: accuracy {metrics['test_accuracy']:.4f}")
+    _write_json(METRICS / "per_class.json", result["per_class"])
+    with tracking.stage_run(
+        "evaluate", experiment=params.tracking.experiment, backbone=params.backbone.name,
+        params=config.flatten({"evaluate": config.to_dict(params)["evaluate"],
+                               "tracking.model_name": params.tracking.model_name}),
+        inputs=[str(PREPARED), str(MODELS / "finetune")],
+    ):
+        mlflow.log_metrics(metrics)
+        mlflow.log_artifact(str(png), "confusion")
+        mlflow.log_artifact(str(PLOTS / "evaluate" / "confusion.csv"), "confusion")
+        mlflow.log_dict(result["per_class"], "reports/test_per_class.json")
+        mlflow.log_dict(result["confusion"].tolist(), "confusion/confusion_test.json")
+        model_uri = tracking.log_keras_model(model, np.asarray(x[:2]), probs[:2])
+        version, promoted, reason = tracking.register_and_promote(
+            model_uri, params.tracking.model_name, metrics["test_accuracy"])
+        mlflow.set_tags({"registered_version": version, "champion": str(promoted).lower(),
+                         "champion_reason": reason})
+    tracking.end_parent()
+    log.info("evaluate: test accuracy %.4f, loss %.4f (%d images, %.1f s)",
+             metrics["test_accuracy"], metrics["test_loss"], len(y), seconds)
+
+
+# --------------------------------------------------------------------------- run
+
+
+def apply_overrides(path: Path, overrides: list[str]) -> dict:
+    """Write `key.sub=value` overrides into the params file, keeping its comments
+    (ruamel, as `dvc exp run -S` does), so params.yaml stays the one source of
+    truth. Empty values are skipped; an invalid result is rolled back."""
+    from ruamel.yaml import YAML
+
+    changes = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise config.ConfigError(f"--set expects key=value, received: {item!r}")
+        if value.strip() != "":
+            changes[key.strip()] = yaml.safe_load(value)
+    if not changes:
+        return {}
+    ryaml = YAML()
+    ryaml.preserve_quotes = True
+    original = path.read_text()
+    doc = ryaml.load(original)
+    for key, value in changes.items():
+        node = doc
+        *parents, leaf = key.split(".")
+        for part in parents:
+            if part not in node or node[part] is None:
+                node[part] = {}
+            node = node[part]
+        node[leaf] = value
+    with path.open("w") as fh:
+        ryaml.dump(doc, fh)
+    try:
+        config.load(path)
+    except config.ConfigError:
+        path.write_text(original)
+        raise
+    return changes
+
+
+def cmd_run(params_path: Path, overrides: list[str]) -> int:
+    """The whole pipeline as one MLflow parent run: overrides -> params.yaml ->
+    `dvc repro`, each stage a child run. Under `mlflow run`, the run it started
+    is the parent."""
+    import subprocess
+
+    from transferlab import tracking
+
+    changes = apply_overrides(params_path, overrides)
+    if changes:
+        log.info("params.yaml overrides: %s", changes)
+    params = config.load(params_path)
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    own_parent = None
+    if env.get("MLFLOW_RUN_ID"):
+        env[tracking.PARENT_ENV] = env.pop("MLFLOW_RUN_ID")
+    else:
+        mlflow = tracking.setup(params.tracking.experiment)
+        own_parent = mlflow.MlflowClient().create_run(
+            mlflow.get_experiment_by_name(params.tracking.experiment).experiment_id,
+            run_name=f"pipeline-{params.backbone.name}",
+            tags={"stage": "pipeline", "backbone": params.backbone.name,
+                  "git_commit": tracking.git_commit()},
+        ).info.run_id
+        env[tracking.PARENT_ENV] = own_parent
+    code = subprocess.run(["dvc", "repro"], env=env).returncode
+    if own_parent is not None:
+        import mlflow
+
+        mlflow.MlflowClient().set_terminated(own_parent, "FINISHED" if code == 0 else "FAILED")
+    return code
+
+
 # --------------------------------------------------------------------------- entry
 
-STAGES = {"prepare": cmd_prepare, "features": cmd_features, "head": cmd_head}
+STAGES = {"prepare": cmd_prepare, "features": cmd_features, "head": cmd_head,
+          "finetune": cmd_finetune, "evaluate": cmd_evaluate}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="transferlab", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=sorted(STAGES))
+    parser.add_argument("stage", choices=sorted(STAGES) + ["run"],
+                        help="a pipeline stage, or run: the whole pipeline (dvc repro) as one MLflow parent run")
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="run only: override a params.yaml value, e.g. --set backbone.name=vgg16")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    try:
-        params = config.load(args.params)
-    except config.ConfigError as exc:
-        log.error("%s", exc)
-        return 2
     from transferlab.backbones import WeightsUnavailable
     from transferlab.data import DataError
 
     try:
-        STAGES[args.stage](params)
+        if args.stage == "run":
+            return cmd_run(Path(args.params), args.set)
+        if args.set:
+            parser.error("--set is for `transferlab run`; a stage reads params.yaml as it is")
+        STAGES[args.stage](config.load(args.params))
+    except config.ConfigError as exc:
+        log.error("%s", exc)
+        return 2
     except (DataError, WeightsUnavailable, FileNotFoundError) as exc:
         log.error("%s", exc)
         return 1

@@ -65,8 +65,44 @@ class HeadConfig:
 
 
 @dataclass(frozen=True)
+class AugmentConfig:
+    # "full" mode applies all of these to the images; "cached" mode caches the
+    # activations of both horizontal flips and picks one per sample and epoch.
+    flip: bool = True
+    shift: float = 0.1
+    rotation: float = 0.05
+    zoom: float = 0.1
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    # Top N blocks of the registry's block list; 0 = head only; "all".
+    unfreeze: int | str = 3
+    # cached: run the frozen part once, cache its activations, train the rest;
+    # full: every image through the whole network every epoch.
+    mode: str = "cached"
+    optimizer: str = "adamw"
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    # cosine: linear warmup then cosine decay; plateau: ReduceLROnPlateau.
+    schedule: str = "cosine"
+    warmup_epochs: float = 0.5
+    epochs: int = 8
+    batch_size: int = 128
+    patience: int = 3
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    batch_size: int = 128
+
+
+@dataclass(frozen=True)
 class TrackingConfig:
     experiment: str = "transferlab"
+    # Registered model name; the alias "champion" marks the best test accuracy.
+    model_name: str = "transferlab"
 
 
 @dataclass(frozen=True)
@@ -76,12 +112,17 @@ class Params:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 CHOICES = {
     "data.format": ("auto", "cifar10", "image_folder"),
     "head.optimizer": ("adam", "adamw", "sgd", "rmsprop"),
+    "finetune.optimizer": ("adam", "adamw", "sgd", "rmsprop"),
+    "finetune.mode": ("cached", "full"),
+    "finetune.schedule": ("cosine", "plateau"),
 }
 
 
@@ -160,6 +201,13 @@ def _validate(params: Params) -> None:
     h = params.head
     if not 0.0 <= h.dropout < 1.0:
         raise ConfigError(f"head.dropout must be in [0, 1), received: {h.dropout}")
+    u = params.finetune.unfreeze
+    n_blocks = len(BACKBONES[params.backbone.name].blocks)
+    if isinstance(u, str) and u != "all" or isinstance(u, int) and not 0 <= u <= n_blocks:
+        raise ConfigError(
+            f"finetune.unfreeze must be 0..{n_blocks} (blocks of {params.backbone.name}) "
+            f"or 'all', received: {u!r}"
+        )
 
 
 def from_dict(raw: dict) -> Params:

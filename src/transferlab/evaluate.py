@@ -36,3 +36,29 @@ def confusion_png(cm: np.ndarray, classes: list[str], path: Path, title: str) ->
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def summarize(y_true: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict:
+    """Test accuracy and loss, the per-class report and the confusion matrix."""
+    from sklearn.metrics import accuracy_score, log_loss
+
+    labels = list(range(len(classes)))
+    y_pred = probs.argmax(axis=1)
+    return {
+        "test_accuracy": round(float(accuracy_score(y_true, y_pred)), 5),
+        "test_loss": round(float(log_loss(y_true, np.clip(probs, 1e-7, 1.0), labels=labels)), 5),
+        "per_class": per_class_report(y_true, y_pred, classes),
+        "confusion": confusion(y_true, y_pred, len(classes)),
+    }
+
+
+def write_confusion_csv(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str], path: Path) -> Path:
+    """One row per sample, class names: what `dvc plots` confusion templates read."""
+    import csv
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["actual", "predicted"])
+        writer.writerows((classes[t], classes[p]) for t, p in zip(y_true, y_pred))
+    return path

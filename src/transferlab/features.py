@@ -28,40 +28,92 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 
 
-def extract(model: keras.Model, x: np.ndarray, batch_size: int, desc: str = "extract") -> np.ndarray:
-    """Run `model` over `x` (may be a memory map) in batches; returns float32 features."""
-    out = np.empty((len(x), model.output_shape[-1]), np.float32)
+def _forward(model: keras.Model):
+    """One compiled inference function per model, reused across splits and passes."""
+    fn = getattr(model, "_transferlab_forward", None)
+    if fn is None:
+        @tf.function(reduce_retracing=True)
+        def fn(batch):
+            out = model(batch, training=False)
+            return out if isinstance(out, (list, tuple)) else [out]
 
-    @tf.function(reduce_retracing=True)
-    def forward(batch):
-        return model(batch, training=False)
+        model._transferlab_forward = fn
+    return fn
 
+
+def extract_into(
+    model: keras.Model, x: np.ndarray, sinks: list[np.ndarray | None], batch_size: int,
+    desc: str = "extract", flip: bool = False,
+) -> None:
+    """Run `model` over `x` (may be a memory map) in batches, writing output k of
+    each batch into sinks[k] (an array or memory map; None discards it).
+    flip=True feeds the horizontally flipped images."""
+
+    forward = _forward(model)
     with tqdm(total=len(x), desc=desc, unit="img", mininterval=2) as bar:
         for start in range(0, len(x), batch_size):
             batch = np.asarray(x[start:start + batch_size])
-            out[start:start + len(batch)] = forward(tf.convert_to_tensor(batch)).numpy()
+            if flip:
+                batch = batch[:, :, ::-1]
+            for sink, out in zip(sinks, forward(tf.convert_to_tensor(batch))):
+                if sink is not None:
+                    sink[start:start + len(batch)] = out.numpy()
             bar.update(len(batch))
+
+
+def extract(model: keras.Model, x: np.ndarray, batch_size: int, desc: str = "extract") -> np.ndarray:
+    """Pooled features of `x`, in memory, float32."""
+    out = np.empty((len(x), model.output_shape[-1]), np.float32)
+    extract_into(model, x, [out], batch_size, desc)
     return out
 
 
+def _memmap(path: Path, n: int, shape, dtype) -> np.ndarray:
+    return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(n, *shape))
+
+
 def extract_splits(
-    model: keras.Model, x: dict[str, np.ndarray], out_dir: Path, batch_size: int, meta: dict
+    model: keras.Model, x: dict[str, np.ndarray], out_dir: Path, batch_size: int, meta: dict,
 ) -> dict:
-    """Extract every split into `out_dir` (written to a temporary folder, then renamed)."""
+    """Pooled features of every split into `out_dir`; written to a temporary
+    folder, then renamed, so a crash never leaves a half-written output.
+
+    If `model` has two outputs (boundary activations, pooled features), the
+    activations of train (plain and flipped) and val are cached too, as float16
+    memory maps under activations/: the fine-tune stage trains on them."""
+    two = isinstance(model.output, (list, tuple))
+    feature_dim = int((model.output[1] if two else model.output).shape[-1])
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
     timings = {}
     try:
+        if two:
+            (tmp / "activations").mkdir()
+            act_shape = tuple(int(d) for d in model.output[0].shape[1:])
         for split in SPLITS:
+            n = len(x[split])
             start = time.perf_counter()
-            feats = extract(model, x[split], batch_size, desc=f"features {split}")
+            feats = _memmap(tmp / f"{split}.npy", n, (feature_dim,), np.float32)
+            passes = [(False, "")]
+            if two and split == "train":
+                passes.append((True, "_flip"))
+            for flip, suffix in passes:
+                acts = None
+                if two and split != "test":
+                    acts = _memmap(tmp / "activations" / f"{split}{suffix}.npy", n, act_shape, np.float16)
+                sinks = [acts, None if flip else feats] if two else [feats]
+                extract_into(model, x[split], sinks, batch_size, f"features {split}{suffix}", flip)
+                if acts is not None:
+                    acts.flush()
+            feats.flush()
+            del feats
             seconds = time.perf_counter() - start
-            np.save(tmp / f"{split}.npy", feats)
-            rate = len(feats) / seconds if seconds > 0 else float("nan")
-            timings[split] = {"images": int(len(feats)), "seconds": round(seconds, 2),
+            images = n * len(passes)
+            rate = images / seconds if seconds > 0 else float("nan")
+            timings[split] = {"images": int(images), "seconds": round(seconds, 2),
                               "images_per_second": round(rate, 1)}
-            log.info("features %s: %d images in %.1f s (%.1f img/s)", split, len(feats), seconds, rate)
-        meta = {**meta, "feature_dim": int(model.output_shape[-1]), "timings": timings}
+            log.info("features %s: %d images in %.1f s (%.1f img/s)", split, images, seconds, rate)
+        meta = {**meta, "feature_dim": feature_dim, "timings": timings}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -70,6 +122,17 @@ def extract_splits(
         if tmp.exists():
             shutil.rmtree(tmp)
     return meta
+
+
+def load_activations(out_dir: str | Path) -> dict[str, np.ndarray]:
+    """The cached boundary activations (memory maps): train, train_flip, val."""
+    act_dir = Path(out_dir) / "activations"
+    if not act_dir.is_dir():
+        raise FileNotFoundError(
+            f"{act_dir}: no activation cache; the features stage writes one when "
+            "finetune.mode is cached and finetune.unfreeze is between 1 and the block count - 1"
+        )
+    return {p.stem: np.load(p, mmap_mode="r") for p in sorted(act_dir.glob("*.npy"))}
 
 
 def load_features(out_dir: str | Path) -> tuple[dict[str, np.ndarray], dict]:

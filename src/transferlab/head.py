@@ -23,15 +23,17 @@ def build_head(feature_dim: int, n_classes: int, units: int, dropout: float, nam
     return keras.Model(inputs, outputs, name=name)
 
 
-def make_optimizer(name: str, learning_rate: float, weight_decay: float | None = None):
+def make_optimizer(name: str, learning_rate, weight_decay: float | None = None):
+    """`learning_rate` may be a float or a keras LearningRateSchedule."""
+    decay = {"weight_decay": weight_decay} if weight_decay else {}
     if name == "adam":
-        return keras.optimizers.Adam(learning_rate)
+        return keras.optimizers.Adam(learning_rate, **decay)
     if name == "adamw":
         return keras.optimizers.AdamW(learning_rate, weight_decay=weight_decay or 1e-4)
     if name == "sgd":
-        return keras.optimizers.SGD(learning_rate, momentum=0.9, nesterov=True)
+        return keras.optimizers.SGD(learning_rate, momentum=0.9, nesterov=True, **decay)
     if name == "rmsprop":
-        return keras.optimizers.RMSprop(learning_rate)
+        return keras.optimizers.RMSprop(learning_rate, **decay)
     raise ValueError(f"unknown optimizer {name!r}; valid: {list(OPTIMIZERS)}")
 
 

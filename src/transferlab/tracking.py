@@ -80,17 +80,132 @@ def setup(experiment: str):
     return mlflow
 
 
+PARENT_ENV = "TRANSFERLAB_PARENT_RUN_ID"
+
+
+def pipeline_key(params_path: str | Path = "params.yaml") -> str:
+    """Stages of one `dvc repro` share the params file and the commit."""
+    import hashlib
+
+    h = hashlib.sha256(Path(params_path).read_bytes() if Path(params_path).exists() else b"")
+    h.update(git_commit().encode())
+    return h.hexdigest()[:16]
+
+
+def parent_run_id(mlflow, experiment: str, backbone: str) -> str:
+    """The pipeline's parent run: the one `transferlab run` or `mlflow run`
+    started (passed down in the environment), or, under a plain `dvc repro`,
+    the run tagged with this pipeline's key, created by the first stage."""
+    env_id = os.environ.get(PARENT_ENV) or os.environ.pop("MLFLOW_RUN_ID", None)
+    if env_id:
+        os.environ[PARENT_ENV] = env_id
+        return env_id
+    key = pipeline_key()
+    exp = mlflow.get_experiment_by_name(experiment)
+    found = mlflow.search_runs(
+        [exp.experiment_id], filter_string=f"tags.pipeline_key = '{key}'",
+        max_results=1, output_format="list",
+    )
+    if found:
+        return found[0].info.run_id
+    client = mlflow.MlflowClient()
+    run = client.create_run(
+        exp.experiment_id, run_name=f"pipeline-{backbone}",
+        tags={"pipeline_key": key, "stage": "pipeline", "backbone": backbone, "git_commit": git_commit()},
+    )
+    return run.info.run_id
+
+
 @contextlib.contextmanager
 def stage_run(
     stage: str, *, experiment: str, backbone: str, params: dict, inputs: list[str]
 ) -> Iterator:
-    """One MLflow run for one pipeline stage, with our tags and flattened params."""
+    """One MLflow run for one pipeline stage, nested under the pipeline's parent
+    run, with our tags and flattened params."""
     mlflow = setup(experiment)
+    parent = parent_run_id(mlflow, experiment, backbone)
+    parent_exp = mlflow.MlflowClient().get_run(parent).info.experiment_id
     tags = {"stage": stage, "backbone": backbone, "git_commit": git_commit(), **dvc_input_state(inputs)}
-    with mlflow.start_run(run_name=f"{stage}-{backbone}", tags=tags) as run:
+    with mlflow.start_run(run_name=f"{stage}-{backbone}", tags=tags, experiment_id=parent_exp,
+                          parent_run_id=parent) as run:
         mlflow.log_params(params)
         log.info("MLflow run %s (%s) in %s", run.info.run_id, run.info.run_name, mlflow.get_tracking_uri())
         yield run
+
+
+def end_parent(status: str = "FINISHED") -> None:
+    """Close a parent run that the first stage of a plain `dvc repro` created.
+    A parent passed down in the environment is closed by whoever started it."""
+    import mlflow
+
+    if os.environ.get(PARENT_ENV):
+        return
+    found = mlflow.search_runs(filter_string=f"tags.pipeline_key = '{pipeline_key()}'",
+                               max_results=1, output_format="list", search_all_experiments=True)
+    if found:
+        mlflow.MlflowClient().set_terminated(found[0].info.run_id, status)
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def log_keras_model(model: keras.Model, example, prediction, name: str = "model") -> str:
+    """Log `model` with its signature and input example; returns a runs:/ URI.
+
+    mlflow.keras.log_model(input_example=...) fails in MLflow 3.17 (it writes the
+    example before creating its folder, mlflow/mlflow#16183), so the model is
+    saved with mlflow.keras.save_model into a folder of ours and logged from there."""
+    import tempfile
+
+    import mlflow
+    from mlflow.models import infer_signature
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        path.mkdir()
+        mlflow.keras.save_model(model, str(path), signature=infer_signature(example, prediction),
+                                input_example=example)
+        mlflow.log_artifacts(str(path), name)
+    return f"runs:/{mlflow.active_run().info.run_id}/{name}"
+
+
+CHAMPION = "champion"
+
+
+def should_promote(new_accuracy: float, champion_accuracy: float | None) -> tuple[bool, str]:
+    """The champion alias moves only to a strictly better test accuracy."""
+    if champion_accuracy is None:
+        return True, "no champion yet"
+    if new_accuracy > champion_accuracy:
+        return True, f"test_accuracy {new_accuracy:.4f} beats the champion's {champion_accuracy:.4f}"
+    return False, f"test_accuracy {new_accuracy:.4f} does not beat the champion's {champion_accuracy:.4f}"
+
+
+def champion_accuracy(client, name: str) -> float | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        version = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None
+    value = (version.tags or {}).get("test_accuracy")
+    return float(value) if value is not None else None
+
+
+def register_and_promote(model_uri: str, name: str, test_accuracy: float) -> tuple[str, bool, str]:
+    """Register `model_uri` under `name`; move "champion" to it if it is better."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    version = mlflow.register_model(model_uri, name).version
+    client.set_model_version_tag(name, version, "test_accuracy", f"{test_accuracy:.6f}")
+    promote, reason = should_promote(test_accuracy, champion_accuracy(client, name))
+    if promote:
+        client.set_registered_model_alias(name, CHAMPION, version)
+        log.info("registered %s version %s as %s: %s", name, version, CHAMPION, reason)
+    else:
+        log.info("registered %s version %s without the %s alias: %s", name, version, CHAMPION, reason)
+    return str(version), promote, reason
 
 
 class EpochLogger(keras.callbacks.Callback):

@@ -1,0 +1,216 @@
+"""Fine-tuning: unfreeze the top N registry blocks and train them with the head.
+
+Stage: `transferlab finetune` (dvc stage `finetune`).
+
+The rules live here and only here:
+- the backbone is called with training=False and every BatchNormalization layer
+  stays frozen, so its moving statistics never change;
+- blocks are unfrozen by the registry's block names, the same meaning on every
+  backbone; the model is compiled after `trainable` changes;
+- the learning rate is low: linear warmup then cosine decay, or ReduceLROnPlateau.
+
+Two paths give the same model:
+- full: images -> augmentation -> upscale -> whole backbone -> head, every epoch;
+- cached: the frozen part runs once (features stage), its activations at the
+  unfreeze boundary are cached for both horizontal flips, and only the unfrozen
+  blocks and the head train, on a randomly flipped copy per sample and epoch.
+Where the frozen part is most of the network (the default: top 3 of 9 blocks of
+EfficientNet-Lite0) the cached path is much faster; see bench/finetune_paths.py.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+from keras import layers
+
+from transferlab import backbones
+from transferlab.backbones import BackboneSpec
+from transferlab.head import make_optimizer
+
+log = logging.getLogger(__name__)
+
+
+def n_unfrozen(spec: BackboneSpec, unfreeze: int | str) -> int:
+    return len(spec.blocks) if unfreeze == "all" else int(unfreeze)
+
+
+def set_trainable(spec: BackboneSpec, body: keras.Model, unfreeze: int | str) -> int:
+    """Unfreeze the top N blocks of `body`, BatchNorm excepted; returns the number
+    of trainable weight tensors in the body."""
+    first = len(spec.blocks) - n_unfrozen(spec, unfreeze)
+    body.trainable = True
+    for layer in body.layers:
+        is_bn = isinstance(layer, layers.BatchNormalization)
+        layer.trainable = backbones.block_index(spec, layer.name) >= first and not is_bn
+    return len(body.trainable_weights)
+
+
+def boundary_layer(spec: BackboneSpec, body: keras.Model, unfreeze: int | str) -> layers.Layer | None:
+    """The last layer of the frozen part, or None when nothing is frozen."""
+    first = len(spec.blocks) - n_unfrozen(spec, unfreeze)
+    frozen = [layer for layer in body.layers if backbones.block_index(spec, layer.name) < first]
+    frozen = [layer for layer in frozen if not isinstance(layer, layers.InputLayer)]
+    return frozen[-1] if frozen else None
+
+
+@dataclass
+class Split:
+    """The body cut at the unfreeze boundary: lower (frozen) and upper (trainable)."""
+
+    lower: keras.Model
+    upper: keras.Model
+    boundary: str
+
+
+def split_body(spec: BackboneSpec, body: keras.Model, unfreeze: int | str) -> Split:
+    layer = boundary_layer(spec, body, unfreeze)
+    if layer is None:
+        raise ValueError(f"{spec.name}: unfreeze={unfreeze!r} leaves no frozen part to cache")
+    lower = keras.Model(body.input, layer.output, name=f"{spec.name}_lower")
+    upper = keras.Model(layer.output, body.output, name=f"{spec.name}_upper")
+    return Split(lower, upper, layer.name)
+
+
+def augmentation(flip: bool, shift: float, rotation: float, zoom: float, seed: int) -> list[layers.Layer]:
+    """Keras preprocessing layers: active in training only."""
+    out: list[layers.Layer] = []
+    if flip:
+        out.append(layers.RandomFlip("horizontal", seed=seed, name="aug_flip"))
+    if shift > 0:
+        out.append(layers.RandomTranslation(shift, shift, fill_mode="reflect", seed=seed, name="aug_shift"))
+    if rotation > 0:
+        out.append(layers.RandomRotation(rotation, fill_mode="reflect", seed=seed, name="aug_rotate"))
+    if zoom > 0:
+        out.append(layers.RandomZoom(zoom, fill_mode="reflect", seed=seed, name="aug_zoom"))
+    return out
+
+
+def assemble(
+    spec: BackboneSpec, body: keras.Model, head: keras.Model, image_size: int, input_size: int,
+    augment: list[layers.Layer] | None = None,
+) -> keras.Model:
+    """The whole classifier: uint8 images -> class probabilities."""
+    inputs, x = backbones.image_input(spec, image_size, input_size, augment)
+    x = body(x, training=False)
+    x = layers.GlobalAveragePooling2D(name="pool")(x)
+    return keras.Model(inputs, head(x), name=f"{spec.name}_classifier")
+
+
+def cache_extractor(spec: BackboneSpec, split: Split, image_size: int, input_size: int) -> keras.Model:
+    """uint8 images -> [boundary activations, pooled features], for the features
+    stage to cache both in one pass."""
+    inputs, x = backbones.image_input(spec, image_size, input_size)
+    acts = split.lower(x, training=False)
+    pooled = layers.GlobalAveragePooling2D(name="pool")(split.upper(acts, training=False))
+    return keras.Model(inputs, [acts, pooled], name=f"{spec.name}_cache_extractor")
+
+
+def assemble_upper(split: Split, head: keras.Model) -> keras.Model:
+    """Boundary activations -> class probabilities (the cached path's model)."""
+    inputs = keras.Input(split.upper.input_shape[1:], name="activations")
+    x = split.upper(inputs, training=False)
+    x = layers.GlobalAveragePooling2D(name="pool")(x)
+    return keras.Model(inputs, head(x), name="upper_classifier")
+
+
+def learning_rate(
+    schedule: str, base_lr: float, epochs: int, steps_per_epoch: int, warmup_epochs: float
+):
+    if schedule == "plateau":
+        return base_lr
+    total = max(1, epochs * steps_per_epoch)
+    warmup = min(total - 1, int(round(warmup_epochs * steps_per_epoch)))
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=base_lr / 10 if warmup else base_lr,
+        decay_steps=total - warmup,
+        warmup_target=base_lr if warmup else None,
+        warmup_steps=warmup,
+    )
+
+
+def compile_model(model: keras.Model, optimizer: str, lr, weight_decay: float) -> None:
+    model.compile(
+        optimizer=make_optimizer(optimizer, lr, weight_decay),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+
+
+class FlipCacheDataset(keras.utils.PyDataset):
+    """Batches of cached activations; each sample comes from the plain or the
+    flipped cache at random, reshuffled every epoch (seeded)."""
+
+    def __init__(self, plain: np.ndarray, flipped: np.ndarray | None, y: np.ndarray,
+                 batch_size: int, seed: int, **kwargs):
+        super().__init__(**kwargs)
+        self.plain, self.flipped, self.y = plain, flipped, y
+        self.batch_size = batch_size
+        self.rng = np.random.default_rng(seed)
+        self.order = self.rng.permutation(len(y))
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.y) / self.batch_size)
+
+    def __getitem__(self, i: int):
+        idx = np.sort(self.order[i * self.batch_size:(i + 1) * self.batch_size])
+        x = np.asarray(self.plain[idx], dtype=np.float32)
+        if self.flipped is not None:
+            flip = self.rng.random(len(idx)) < 0.5
+            if flip.any():
+                x[flip] = self.flipped[idx[flip]]
+        return x, self.y[idx]
+
+    def on_epoch_end(self) -> None:
+        self.order = self.rng.permutation(len(self.y))
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def best_so_far(history_csv: Path, monitor: str) -> float | None:
+    """Best monitored value of the epochs an interrupted run already completed."""
+    if not history_csv.exists():
+        return None
+    with history_csv.open() as fh:
+        values = [float(row[monitor]) for row in csv.DictReader(fh) if row.get(monitor)]
+    return max(values) if values else None
+
+
+def callbacks(
+    backup_dir: Path, *, patience: int, schedule: str, has_val: bool, extra: list | None = None
+) -> tuple[list, Path]:
+    """Keras callbacks for a resumable run: BackupAndRestore (training state at
+    each epoch end), the best weights (ModelCheckpoint, its threshold carried
+    over an interruption), the epoch log (CSVLogger, appended), early stopping."""
+    monitor = "val_accuracy" if has_val else "accuracy"
+    backup_dir.mkdir(parents=True, exist_ok=True)
+    best_path = backup_dir / "best.weights.h5"
+    history_csv = backup_dir / "history.csv"
+    threshold = best_so_far(history_csv, monitor) if best_path.exists() else None
+    cbs = [
+        keras.callbacks.BackupAndRestore(str(backup_dir / "state"), double_checkpoint=True),
+        keras.callbacks.ModelCheckpoint(
+            str(best_path), monitor=monitor, mode="max", save_best_only=True,
+            save_weights_only=True, initial_value_threshold=threshold,
+        ),
+        keras.callbacks.CSVLogger(str(history_csv), append=True),
+        keras.callbacks.EarlyStopping(monitor=monitor, mode="max", patience=patience),
+    ]
+    if schedule == "plateau":
+        cbs.append(keras.callbacks.ReduceLROnPlateau(monitor=monitor, mode="max", factor=0.3,
+                                                     patience=max(1, patience // 2)))
+    return cbs + list(extra or []), best_path
+
+
+def read_history(history_csv: Path) -> dict[str, list[float]]:
+    with history_csv.open() as fh:
+        rows = list(csv.DictReader(fh))
+    keys = [k for k in (rows[0] if rows else {}) if k != "epoch"]
+    return {k: [float(r[k]) for r in rows] for k in keys}
