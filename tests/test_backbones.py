@@ -65,6 +65,19 @@ def test_unreachable_imagenet_weights_fail_with_a_fix(monkeypatch):
         backbones.build_body("vgg16", 32, weights="imagenet")
 
 
+def test_unfetchable_weights_fail_at_once_naming_the_file(monkeypatch, tmp_path):
+    """The real Keras download path, pointed at a closed local port."""
+    from keras.src.applications import vgg16
+    from keras.src.backend import config as keras_config
+
+    monkeypatch.setattr(keras_config, "_KERAS_DIR", str(tmp_path))  # an empty cache
+    monkeypatch.setattr(vgg16, "WEIGHTS_PATH_NO_TOP", "http://127.0.0.1:9/vgg16_weights_notop.h5")
+    with pytest.raises(backbones.WeightsUnavailable) as err:
+        backbones.build_body("vgg16", 32, weights="imagenet")
+    message = str(err.value)
+    assert "vgg16_weights_notop.h5" in message and "backbone.weights" in message
+
+
 def test_import_does_not_need_torch():
     code = ("import sys; import transferlab.cli, transferlab.backbones, transferlab.features, "
             "transferlab.head, transferlab.data; assert 'torch' not in sys.modules, 'torch imported'")

@@ -1,5 +1,6 @@
-"""End to end: `dvc repro` through the head stage on a tiny config, in a temporary
-copy of the project; then the MLflow store as `mlflow ui` serves it."""
+"""End to end on a tiny config, in a temporary copy of the project: `dvc repro`
+through every stage, the MLflow store as `mlflow ui` serves it, and
+`mlflow run . -P backbone=<each registered backbone>`."""
 
 import json
 import os
@@ -15,6 +16,7 @@ import pytest
 import yaml
 
 import synth
+from transferlab.backbones import BACKBONES
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -25,7 +27,8 @@ TINY = {
     "backbone": {"name": "efficientnet_lite0", "weights": "none", "input_size": 32},
     "features": {"batch_size": 16},
     "head": {"units": 16, "dropout": 0.1, "epochs": 3, "batch_size": 8, "patience": 2},
-    "tracking": {"experiment": "smoke"},
+    "finetune": {"unfreeze": 2, "epochs": 2, "batch_size": 8, "patience": 2},
+    "tracking": {"experiment": "smoke", "model_name": "smoke-model"},
 }
 
 
@@ -65,7 +68,7 @@ def reproduced(project):
 
 def test_dvc_repro_runs_every_stage(reproduced):
     dest, _, first, _ = reproduced
-    for stage in ("prepare", "features", "head"):
+    for stage in ("prepare", "features", "head", "finetune", "evaluate"):
         assert f"Running stage '{stage}'" in first
     manifest = json.loads((dest / "data/prepared/manifest.json").read_text())
     assert manifest["totals"] == {"train": 18, "val": 6, "test": 12}
@@ -75,6 +78,13 @@ def test_dvc_repro_runs_every_stage(reproduced):
     metrics = json.loads((dest / "metrics/head.json").read_text())
     assert 0.0 <= metrics["val_accuracy"] <= 1.0 and metrics["epochs_run"] >= 1
     assert (dest / "plots/head/confusion_val.png").stat().st_size > 1000
+    assert (dest / "data/features/efficientnet_lite0-32px/activations/train_flip.npy").exists()
+    assert json.loads((dest / "metrics/finetune.json").read_text())["path"] == "cached"
+    evaluated = json.loads((dest / "metrics/evaluate.json").read_text())
+    assert 0.0 <= evaluated["test_accuracy"] <= 1.0
+    rows = (dest / "plots/evaluate/confusion.csv").read_text().splitlines()
+    assert rows[0] == "actual,predicted" and len(rows) == 1 + 12
+    assert set(json.loads((dest / "metrics/per_class.json").read_text())) >= set(synth.CLASSES)
 
 
 def test_second_repro_does_nothing(reproduced):
@@ -91,7 +101,11 @@ def test_mlflow_runs_hold_params_metrics_and_tags(reproduced):
     exp = client.get_experiment_by_name("smoke")
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     runs = {r.data.tags["stage"]: r for r in client.search_runs([exp.experiment_id])}
-    assert set(runs) == {"prepare", "features", "head"}
+    assert set(runs) == {"pipeline", "prepare", "features", "head", "finetune", "evaluate"}
+    parent = runs.pop("pipeline")
+    assert parent.info.status == "FINISHED"  # closed by the last stage
+    for stage, run in runs.items():
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id, stage
     h = runs["head"]
     assert h.data.params["head.units"] == "16" and h.data.params["backbone.name"] == "efficientnet_lite0"
     assert h.data.tags["backbone"] == "efficientnet_lite0"
@@ -105,6 +119,12 @@ def test_mlflow_runs_hold_params_metrics_and_tags(reproduced):
     assert h.data.metrics["best_val_accuracy"] == head_metrics["val_accuracy"]
     artifacts = [a.path for a in client.list_artifacts(h.info.run_id, "confusion")]
     assert "confusion/confusion_val.png" in artifacts
+    e = runs["evaluate"]
+    assert "confusion/confusion.png" in [a.path for a in client.list_artifacts(e.info.run_id, "confusion")]
+    assert "model/MLmodel" in [a.path for a in client.list_artifacts(e.info.run_id, "model")]
+    champion = client.get_model_version_by_alias("smoke-model", "champion")
+    assert champion.run_id == e.info.run_id
+    assert float(champion.tags["test_accuracy"]) == e.data.metrics["test_accuracy"]
 
 
 def _free_port() -> int:
@@ -140,10 +160,34 @@ def test_mlflow_ui_lists_the_runs(reproduced):
                                      headers={"Content-Type": "application/json"})
         runs = json.load(urllib.request.urlopen(req))["runs"]
         names = sorted(r["info"]["run_name"] for r in runs)
-        assert names == ["features-efficientnet_lite0", "head-efficientnet_lite0", "prepare-efficientnet_lite0"]
+        assert names == sorted(f"{s}-efficientnet_lite0" for s in
+                               ("pipeline", "prepare", "features", "head", "finetune", "evaluate"))
         head_run = next(r for r in runs if r["info"]["run_name"].startswith("head"))
         assert any(m["key"] == "val_accuracy" for m in head_run["data"]["metrics"])
         assert any(p["key"] == "head.dropout" for p in head_run["data"]["params"])
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize("backbone", sorted(BACKBONES))
+def test_mlflow_run_each_backbone(reproduced, backbone):
+    """`mlflow run . -P backbone=...` writes the override into params.yaml, runs
+    `dvc repro`, and nests every stage that ran under the mlflow run."""
+    import mlflow
+
+    dest, env, _, _ = reproduced
+    out = run(["mlflow", "run", ".", "--env-manager", "local", "--experiment-name", "smoke",
+               "-P", f"backbone={backbone}", "-P", "weights=none"], dest, env)
+    assert "succeeded" in out
+    params = yaml.safe_load((dest / "params.yaml").read_text())
+    assert params["backbone"]["name"] == backbone and params["backbone"]["weights"] == "none"
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{dest / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("smoke")
+    evaluate_run = client.search_runs([exp.experiment_id], f"tags.stage = 'evaluate' and tags.backbone = '{backbone}'",
+                                      order_by=["attributes.start_time DESC"], max_results=1)[0]
+    parent = client.get_run(evaluate_run.data.tags["mlflow.parentRunId"])
+    assert parent.data.tags.get("mlflow.project.entryPoint") == "main"
+    assert parent.data.params["backbone"] == backbone
+    evaluated = json.loads((dest / "metrics/evaluate.json").read_text())
+    assert evaluate_run.data.metrics["test_accuracy"] == evaluated["test_accuracy"]

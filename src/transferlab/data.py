@@ -15,6 +15,7 @@ only through an unpickler that admits numpy arrays and plain containers.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -30,6 +31,7 @@ import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -56,6 +58,23 @@ class Dataset:
     classes: list[str]
     skipped: list[dict] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def atomic_dir(out_dir: Path) -> Iterator[Path]:
+    """Yield a temporary sibling folder to write into; when the block completes
+    it replaces `out_dir` in one rename, so a crash never leaves a half-written
+    output (and DVC never records one)."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
+    try:
+        yield tmp
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
 
 
 # --------------------------------------------------------------------------- checksums
@@ -185,19 +204,10 @@ def extract_cached(archive: Path, cache_dir: Path, digest: str) -> Path:
     dest = cache_dir / "extracted" / digest[:16]
     if (dest / ".complete").exists():
         return dest
-    if dest.exists():
-        shutil.rmtree(dest)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".extract-"))
-    try:
-        log.info("extracting %s", archive)
+    log.info("extracting %s", archive)
+    with atomic_dir(dest) as tmp:
         safe_extract(archive, tmp)
         (tmp / ".complete").touch()
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return dest
 
 
@@ -508,20 +518,12 @@ def write_prepared(ds: Dataset, out_dir: Path, val_fraction: float, seed: int, m
         ignored=ds.ignored[:1000],
         num_ignored=len(ds.ignored),
     )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
-    try:
+    with atomic_dir(out_dir) as tmp:
         for name, (x, y) in splits.items():
             np.save(tmp / f"x_{name}.npy", np.ascontiguousarray(x))
             np.save(tmp / f"y_{name}.npy", y.astype(np.int64))
         (tmp / "classes.json").write_text(json.dumps(ds.classes, indent=1) + "\n")
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return manifest
 
 

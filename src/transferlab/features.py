@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,6 +19,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
+
+from transferlab.data import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +82,8 @@ def extract_splits(
     memory maps under activations/: the fine-tune stage trains on them."""
     two = isinstance(model.output, (list, tuple))
     feature_dim = int((model.output[1] if two else model.output).shape[-1])
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
     timings = {}
-    try:
+    with atomic_dir(out_dir) as tmp:
         if two:
             (tmp / "activations").mkdir()
             act_shape = tuple(int(d) for d in model.output[0].shape[1:])
@@ -115,12 +112,6 @@ def extract_splits(
             log.info("features %s: %d images in %.1f s (%.1f img/s)", split, images, seconds, rate)
         meta = {**meta, "feature_dim": feature_dim, "timings": timings}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return meta
 
 

@@ -1,0 +1,171 @@
+"""Fine-tuning rules on every registered backbone (weights none), the cached
+path, resume after an interruption."""
+
+import keras
+import numpy as np
+import pytest
+from keras import layers
+
+from transferlab import backbones, finetune, head
+from transferlab.backbones import BACKBONES
+
+NAMES = sorted(BACKBONES)
+
+
+def expected_trainable(spec, body, n):
+    """Independent count: non-BN weights of layers in the top n blocks."""
+    groups = backbones.layers_by_block(spec, body)
+    top = groups[len(groups) - n:] if n else []
+    return sum(len(layer.weights) for g in top for layer in g
+               if not isinstance(layer, layers.BatchNormalization)
+               and not isinstance(layer, layers.Normalization))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_unfreeze_exactly_the_requested_blocks(name):
+    spec = BACKBONES[name]
+    body = backbones.build_body(name, 32, weights=None)
+    for n in (0, 1, 2, "all"):
+        count = finetune.set_trainable(spec, body, n)
+        k = len(spec.blocks) if n == "all" else n
+        assert count == expected_trainable(spec, body, k), f"{name} unfreeze={n}"
+        assert not any(layer.trainable for layer in body.layers if isinstance(layer, layers.BatchNormalization))
+    # the top block is really trainable, the bottom one really not
+    finetune.set_trainable(spec, body, 1)
+    groups = backbones.layers_by_block(spec, body)
+    assert any(layer.trainable_weights for layer in groups[-1])
+    assert not any(layer.trainable_weights for layer in groups[0])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_split_at_the_boundary_is_the_same_function(name):
+    spec = BACKBONES[name]
+    body = backbones.build_body(name, 32, weights=None)
+    split = finetune.split_body(spec, body, 2)
+    x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+    whole = body(x, training=False).numpy()
+    parts = split.upper(split.lower(x, training=False), training=False).numpy()
+    np.testing.assert_allclose(parts, whole, rtol=1e-4, atol=1e-4)
+    first_top = len(spec.blocks) - 2
+    assert backbones.block_index(spec, split.boundary) == first_top - 1
+
+
+def test_all_leaves_nothing_to_cache():
+    spec = BACKBONES["efficientnet_lite0"]
+    body = backbones.build_body("efficientnet_lite0", 32, weights=None)
+    with pytest.raises(ValueError, match="no frozen part to cache"):
+        finetune.split_body(spec, body, "all")
+
+
+def _tiny_classifier(name="efficientnet_lite0", unfreeze="all"):
+    spec = BACKBONES[name]
+    body = backbones.build_body(name, 32, weights=None)
+    hm = head.build_head(spec.feature_dim, 3, units=0, dropout=0.0)  # no ReLU to die
+    finetune.set_trainable(spec, body, unfreeze)
+    model = finetune.assemble(spec, body, hm, 16, 32)
+    return spec, body, model
+
+
+# efficientnetb0: BatchNorm everywhere and swish, so random weights still pass
+# gradients (ReLU6 saturates on random weights and would hide a frozen layer).
+
+
+def test_batchnorm_statistics_do_not_move_in_a_finetune_step():
+    keras.utils.set_random_seed(0)
+    spec, body, model = _tiny_classifier("efficientnetb0", unfreeze="all")
+    bns = [layer for layer in body.layers if isinstance(layer, layers.BatchNormalization)]
+    before = [[w.numpy().copy() for w in bn.weights] for bn in bns]
+    conv = body.get_layer("top_conv")
+    kernel_before = conv.kernel.numpy().copy()
+    finetune.compile_model(model, "sgd", 0.1, None)
+    x = np.random.default_rng(0).integers(0, 255, (8, 16, 16, 3)).astype(np.uint8)
+    model.fit(x, np.arange(8) % 3, epochs=1, batch_size=8, verbose=0)
+    for bn, old in zip(bns, before):
+        for w, o in zip(bn.weights, old):
+            np.testing.assert_array_equal(w.numpy(), o, err_msg=f"{bn.name}/{w.name} changed")
+    assert not np.array_equal(conv.kernel.numpy(), kernel_before), "unfrozen weights did not train"
+
+
+def test_frozen_blocks_do_not_train():
+    keras.utils.set_random_seed(0)
+    spec, body, model = _tiny_classifier("efficientnetb0", unfreeze=1)
+    frozen = body.get_layer("block1a_dwconv").kernel.numpy().copy()
+    top = body.get_layer("top_conv").kernel.numpy().copy()
+    finetune.compile_model(model, "sgd", 0.1, None)
+    x = np.random.default_rng(1).integers(0, 255, (8, 16, 16, 3)).astype(np.uint8)
+    model.fit(x, np.arange(8) % 3, epochs=1, batch_size=8, verbose=0)
+    np.testing.assert_array_equal(body.get_layer("block1a_dwconv").kernel.numpy(), frozen)
+    assert not np.array_equal(body.get_layer("top_conv").kernel.numpy(), top)
+
+
+def test_flip_cache_dataset_mixes_both_caches_reproducibly():
+    plain = np.zeros((40, 2, 2, 1), np.float16)
+    flipped = np.ones((40, 2, 2, 1), np.float16)
+    y = np.arange(40)
+    a = finetune.FlipCacheDataset(plain, flipped, y, 16, seed=3)
+    b = finetune.FlipCacheDataset(plain, flipped, y, 16, seed=3)
+    assert len(a) == 3
+    xa, ya = a[0]
+    xb, yb = b[0]
+    np.testing.assert_array_equal(xa, xb)
+    np.testing.assert_array_equal(ya, yb)
+    picked = np.concatenate([a[i][0].reshape(-1, 4)[:, 0] for i in range(len(a))])
+    assert 0 < picked.mean() < 1  # some plain, some flipped
+    assert sorted(np.concatenate([a[i][1] for i in range(len(a))]).tolist()) == list(range(40))
+
+
+def test_learning_rate_warms_up_then_decays():
+    lr = finetune.learning_rate("cosine", 1e-2, epochs=4, steps_per_epoch=10, warmup_epochs=1)
+    values = [float(lr(s)) for s in (0, 10, 39)]
+    assert values[0] == pytest.approx(1e-3)
+    assert values[1] == pytest.approx(1e-2, rel=1e-3)
+    assert values[2] < 1e-3
+    assert finetune.learning_rate("plateau", 1e-3, 4, 10, 1) == 1e-3
+
+
+class Interrupt(keras.callbacks.Callback):
+    def __init__(self, at_epoch):
+        super().__init__()
+        self.at_epoch = at_epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == self.at_epoch:
+            raise KeyboardInterrupt("simulated kill")
+
+
+def _fit(tmp_path, epochs, extra):
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 8)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int64)
+    model = head.build_head(8, 2, units=8, dropout=0.0)
+    finetune.compile_model(model, "adam", 1e-2, None)
+    cbs, best = finetune.callbacks(tmp_path / "backup", patience=10, schedule="cosine", has_val=True,
+                                   extra=extra)
+    model.fit(x, y, validation_data=(x, y), epochs=epochs, batch_size=16, callbacks=cbs, verbose=0)
+    return model, best
+
+
+def test_resume_after_interruption_continues_from_last_completed_epoch(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        _fit(tmp_path, 6, [Interrupt(3)])
+    hist = finetune.read_history(tmp_path / "backup" / "history.csv")
+    assert len(hist["val_accuracy"]) == 3  # epochs 0, 1, 2 completed
+    seen = []
+
+    class Record(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            seen.append(epoch)
+
+    _, best = _fit(tmp_path, 6, [Record()])
+    assert seen == [3, 4, 5]  # resumed, not restarted
+    hist = finetune.read_history(tmp_path / "backup" / "history.csv")
+    assert len(hist["val_accuracy"]) == 6
+    assert best.exists()
+
+
+def test_best_so_far_reads_the_completed_epochs(tmp_path):
+    csv = tmp_path / "h.csv"
+    csv.write_text("epoch,accuracy,val_accuracy\n0,0.5,0.6\n1,0.7,0.65\n2,0.8,0.62\n")
+    assert finetune.best_so_far(csv, "val_accuracy") == 0.65
+    assert finetune.best_so_far(tmp_path / "missing.csv", "val_accuracy") is None
