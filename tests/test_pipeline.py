@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 import synth
+from transferlab import config
 from transferlab.backbones import BACKBONES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +47,9 @@ def project(tmp_path_factory):
         if (ROOT / name).exists():
             shutil.copy(ROOT / name, dest / name)
     shutil.copytree(ROOT / "src", dest / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    (dest / "params.yaml").write_text(yaml.safe_dump(TINY, sort_keys=False))
+    # every key written out: DVC tracks params keys by name, defaults are not enough
+    full = config.to_dict(config.from_dict(TINY))
+    (dest / "params.yaml").write_text(yaml.safe_dump(full, sort_keys=False))
     synth.make_image_folder(dest / "tiny-images", per_class=8, test_per_class=4, size=20)
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
@@ -172,22 +175,28 @@ def test_mlflow_ui_lists_the_runs(reproduced):
 
 @pytest.mark.parametrize("backbone", sorted(BACKBONES))
 def test_mlflow_run_each_backbone(reproduced, backbone):
-    """`mlflow run . -P backbone=...` writes the override into params.yaml, runs
+    """`mlflow run . -P backbone=...` writes the overrides into params.yaml, runs
     `dvc repro`, and nests every stage that ran under the mlflow run."""
+    import re
+
     import mlflow
 
     dest, env, _, _ = reproduced
+    # epochs=1 differs from the tiny config, so finetune and evaluate run even
+    # for the backbone that `reproduced` already ran
     out = run(["mlflow", "run", ".", "--env-manager", "local", "--experiment-name", "smoke",
-               "-P", f"backbone={backbone}", "-P", "weights=none"], dest, env)
-    assert "succeeded" in out
+               "-P", f"backbone={backbone}", "-P", "weights=none", "-P", "epochs=1"], dest, env)
+    run_id = re.search(r"Run \(ID '([0-9a-f]+)'\) succeeded", out).group(1)
     params = yaml.safe_load((dest / "params.yaml").read_text())
     assert params["backbone"]["name"] == backbone and params["backbone"]["weights"] == "none"
+    assert params["finetune"]["epochs"] == 1
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{dest / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("smoke")
-    evaluate_run = client.search_runs([exp.experiment_id], f"tags.stage = 'evaluate' and tags.backbone = '{backbone}'",
-                                      order_by=["attributes.start_time DESC"], max_results=1)[0]
-    parent = client.get_run(evaluate_run.data.tags["mlflow.parentRunId"])
-    assert parent.data.tags.get("mlflow.project.entryPoint") == "main"
+    parent = client.get_run(run_id)
+    assert parent.data.tags["mlflow.project.entryPoint"] == "main"
     assert parent.data.params["backbone"] == backbone
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")
+    stages = {r.data.tags["stage"]: r for r in children}
+    assert {"finetune", "evaluate"} <= set(stages)
+    assert all(r.data.tags["backbone"] == backbone for r in children)
     evaluated = json.loads((dest / "metrics/evaluate.json").read_text())
-    assert evaluate_run.data.metrics["test_accuracy"] == evaluated["test_accuracy"]
+    assert stages["evaluate"].data.metrics["test_accuracy"] == evaluated["test_accuracy"]
