@@ -243,6 +243,25 @@ def cmd_finetune(params: config.Params) -> None:
         mlflow.log_artifact(str(out_dir / "params.yaml"))
 
 
+def _checkpoint_dir(params: config.Params) -> Path:
+    """Where an interrupted fine-tune resumes from. Keyed by the resolved params
+    and the trained head, so a checkpoint of another configuration is never
+    restored into this one; checkpoints of other keys are stale and removed."""
+    import hashlib
+
+    key = hashlib.sha256(_resolved(params).encode())
+    key.update((MODELS / "head" / "model.keras").read_bytes())
+    root = Path("data/checkpoints")
+    backup = root / f"finetune-{key.hexdigest()[:16]}"
+    for stale in root.glob("finetune*"):
+        if stale != backup:
+            log.info("removing a checkpoint of another configuration: %s", stale)
+            shutil.rmtree(stale)
+    if backup.exists():
+        log.info("resuming the interrupted fine-tune from %s", backup)
+    return backup
+
+
 def _train_finetune(params, spec, body, head_model, prepared, image_size) -> dict:
     import numpy as np
 
@@ -272,13 +291,14 @@ def _train_finetune(params, spec, body, head_model, prepared, image_size) -> dic
         fit_kwargs = {"y": prepared.y["train"], "batch_size": bs, "shuffle": True}
     lr = finetune.learning_rate(f.schedule, f.learning_rate, f.epochs, steps, f.warmup_epochs)
     finetune.compile_model(model, f.optimizer, lr, f.weight_decay)
-    backup = Path("data/checkpoints/finetune")
+    backup = _checkpoint_dir(params)
     cbs, best_path = finetune.callbacks(backup, patience=f.patience, schedule=f.schedule,
                                         has_val=val is not None, extra=[tracking.EpochLogger()])
     log.info("finetune: %s path, top %s block(s) of %s unfrozen (%d trainable tensors in the body)",
              "cached" if cached else "full", f.unfreeze, spec.name, trainable)
     start = time.perf_counter()
-    model.fit(train, validation_data=val, epochs=f.epochs, callbacks=cbs, verbose=2, **fit_kwargs)
+    # verbose=1: a progress bar in a terminal, one line per epoch in a log file
+    model.fit(train, validation_data=val, epochs=f.epochs, callbacks=cbs, verbose=1, **fit_kwargs)
     seconds = time.perf_counter() - start
     model.load_weights(best_path)  # the best epoch, not the last
     hist = finetune.read_history(backup / "history.csv")
