@@ -292,8 +292,13 @@ def _train_finetune(params, spec, body, head_model, prepared, image_size) -> dic
     lr = finetune.learning_rate(f.schedule, f.learning_rate, f.epochs, steps, f.warmup_epochs)
     finetune.compile_model(model, f.optimizer, lr, f.weight_decay)
     backup = _checkpoint_dir(params)
+    # the head's score on the same validation images is what fine-tuning must beat
+    baseline = json.loads((METRICS / "head.json").read_text()).get("val_accuracy") if val is not None else None
     cbs, best_path = finetune.callbacks(backup, patience=f.patience, schedule=f.schedule,
-                                        has_val=val is not None, extra=[tracking.EpochLogger()])
+                                        has_val=val is not None, extra=[tracking.EpochLogger()],
+                                        baseline=baseline)
+    if not best_path.exists():
+        model.save_weights(best_path)  # the starting point stays the fallback
     log.info("finetune: %s path, top %s block(s) of %s unfrozen (%d trainable tensors in the body)",
              "cached" if cached else "full", f.unfreeze, spec.name, trainable)
     start = time.perf_counter()
@@ -305,11 +310,15 @@ def _train_finetune(params, spec, body, head_model, prepared, image_size) -> dic
     _write_history(PLOTS / "finetune" / "history.csv", hist)
     monitor = "val_accuracy" if val is not None else "accuracy"
     best = int(np.argmax(hist[monitor]))
+    improved = baseline is None or hist[monitor][best] > baseline
+    if not improved:
+        log.warning("no fine-tune epoch beat the head's %s of %.4f: keeping the weights it started from",
+                    monitor, baseline)
     shutil.rmtree(backup)  # done: a later run starts fresh
     return {
         "path": "cached" if cached else "full",
-        f"best_{monitor}": round(hist[monitor][best], 5),
-        "best_epoch": best + 1,
+        f"best_{monitor}": round(max(hist[monitor][best], baseline or 0.0), 5),
+        "best_epoch": best + 1 if improved else 0,
         "epochs_run": len(hist[monitor]),
         "finetune_seconds": round(seconds, 2),
         "train_images_per_second": round(n_train * len(hist[monitor]) / seconds, 1),

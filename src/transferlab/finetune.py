@@ -184,16 +184,22 @@ def best_so_far(history_csv: Path, monitor: str) -> float | None:
 
 
 def callbacks(
-    backup_dir: Path, *, patience: int, schedule: str, has_val: bool, extra: list | None = None
+    backup_dir: Path, *, patience: int, schedule: str, has_val: bool, extra: list | None = None,
+    baseline: float | None = None,
 ) -> tuple[list, Path]:
     """Keras callbacks for a resumable run: BackupAndRestore (training state at
     each epoch end), the best weights (ModelCheckpoint, its threshold carried
-    over an interruption), the epoch log (CSVLogger, appended), early stopping."""
+    over an interruption), the epoch log (CSVLogger, appended), early stopping.
+
+    `baseline` is the score of the weights before fine-tuning (saved to the
+    best-weights file by the caller): an epoch must beat it to replace them, so
+    a fine-tune that diverges never yields a worse model than it started from."""
     monitor = "val_accuracy" if has_val else "accuracy"
     backup_dir.mkdir(parents=True, exist_ok=True)
     best_path = backup_dir / "best.weights.h5"
     history_csv = backup_dir / "history.csv"
-    threshold = best_so_far(history_csv, monitor) if best_path.exists() else None
+    scores = [v for v in (baseline, best_so_far(history_csv, monitor)) if v is not None]
+    threshold = max(scores) if scores else None
     cbs = [
         keras.callbacks.BackupAndRestore(str(backup_dir / "state"), double_checkpoint=True),
         keras.callbacks.ModelCheckpoint(
