@@ -169,3 +169,20 @@ def test_best_so_far_reads_the_completed_epochs(tmp_path):
     csv.write_text("epoch,accuracy,val_accuracy\n0,0.5,0.6\n1,0.7,0.65\n2,0.8,0.62\n")
     assert finetune.best_so_far(csv, "val_accuracy") == 0.65
     assert finetune.best_so_far(tmp_path / "missing.csv", "val_accuracy") is None
+
+
+def test_an_epoch_must_beat_the_baseline_to_replace_the_starting_weights(tmp_path):
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 8)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int64)
+    model = head.build_head(8, 2, units=8, dropout=0.0)
+    finetune.compile_model(model, "adam", 1e-2, None)
+    cbs, best = finetune.callbacks(tmp_path / "b", patience=10, schedule="cosine", has_val=True, baseline=1.0)
+    model.save_weights(best)
+    start = [w.copy() for w in model.get_weights()]
+    model.fit(x, y, validation_data=(x, y), epochs=2, batch_size=16, callbacks=cbs, verbose=0)
+    assert not all(np.array_equal(a, b) for a, b in zip(start, model.get_weights()))  # it trained
+    model.load_weights(best)
+    for a, b in zip(start, model.get_weights()):
+        np.testing.assert_array_equal(a, b)  # but nothing beat 1.0: the start is kept
