@@ -133,13 +133,18 @@ class Interrupt(keras.callbacks.Callback):
             raise KeyboardInterrupt("simulated kill")
 
 
-def _fit(tmp_path, epochs, extra):
+def _toy_problem():
     keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(64, 8)).astype(np.float32)
     y = (x[:, 0] > 0).astype(np.int64)
     model = head.build_head(8, 2, units=8, dropout=0.0)
     finetune.compile_model(model, "adam", 1e-2, None)
+    return x, y, model
+
+
+def _fit(tmp_path, epochs, extra):
+    x, y, model = _toy_problem()
     cbs, best = finetune.callbacks(tmp_path / "backup", patience=10, schedule="cosine", has_val=True,
                                    extra=extra)
     model.fit(x, y, validation_data=(x, y), epochs=epochs, batch_size=16, callbacks=cbs, verbose=0)
@@ -172,12 +177,7 @@ def test_best_so_far_reads_the_completed_epochs(tmp_path):
 
 
 def test_an_epoch_must_beat_the_baseline_to_replace_the_starting_weights(tmp_path):
-    keras.utils.set_random_seed(0)
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(64, 8)).astype(np.float32)
-    y = (x[:, 0] > 0).astype(np.int64)
-    model = head.build_head(8, 2, units=8, dropout=0.0)
-    finetune.compile_model(model, "adam", 1e-2, None)
+    x, y, model = _toy_problem()
     cbs, best = finetune.callbacks(tmp_path / "b", patience=10, schedule="cosine", has_val=True, baseline=1.0)
     model.save_weights(best)
     start = [w.copy() for w in model.get_weights()]
