@@ -84,7 +84,8 @@ def uses_activation_cache(params: config.Params) -> bool:
     from transferlab import backbones, finetune
 
     spec = backbones.get(params.backbone.name)
-    return params.finetune.mode == "cached" and 0 < finetune.n_unfrozen(spec, params.finetune.unfreeze) < len(spec.blocks)
+    n = finetune.n_unfrozen(spec, params.finetune.unfreeze)
+    return params.finetune.mode == "cached" and 0 < n < len(spec.blocks)
 
 
 def cmd_features(params: config.Params) -> None:
@@ -302,7 +303,7 @@ def _train_finetune(params, spec, body, head_model, prepared, image_size) -> dic
     log.info("finetune: %s path, top %s block(s) of %s unfrozen (%d trainable tensors in the body)",
              "cached" if cached else "full", f.unfreeze, spec.name, trainable)
     start = time.perf_counter()
-    # verbose=1: a progress bar in a terminal, one line per epoch in a log file
+    # verbose=1: a progress bar per epoch (in a log file it writes its updates as lines)
     model.fit(train, validation_data=val, epochs=f.epochs, callbacks=cbs, verbose=1, **fit_kwargs)
     seconds = time.perf_counter() - start
     model.load_weights(best_path)  # the best epoch, not the last
