@@ -13,6 +13,7 @@ weights file, for machines that cannot download.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Callable
 
@@ -21,6 +22,8 @@ import numpy as np
 from keras import layers, ops
 
 from transferlab import efficientnet_lite
+
+log = logging.getLogger(__name__)
 
 
 @keras.saving.register_keras_serializable(package="transferlab")
@@ -179,6 +182,25 @@ def build_feature_extractor(
     x = build_body(name, input_size, weights)(x, training=False)
     x = layers.GlobalAveragePooling2D(name="pool")(x)
     return keras.Model(inputs, x, name=f"{name}_features")
+
+
+def configure_device() -> str:
+    """Use a GPU when TensorFlow sees one: memory grown on demand and the
+    mixed_float16 policy (heads keep float32 outputs). Returns "gpu" or "cpu";
+    nothing else in the code assumes either."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if not gpus:
+        return "cpu"
+    for gpu in gpus:
+        try:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except (RuntimeError, ValueError):  # already initialised: keep its setting
+            pass
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    log.info("%d GPU(s) visible: mixed_float16 policy, float32 outputs", len(gpus))
+    return "gpu"
 
 
 def block_index(spec: BackboneSpec, layer_name: str) -> int:

@@ -6,6 +6,7 @@
     transferlab finetune  # unfreeze the top blocks -> models/finetune/
     transferlab evaluate  # test set -> metrics/evaluate.json, registered model
     transferlab run --set backbone.name=vgg16   # overrides -> params.yaml -> dvc repro
+    transferlab tune [--workers 4 --storage postgresql+psycopg2://...]  # Optuna search
 
 Each reads params.yaml (or --params), calls the library, writes its outputs and
 logs one MLflow run. `dvc repro` runs them in order (dvc.yaml).
@@ -443,20 +444,76 @@ def cmd_run(params_path: Path, overrides: list[str]) -> int:
     return code
 
 
+# --------------------------------------------------------------------------- tune
+
+
+def cmd_tune(params_path: Path, args: argparse.Namespace) -> int:
+    """Create or join the Optuna study, run trials (in --workers processes),
+    then evaluate and register the best trial's model. With --worker: only run
+    trials, joining a study another `transferlab tune` started."""
+    from transferlab import tune
+
+    changes = apply_overrides(params_path, args.set)
+    if changes:
+        log.info("params.yaml overrides: %s", changes)
+    params = config.load(params_path)
+    url = args.storage or params.tune.storage
+    if not (PREPARED / "manifest.json").exists():
+        raise FileNotFoundError(f"{PREPARED}: no prepared data; run `dvc repro prepare` first")
+    if args.worker:
+        tune.work(params, url, PREPARED, args.worker_id)
+        return 0
+    if args.workers > 1 and tune.is_sqlite(url):
+        raise config.ConfigError(
+            f"--workers {args.workers} with SQLite storage ({url}): SQLite is for one worker. For several "
+            "workers, on this machine or many, use PostgreSQL: --storage "
+            "postgresql+psycopg2://user:password@host/db (README: Scaling out)"
+        )
+    start = time.perf_counter()
+    tune.ensure_cache(params, PREPARED)
+    tune.start(params, PREPARED, url)
+    if args.workers > 1:
+        procs = tune.spawn_workers(args.workers, params_path, args.storage)
+        codes = [p.wait() for p in procs]
+        if any(codes):
+            log.error("worker exit codes: %s", codes)
+    else:
+        tune.work(params, url, PREPARED)
+    summary = tune.finalize(params, PREPARED, url, time.perf_counter() - start,
+                            METRICS / "tune.json", PLOTS / "tune")
+    log.info("tune: best trial %d (%s), test accuracy %.4f; %s; %.1f s", summary["best_trial"],
+             summary["best_params"], summary["test_accuracy"], summary["trials"], summary["study_seconds"])
+    return 0
+
+
 # --------------------------------------------------------------------------- entry
 
 STAGES = {"prepare": cmd_prepare, "features": cmd_features, "head": cmd_head,
           "finetune": cmd_finetune, "evaluate": cmd_evaluate}
 
 
+def _tune_error() -> type:
+    from transferlab.tune import TuneError
+
+    return TuneError
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="transferlab", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=sorted(STAGES) + ["run"],
-                        help="a pipeline stage, or run: the whole pipeline (dvc repro) as one MLflow parent run")
+    parser.add_argument("stage", choices=sorted(STAGES) + ["run", "tune"],
+                        help="a pipeline stage; run: the whole pipeline (dvc repro) as one MLflow parent "
+                             "run; tune: the Optuna search (params.yaml: tune)")
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="run only: override a params.yaml value, e.g. --set backbone.name=vgg16")
+                        help="run and tune: override a params.yaml value, e.g. --set backbone.name=vgg16")
+    tune_args = parser.add_argument_group("tune")
+    tune_args.add_argument("--workers", type=int, default=1,
+                           help="worker processes on this machine (more than 1 needs PostgreSQL storage)")
+    tune_args.add_argument("--storage", help="Optuna storage URL (default: tune.storage in params.yaml)")
+    tune_args.add_argument("--worker", action="store_true",
+                           help="only run trials, joining a study that `transferlab tune` started")
+    tune_args.add_argument("--worker-id", type=int, default=0, help="varies the sampler seed per worker")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
@@ -467,13 +524,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.stage == "run":
             return cmd_run(Path(args.params), args.set)
+        if args.stage == "tune":
+            from transferlab.backbones import configure_device
+
+            configure_device()
+            return cmd_tune(Path(args.params), args)
         if args.set:
-            parser.error("--set is for `transferlab run`; a stage reads params.yaml as it is")
-        STAGES[args.stage](config.load(args.params))
+            parser.error("--set is for `transferlab run` and `tune`; a stage reads params.yaml as it is")
+        params = config.load(args.params)
+        if args.stage != "prepare":
+            from transferlab.backbones import configure_device
+
+            configure_device()
+        STAGES[args.stage](params)
     except config.ConfigError as exc:
         log.error("%s", exc)
         return 2
-    except (DataError, WeightsUnavailable, FileNotFoundError) as exc:
+    except (DataError, WeightsUnavailable, FileNotFoundError, _tune_error()) as exc:
         log.error("%s", exc)
         return 1
     return 0

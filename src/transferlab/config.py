@@ -106,6 +106,36 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True)
+class SpaceConfig:
+    """The Optuna search space: [low, high] ranges, or a list of choices."""
+
+    unfreeze: list[int] = field(default_factory=lambda: [0, 2])  # registry blocks
+    learning_rate: list[float] = field(default_factory=lambda: [1e-5, 1e-3])  # fine-tune, log scale
+    head_learning_rate: list[float] = field(default_factory=lambda: [3e-4, 3e-3])  # log scale
+    dropout: list[float] = field(default_factory=lambda: [0.1, 0.6])
+    weight_decay: list[float] = field(default_factory=lambda: [1e-6, 1e-3])  # log scale
+    units: list[int] = field(default_factory=lambda: [256, 512, 1024])  # choices
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    study: str = "transferlab"
+    # sqlite:///optuna.db (one worker) or postgresql+psycopg2://user:pass@host/db (many)
+    storage: str = "sqlite:///optuna.db"
+    n_trials: int = 20
+    timeout_minutes: float = 0.0  # 0: no limit
+    pruner: str = "median"  # median | hyperband | none
+    monitor: str = "val_accuracy"
+    head_epochs: int = 15
+    finetune_epochs: int = 3
+    # A seeded, stratified share of the training images each trial trains on.
+    train_fraction: float = 1.0
+    # A worker silent this long x3 has died: its trial is marked failed and retried.
+    heartbeat_seconds: int = 30
+    space: SpaceConfig = field(default_factory=SpaceConfig)
+
+
+@dataclass(frozen=True)
 class Params:
     seed: int = 42
     data: DataConfig = field(default_factory=DataConfig)
@@ -115,6 +145,7 @@ class Params:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
 
 CHOICES = {
@@ -123,6 +154,8 @@ CHOICES = {
     "finetune.optimizer": ("adam", "adamw", "sgd", "rmsprop"),
     "finetune.mode": ("cached", "full"),
     "finetune.schedule": ("cosine", "plateau"),
+    "tune.pruner": ("median", "hyperband", "none"),
+    "tune.monitor": ("val_accuracy", "val_loss"),
 }
 
 
@@ -141,6 +174,11 @@ def _check_type(value: Any, hint: Any, key: str) -> Any:
             except ConfigError as exc:
                 errors.append(str(exc))
         raise ConfigError(errors[0])
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list of {item.__name__}, received: {value!r}")
+        return [_check_type(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint is int and isinstance(value, bool):
@@ -208,6 +246,34 @@ def _validate(params: Params) -> None:
             f"finetune.unfreeze must be 0..{n_blocks} (blocks of {params.backbone.name}) "
             f"or 'all', received: {u!r}"
         )
+    _validate_tune(params, n_blocks)
+
+
+def _validate_tune(params: Params, n_blocks: int) -> None:
+    t, s = params.tune, params.tune.space
+    ranges = {"unfreeze": s.unfreeze, "learning_rate": s.learning_rate, "dropout": s.dropout,
+              "weight_decay": s.weight_decay, "head_learning_rate": s.head_learning_rate}
+    for name, pair in ranges.items():
+        if len(pair) != 2 or pair[0] > pair[1]:
+            raise ConfigError(f"tune.space.{name} must be [low, high] with low <= high, received: {pair}")
+    if not 0 <= s.unfreeze[0] <= s.unfreeze[1] < n_blocks:
+        raise ConfigError(
+            f"tune.space.unfreeze must lie in 0..{n_blocks - 1} (fewer than the {n_blocks} blocks of "
+            f"{params.backbone.name}, so that a frozen part is left to cache), received: {s.unfreeze}"
+        )
+    if min(s.learning_rate[0], s.head_learning_rate[0], s.weight_decay[0]) <= 0:
+        raise ConfigError("tune.space.learning_rate, head_learning_rate and weight_decay are searched "
+                          "on a log scale: their lows must be > 0")
+    if not (0 <= s.dropout[0] and s.dropout[1] < 1):
+        raise ConfigError(f"tune.space.dropout must lie in [0, 1), received: {s.dropout}")
+    if not s.units or min(s.units) < 0:
+        raise ConfigError(f"tune.space.units must be a non-empty list of widths >= 0, received: {s.units}")
+    if not 0 < t.train_fraction <= 1:
+        raise ConfigError(f"tune.train_fraction must be in (0, 1], received: {t.train_fraction}")
+    if t.heartbeat_seconds < 1:
+        raise ConfigError(f"tune.heartbeat_seconds must be >= 1, received: {t.heartbeat_seconds}")
+    if t.n_trials < 1 or t.head_epochs < 1 or t.finetune_epochs < 0:
+        raise ConfigError("tune.n_trials and tune.head_epochs must be >= 1, tune.finetune_epochs >= 0")
 
 
 def from_dict(raw: dict) -> Params:

@@ -145,18 +145,20 @@ def compile_model(model: keras.Model, optimizer: str, lr, weight_decay: float) -
 
 class FlipCacheDataset(keras.utils.PyDataset):
     """Batches of cached activations; each sample comes from the plain or the
-    flipped cache at random, reshuffled every epoch (seeded)."""
+    flipped cache at random, reshuffled every epoch (seeded). `index` limits the
+    samples to those rows (a subset), all rows by default."""
 
     def __init__(self, plain: np.ndarray, flipped: np.ndarray | None, y: np.ndarray,
-                 batch_size: int, seed: int, **kwargs):
+                 batch_size: int, seed: int, index: np.ndarray | None = None, **kwargs):
         super().__init__(**kwargs)
         self.plain, self.flipped, self.y = plain, flipped, y
+        self.index = np.arange(len(y)) if index is None else np.sort(np.asarray(index))
         self.batch_size = batch_size
         self.rng = np.random.default_rng(seed)
-        self.order = self.rng.permutation(len(y))
+        self.order = self.rng.permutation(self.index)
 
     def __len__(self) -> int:
-        return math.ceil(len(self.y) / self.batch_size)
+        return math.ceil(len(self.index) / self.batch_size)
 
     def __getitem__(self, i: int):
         idx = np.sort(self.order[i * self.batch_size:(i + 1) * self.batch_size])
@@ -168,7 +170,7 @@ class FlipCacheDataset(keras.utils.PyDataset):
         return x, self.y[idx]
 
     def on_epoch_end(self) -> None:
-        self.order = self.rng.permutation(len(self.y))
+        self.order = self.rng.permutation(self.index)
 
 
 # --------------------------------------------------------------------------- resume

@@ -19,7 +19,8 @@ def build_head(feature_dim: int, n_classes: int, units: int, dropout: float, nam
     if units > 0:
         x = layers.Dense(units, activation="relu", name="head_dense")(x)
     x = layers.Dropout(dropout, name="head_dropout")(x)
-    outputs = layers.Dense(n_classes, activation="softmax", name="predictions")(x)
+    # float32 probabilities under a mixed-precision policy too (see backbones.configure_device)
+    outputs = layers.Dense(n_classes, activation="softmax", dtype="float32", name="predictions")(x)
     return keras.Model(inputs, outputs, name=name)
 
 

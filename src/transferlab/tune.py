@@ -1,0 +1,581 @@
+"""Optuna search over unfreeze depth, learning rates, dropout, weight decay and
+head width. Command: `transferlab tune` (MLproject entry `tune`).
+
+Trials are cheap because the frozen part of the backbone never runs in them:
+the features stage's forward pass is done once, up to the boundary of the
+deepest unfreeze the space allows, and cached (pooled features + boundary
+activations of both horizontal flips). A trial trains the head on the pooled
+features, then fine-tunes its top `unfreeze` blocks on the cached activations;
+blocks between the cache boundary and the trial's own boundary run frozen.
+
+Each trial reports its monitored validation metric every epoch on one global
+step counter (head epochs 0..H-1, fine-tune epochs H..H+F-1) to the pruner.
+
+Storage is Optuna's: an SQLite file for one worker; an RDB URL (PostgreSQL)
+for several workers on one or many machines. Heartbeats mark a killed worker's
+trial failed, and RetryFailedTrialCallback enqueues it again.
+
+MLflow: one parent run per study (its id is a study user attribute, so every
+worker nests under it), one nested run per trial with params, per-epoch curves,
+state and number. After the search the best trial's model is evaluated on the
+test set and registered under the pipeline's champion rule.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from transferlab import config
+
+log = logging.getLogger(__name__)
+
+PARENT_ATTR = "mlflow_parent_run_id"
+RUN_ATTR = "mlflow_run_id"
+STATE_TAG = "state"
+TUNE_DIR = Path("data/tune")
+
+
+class TuneError(RuntimeError):
+    """A study that cannot run as configured."""
+
+
+# --------------------------------------------------------------------------- optuna parts
+
+
+def is_sqlite(url: str) -> bool:
+    return url.startswith("sqlite:")
+
+
+def make_storage(url: str, heartbeat_seconds: int = 30):
+    """RDB storage with heartbeats: a trial whose worker stops beating for
+    3 heartbeats is marked failed, and retried (at most twice)."""
+    import optuna
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry = RetryHeartbeatStaleTrialCallback(max_retry=2)
+
+    def on_stale(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        log.warning("trial %d lost its worker (no heartbeat): marked failed and retried", trial.number)
+        _close_trial_run(trial, "FAIL")
+        retry(study, trial)
+
+    engine = {"pool_pre_ping": True} if not is_sqlite(url) else {"connect_args": {"timeout": 60}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat_seconds,
+                          grace_period=3 * heartbeat_seconds, heartbeat_stale_trial_callback=on_stale)
+
+
+def make_sampler(seed: int, n_trials: int):
+    """Seeded multivariate TPE; constant_liar so that concurrent workers do not
+    all propose the point a running trial is already trying."""
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(
+            seed=seed, multivariate=True, constant_liar=True,
+            n_startup_trials=max(3, min(10, n_trials // 3)),
+        )
+
+
+def make_pruner(name: str, max_steps: int, warmup_steps: int):
+    import optuna
+
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=warmup_steps)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max_steps, reduction_factor=3)
+    return optuna.pruners.NopPruner()
+
+
+def direction(monitor: str) -> str:
+    return "minimize" if monitor.endswith("loss") else "maximize"
+
+
+def suggest(trial, space: config.SpaceConfig) -> dict:
+    return {
+        "unfreeze": trial.suggest_int("unfreeze", *space.unfreeze),
+        "learning_rate": trial.suggest_float("learning_rate", *space.learning_rate, log=True),
+        "head_learning_rate": trial.suggest_float("head_learning_rate", *space.head_learning_rate, log=True),
+        "dropout": trial.suggest_float("dropout", *space.dropout),
+        "weight_decay": trial.suggest_float("weight_decay", *space.weight_decay, log=True),
+        "units": trial.suggest_categorical("units", list(space.units)),
+    }
+
+
+def pruning_callback(trial, monitor: str, step_offset: int):
+    """optuna-integration's KerasPruningCallback on the study's global step; a
+    monitored metric missing from the epoch logs is an error (the library only
+    warns, which would silently never prune)."""
+    from optuna_integration.keras import KerasPruningCallback
+
+    class GlobalStepPruning(KerasPruningCallback):
+        def on_epoch_end(self, epoch, logs=None):
+            if monitor not in (logs or {}):
+                raise TuneError(
+                    f"tune.monitor is {monitor!r}, but the epoch logs hold {sorted(logs or {})}: "
+                    "set tune.monitor in params.yaml to one of those"
+                )
+            super().on_epoch_end(epoch + step_offset, logs)
+
+    return GlobalStepPruning(trial, monitor)
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class TrialData:
+    features: dict[str, np.ndarray]  # pooled: train, val
+    acts: dict[str, np.ndarray]  # boundary activations: train, train_flip, val (memory maps)
+    y: dict[str, np.ndarray]
+    classes: list[str]
+    train_index: np.ndarray  # the rows trials train on (tune.train_fraction)
+    meta: dict
+
+
+def cache_dir(params: config.Params) -> Path:
+    b = params.backbone
+    return TUNE_DIR / "cache" / f"{b.name}-{b.input_size}px-u{params.tune.space.unfreeze[1]}"
+
+
+def ensure_cache(params: config.Params, prepared_dir: Path) -> Path:
+    """The activation cache at the deepest boundary the space allows; made once
+    (atomically) and reused by every trial and worker."""
+    import keras
+
+    from transferlab import backbones, data, features, finetune
+
+    out = cache_dir(params)
+    b = params.backbone
+    want = {"backbone": b.name, "input_size": b.input_size, "weights": b.weights,
+            "unfreeze": params.tune.space.unfreeze[1]}
+    if (out / "meta.json").exists():
+        meta = json.loads((out / "meta.json").read_text())
+        if all(meta.get(k) == v for k, v in want.items()):
+            return out
+        log.info("%s was made for %s: rebuilding", out, {k: meta.get(k) for k in want})
+    keras.utils.set_random_seed(params.seed)
+    prepared = data.load_prepared(prepared_dir)
+    spec = backbones.get(b.name)
+    body = backbones.build_body(b.name, b.input_size, b.weights)
+    deepest = max(1, params.tune.space.unfreeze[1])
+    split = finetune.split_body(spec, body, deepest)
+    image_size = int(prepared.x["train"].shape[1])
+    model = finetune.cache_extractor(spec, split, image_size, b.input_size)
+    x = {s: prepared.x[s] for s in ("train", "val")}
+    x["test"] = prepared.x["test"][:0]  # trials never see the test set
+    features.extract_splits(model, x, out, params.features.batch_size,
+                            {**want, "boundary": split.boundary, "image_size": image_size})
+    keras.backend.clear_session()
+    return out
+
+
+def load_trial_data(params: config.Params, prepared_dir: Path, cache: Path) -> TrialData:
+    from transferlab import data, features
+
+    prepared = data.load_prepared(prepared_dir)
+    feats, meta = features.load_features(cache)
+    acts = features.load_activations(cache)
+    y = {s: np.asarray(prepared.y[s]) for s in ("train", "val")}
+    if len(y["val"]) == 0:
+        raise TuneError("tune needs validation images: set data.val_fraction > 0 in params.yaml")
+    index = np.arange(len(y["train"]))
+    if params.tune.train_fraction < 1:
+        index, _, _, _ = data.stratified_split(index, y["train"], 1 - params.tune.train_fraction, params.seed)
+        index = np.sort(index)
+    return TrialData({s: np.asarray(feats[s], np.float32) for s in ("train", "val")}, acts, y,
+                     prepared.classes, index, meta)
+
+
+# --------------------------------------------------------------------------- one trial
+
+
+def _close_trial_run(trial, state: str) -> None:
+    """Mark the MLflow run of a trial whose worker died."""
+    run_id = trial.user_attrs.get(RUN_ATTR)
+    if not run_id:
+        return
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    client.set_tag(run_id, STATE_TAG, state)
+    client.set_terminated(run_id, "FAILED")
+
+
+class Objective:
+    """The trial function: head on pooled features, then fine-tune on the cache."""
+
+    def __init__(self, params: config.Params, data: TrialData, parent_run_id: str, experiment_id: str):
+        self.params, self.data = params, data
+        self.parent_run_id, self.experiment_id = parent_run_id, experiment_id
+        self.monitor = params.tune.monitor
+        self.fatal: TuneError | None = None  # a configuration error: stop the worker
+        self.sign = -1.0 if direction(self.monitor) == "minimize" else 1.0
+
+    def __call__(self, trial) -> float:
+        import keras
+        import mlflow
+        import optuna
+
+        from transferlab import tracking
+
+        keras.backend.clear_session()  # each trial starts from an empty graph: memory stays flat
+        gc.collect()
+        keras.utils.set_random_seed(self.params.seed + trial.number)
+        hp = suggest(trial, self.params.tune.space)
+        t, b = self.params.tune, self.params.backbone
+        tags = {"stage": "tune-trial", "backbone": b.name, "study": t.study,
+                "trial_number": str(trial.number), "git_commit": tracking.git_commit()}
+        frozen = next(tr for tr in trial.study.get_trials(deepcopy=False) if tr.number == trial.number)
+        retried = frozen.system_attrs.get("failed_trial")  # set by the heartbeat retry
+        if retried is not None:
+            tags["retry_of_trial"] = str(retried)
+        with mlflow.start_run(run_name=f"trial-{trial.number}-{b.name}-u{hp['unfreeze']}",
+                              experiment_id=self.experiment_id, parent_run_id=self.parent_run_id,
+                              tags=tags) as run:
+            trial.set_user_attr(RUN_ATTR, run.info.run_id)
+            trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+            mlflow.log_params({**hp, "head_epochs": t.head_epochs, "finetune_epochs": t.finetune_epochs,
+                               "train_images": len(self.data.train_index)})
+            start = time.perf_counter()
+            pruned = None
+            try:
+                value, model_parts = self._train(trial, hp)
+            except optuna.TrialPruned as exc:  # a normal end: the run finishes, tagged PRUNED
+                mlflow.set_tag(STATE_TAG, "PRUNED")
+                mlflow.log_metric("trial_seconds", time.perf_counter() - start)
+                pruned = exc
+            except Exception as exc:  # the run ends FAILED
+                mlflow.set_tag(STATE_TAG, "FAIL")
+                if isinstance(exc, TuneError):
+                    self.fatal = exc
+                raise
+            else:
+                mlflow.log_metrics({f"best_{self.monitor}": value,
+                                    "trial_seconds": time.perf_counter() - start})
+                mlflow.set_tag(STATE_TAG, "COMPLETE")
+                if self._is_best_so_far(trial.study, value):
+                    self._log_model(*model_parts)
+        if pruned is not None:
+            raise pruned
+        return value
+
+    def _is_best_so_far(self, study, value: float) -> bool:
+        try:
+            best = study.best_value
+        except ValueError:  # no complete trial yet
+            return True
+        return self.sign * value > self.sign * best
+
+    def _fit_phase(self, trial, model, train, val, epochs: int, offset: int, **kw) -> float:
+        """One phase; returns its best monitored value (the model keeps its best weights)."""
+        import keras
+
+        from transferlab import tracking
+
+        stop = keras.callbacks.EarlyStopping(monitor=self.monitor, mode="min" if self.sign < 0 else "max",
+                                             patience=self.params.head.patience, restore_best_weights=True)
+        hist = model.fit(*train, validation_data=val, epochs=epochs, verbose=0,
+                         callbacks=[stop, pruning_callback(trial, self.monitor, offset),
+                                    tracking.EpochLogger(step_offset=offset)], **kw)
+        values = hist.history[self.monitor]
+        return min(values) if self.sign < 0 else max(values)
+
+    def _train(self, trial, hp: dict):
+        from transferlab import backbones, finetune, head
+
+        p, t, d = self.params, self.params.tune, self.data
+        idx = d.train_index
+        head_model = head.build_head(d.meta["feature_dim"], len(d.classes), hp["units"], hp["dropout"])
+        head_model.compile(optimizer=head.make_optimizer(p.head.optimizer, hp["head_learning_rate"]),
+                           loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        value = self._fit_phase(trial, head_model, (d.features["train"][idx], d.y["train"][idx]),
+                                (d.features["val"], d.y["val"]), t.head_epochs, 0,
+                                batch_size=p.head.batch_size, shuffle=True)
+        spec = backbones.get(p.backbone.name)
+        body = backbones.build_body(p.backbone.name, p.backbone.input_size, p.backbone.weights)
+        if hp["unfreeze"] == 0 or t.finetune_epochs == 0:
+            return value, (spec, body, head_model)
+        split = finetune.split_body(spec, body, max(1, t.space.unfreeze[1]))
+        finetune.set_trainable(spec, body, hp["unfreeze"])
+        model = finetune.assemble_upper(split, head_model)
+        steps = -(-len(idx) // p.finetune.batch_size)
+        lr = finetune.learning_rate(p.finetune.schedule, hp["learning_rate"], t.finetune_epochs, steps,
+                                    p.finetune.warmup_epochs)
+        finetune.compile_model(model, p.finetune.optimizer, lr, hp["weight_decay"])
+        before = model.get_weights()
+        train = finetune.FlipCacheDataset(d.acts["train"], d.acts.get("train_flip") if p.finetune.augment.flip
+                                          else None, d.y["train"], p.finetune.batch_size,
+                                          p.seed + trial.number, index=idx)
+        val = (np.asarray(d.acts["val"], np.float32), d.y["val"])
+        tuned = self._fit_phase(trial, model, (train,), val, t.finetune_epochs, t.head_epochs)
+        if self.sign * tuned <= self.sign * value:
+            model.set_weights(before)  # fine-tuning did not help: keep the head's result
+            return value, (spec, body, head_model)
+        return tuned, (spec, body, head_model)
+
+    def _log_model(self, spec, body, head_model) -> None:
+        """The whole classifier (uint8 images -> probabilities) as an artifact of
+        the trial's run, for the best trial so far only."""
+        import tempfile
+
+        import mlflow
+
+        from transferlab import finetune
+
+        b = self.params.backbone
+        model = finetune.assemble(spec, body, head_model, int(self.data.meta["image_size"]), b.input_size)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "model.keras"
+            model.save(path)
+            mlflow.log_artifact(str(path), "model")
+
+
+# --------------------------------------------------------------------------- study
+
+
+def open_study(params: config.Params, storage_url: str | None = None, seed_offset: int = 0):
+    import optuna
+
+    t = params.tune
+    storage = make_storage(storage_url or t.storage, t.heartbeat_seconds)
+    max_steps = t.head_epochs + t.finetune_epochs
+    return optuna.create_study(
+        study_name=t.study, storage=storage, load_if_exists=True, direction=direction(t.monitor),
+        sampler=make_sampler(params.seed + seed_offset, t.n_trials),
+        pruner=make_pruner(t.pruner, max_steps, warmup_steps=min(2, t.head_epochs - 1)),
+    )
+
+
+def _counted(study) -> tuple[int, int, int]:
+    """(trials that count toward n_trials or will run, waiting, running)."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    live = [tr for tr in trials if tr.state != TrialState.FAIL]
+    return (len(live), sum(tr.state == TrialState.WAITING for tr in trials),
+            sum(tr.state == TrialState.RUNNING for tr in trials))
+
+
+def _warn_if_shared_sqlite(study, url: str) -> None:
+    from optuna.trial import TrialState
+
+    if not is_sqlite(url):
+        return
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    if running:
+        log.warning(
+            "study %r already has %d running trial(s) in %s: another worker may be using this SQLite "
+            "file. SQLite is for one worker; for several, use PostgreSQL (tune.storage: "
+            "postgresql+psycopg2://user:password@host/db)", study.study_name, len(running), url)
+
+
+def start(params: config.Params, prepared_dir: Path, storage_url: str | None = None):
+    """Create or join the study; give it its MLflow parent run (once)."""
+    import mlflow
+
+    from transferlab import tracking
+
+    t, b = params.tune, params.backbone
+    study = open_study(params, storage_url)
+    if PARENT_ATTR not in study.user_attrs:
+        tracking.setup(params.tracking.experiment)
+        client = mlflow.MlflowClient()
+        exp = mlflow.get_experiment_by_name(params.tracking.experiment)
+        run = client.create_run(exp.experiment_id, run_name=f"tune-{t.study}-{b.name}",
+                                tags={"stage": "tune", "backbone": b.name, "study": t.study,
+                                      "git_commit": tracking.git_commit()})
+        flat = config.flatten({"seed": params.seed, "backbone": config.to_dict(params)["backbone"],
+                               "tune": config.to_dict(params)["tune"]})
+        flat["tune.storage"] = redact_url(str(flat["tune.storage"]))
+        for key, value in flat.items():
+            client.log_param(run.info.run_id, key, value)
+        study.set_user_attr(PARENT_ATTR, run.info.run_id)
+        log.info("study %r: MLflow parent run %s", t.study, run.info.run_id)
+    return study
+
+
+def redact_url(url: str) -> str:
+    """A storage URL without its password, for logs and MLflow."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not a URL SQLAlchemy knows: show the scheme only
+        return url.split(":", 1)[0] + ":***"
+
+
+def work(params: config.Params, storage_url: str | None, prepared_dir: Path, worker_id: int = 0) -> int:
+    """One worker: run trials until the study holds n_trials (complete, pruned,
+    running or waiting), picking up retries first. Returns how many it ran."""
+    import mlflow
+    import optuna
+    from optuna.trial import TrialState
+
+    from transferlab import tracking
+
+    t = params.tune
+    url = storage_url or t.storage
+    study = open_study(params, url, seed_offset=worker_id)
+    _warn_if_shared_sqlite(study, url)
+    parent = study.user_attrs.get(PARENT_ATTR)
+    if parent is None:
+        raise TuneError(f"study {t.study!r} in {redact_url(url)} has not been started: run "
+                        "`transferlab tune` once (it creates the study and its MLflow parent run), "
+                        "then add workers with `transferlab tune --worker`")
+    tracking.setup(params.tracking.experiment)
+    experiment_id = mlflow.MlflowClient().get_run(parent).info.experiment_id
+    data = load_trial_data(params, prepared_dir, ensure_cache(params, prepared_dir))
+    objective = Objective(params, data, parent, experiment_id)
+    deadline = time.monotonic() + t.timeout_minutes * 60 if t.timeout_minutes > 0 else None
+    ran = failures = 0
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    while True:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)  # a dead worker's trial: failed, then retried
+        live, waiting, running = _counted(study)
+        if deadline is not None and time.monotonic() > deadline:
+            log.info("worker %d: tune.timeout_minutes reached", worker_id)
+            break
+        if live >= t.n_trials and not waiting:
+            if not running:
+                break
+            # Others are still running: stay until they finish, in case one of them
+            # died and its trial comes back as a retry for us to run.
+            time.sleep(min(5, t.heartbeat_seconds))
+            continue
+        finished: list = []
+        study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=True,
+                       callbacks=[lambda _study, frozen: finished.append(frozen)])
+        if objective.fatal is not None:
+            raise objective.fatal
+        ran += 1
+        failed = bool(finished) and finished[-1].state == TrialState.FAIL
+        failures = failures + 1 if failed else 0
+        if failures >= 3:
+            raise TuneError("3 trials in a row failed in this worker; the log above has their errors")
+        log.info("worker %d: trial %s %s; study holds %d of %d", worker_id,
+                 finished[-1].number if finished else "?", finished[-1].state.name if finished else "?",
+                 _counted(study)[0], t.n_trials)
+    return ran
+
+
+def spawn_workers(n: int, params_path: Path, storage_url: str | None) -> list[subprocess.Popen]:
+    """n worker processes on this machine, each `transferlab tune --worker`."""
+    procs = []
+    for i in range(n):
+        cmd = [sys.executable, "-m", "transferlab.cli", "tune", "--worker", "--worker-id", str(i),
+               "--params", str(params_path)]
+        if storage_url:
+            cmd += ["--storage", storage_url]
+        procs.append(subprocess.Popen(cmd, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}))
+    return procs
+
+
+def finalize(params: config.Params, prepared_dir: Path, storage_url: str | None, seconds: float,
+             metrics_path: Path, plots_dir: Path) -> dict:
+    """The best trial's model on the test set, registered (champion rule), with
+    the study's summary and plots on the parent run."""
+    import tempfile
+
+    import keras
+    import mlflow
+    import optuna
+    from optuna.trial import TrialState
+
+    from transferlab import data, evaluate, features, tracking
+
+    study = open_study(params, storage_url)
+    states = {s.name.lower(): len(study.get_trials(deepcopy=False, states=(s,)))
+              for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)}
+    if not states["complete"]:
+        raise TuneError(f"study {params.tune.study!r}: no trial completed ({states}); nothing to register")
+    best = study.best_trial
+    parent = study.user_attrs[PARENT_ATTR]
+    tracking.setup(params.tracking.experiment)
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = mlflow.artifacts.download_artifacts(run_id=best.user_attrs[RUN_ATTR],
+                                                       artifact_path="model/model.keras", dst_path=tmp)
+        except Exception as exc:  # noqa: BLE001 - MLflow raises several kinds
+            raise TuneError(f"best trial {best.number}: its model artifact could not be read "
+                            f"from MLflow run {best.user_attrs.get(RUN_ATTR)}: {exc}") from exc
+        model = keras.saving.load_model(path, safe_mode=True)
+    prepared = data.load_prepared(prepared_dir)
+    x, y = prepared.x["test"], prepared.y["test"]
+    probs = features.extract(model, x, params.evaluate.batch_size, desc="tune: best trial on test")
+    result = evaluate.summarize(y, probs, prepared.classes)
+    summary = {
+        "best_trial": best.number, f"best_{params.tune.monitor}": round(best.value, 5),
+        "best_params": best.params, "test_accuracy": result["test_accuracy"],
+        "test_loss": result["test_loss"], "trials": states, "study_seconds": round(seconds, 1),
+    }
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    pngs = _study_plots(study, plots_dir)
+    png = evaluate.confusion_png(result["confusion"], prepared.classes, plots_dir / "confusion_test.png",
+                                 f"tune best trial {best.number}: test accuracy {result['test_accuracy']:.4f}")
+    with mlflow.start_run(run_id=parent):
+        mlflow.log_params({f"best.{k}": v for k, v in best.params.items()})
+        mlflow.log_metrics({f"best_{params.tune.monitor}": best.value, "best_trial": best.number,
+                            "test_accuracy": result["test_accuracy"], "test_loss": result["test_loss"],
+                            "study_seconds": seconds, **{f"trials_{k}": v for k, v in states.items()}})
+        for p in [*pngs, png]:
+            mlflow.log_artifact(str(p), "plots")
+        mlflow.log_dict(result["per_class"], "reports/test_per_class.json")
+        uri = tracking.log_keras_model(model, np.asarray(x[:2]), probs[:2])
+        version, promoted, reason = tracking.register_and_promote(
+            uri, params.tracking.model_name, result["test_accuracy"])
+        mlflow.set_tags({"registered_version": version, "champion": str(promoted).lower(),
+                         "champion_reason": reason})
+        summary.update(registered_version=version, champion=promoted)
+    metrics_path.parent.mkdir(parents=True, exist_ok=True)
+    metrics_path.write_text(json.dumps(summary, indent=1) + "\n")
+    optuna.logging.set_verbosity(optuna.logging.INFO)
+    return summary
+
+
+def _study_plots(study, out_dir: Path) -> list[Path]:
+    """Optimization history and parameter importances, from Optuna's own
+    visualization module (matplotlib backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna
+    from optuna.visualization import matplotlib as vis
+
+    out = []
+    for name, fn in (("optimization_history", vis.plot_optimization_history),
+                     ("param_importances", vis.plot_param_importances)):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                ax = fn(study)
+        except (ValueError, RuntimeError) as exc:  # e.g. importances need 2+ complete trials
+            log.warning("no %s plot: %s", name, exc)
+            continue
+        fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+        fig.set_size_inches(8, 5)
+        fig.tight_layout()
+        path = out_dir / f"{name}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        out.append(path)
+    return out

@@ -1,0 +1,232 @@
+"""The Optuna search on tiny data: a study completes and nests its trials in
+MLflow, pruning prunes a bad trial, a misnamed metric is an error, SQLite refuses
+several workers, and workers on a real PostgreSQL lose and duplicate nothing,
+even when one is SIGKILLed mid-trial.
+
+VGG16 with weights=None: its random features still separate the synthetic
+classes (random EfficientNet features are ~1e-13, too small for a head to learn)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+import yaml
+
+import pgserver
+import synth
+from transferlab import cli, config, tune
+
+TINY = {
+    "seed": 3,
+    "data": {"source": "tiny-images", "image_size": 16, "val_fraction": 0.25},
+    "backbone": {"name": "vgg16", "weights": "none", "input_size": 32},
+    "features": {"batch_size": 32},
+    "head": {"units": 32, "batch_size": 8, "patience": 10},
+    "finetune": {"batch_size": 8},
+    "tracking": {"experiment": "tune-test", "model_name": "tune-test-model"},
+    "tune": {
+        "n_trials": 4, "head_epochs": 6, "finetune_epochs": 2, "heartbeat_seconds": 1,
+        "storage": "sqlite:///optuna.db",
+        "space": {"unfreeze": [0, 2], "head_learning_rate": [1e-3, 1e-2], "units": [32, 64]},
+    },
+}
+GOOD = {"unfreeze": 0, "learning_rate": 1e-4, "head_learning_rate": 1e-2, "dropout": 0.1,
+        "weight_decay": 1e-5, "units": 64}
+
+
+def write_params(root: Path, **tune_overrides) -> Path:
+    raw = yaml.safe_load(yaml.safe_dump(TINY))
+    raw["tune"].update(tune_overrides)
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump(config.to_dict(config.from_dict(raw)), sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """data/prepared and the tune cache of a tiny image folder, made once."""
+    root = tmp_path_factory.mktemp("tune-base")
+    synth.make_image_folder(root / "tiny-images", per_class=20, test_per_class=4, size=20)
+    write_params(root)
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        assert cli.main(["prepare"]) == 0
+        tune.ensure_cache(config.load("params.yaml"), cli.PREPARED)
+    finally:
+        os.chdir(cwd)
+    return root
+
+
+@pytest.fixture
+def project(prepared, tmp_path, monkeypatch):
+    shutil.copytree(prepared / "data", tmp_path / "data")
+    shutil.copy(prepared / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "2")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return tmp_path
+
+
+def runs_of(parent_id: str) -> list:
+    exp = mlflow.get_experiment_by_name(TINY["tracking"]["experiment"])
+    return mlflow.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'",
+                              output_format="list")
+
+
+def load(storage: str = "sqlite:///optuna.db") -> optuna.Study:
+    return optuna.load_study(study_name="transferlab", storage=storage)
+
+
+def test_tiny_study_nests_trials_and_registers_the_best(project):
+    assert cli.main(["tune"]) == 0
+    study = load()
+    trials = study.get_trials()
+    assert [t.number for t in trials] == [0, 1, 2, 3]
+    assert all(t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) for t in trials)
+
+    client = mlflow.MlflowClient()
+    parent = client.get_run(study.user_attrs[tune.PARENT_ATTR])
+    assert parent.data.tags["stage"] == "tune" and parent.info.status == "FINISHED"
+    assert parent.data.params["best.units"] == str(study.best_params["units"])
+    assert "test_accuracy" in parent.data.metrics
+    plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert {"plots/optimization_history.png", "plots/param_importances.png"} <= plots
+
+    children = {int(r.data.tags["trial_number"]): r for r in runs_of(parent.info.run_id)}
+    assert sorted(children) == [0, 1, 2, 3]
+    for t in trials:
+        run = children[t.number]
+        assert run.data.tags["state"] == t.state.name
+        assert run.data.params["unfreeze"] == str(t.params["unfreeze"])
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")]
+        assert len(steps) == len(set(steps)), "global steps repeat"
+        assert steps == sorted(t.intermediate_values), "MLflow and Optuna disagree on the steps"
+    finetuned = [t for t in trials if t.params["unfreeze"] > 0 and t.state.name == "COMPLETE"]
+    for t in finetuned:  # the fine-tune phase continues the head's step counter
+        assert max(t.intermediate_values) >= TINY["tune"]["head_epochs"]
+
+    version = client.get_model_version_by_alias(TINY["tracking"]["model_name"], "champion")
+    assert version.run_id == parent.info.run_id
+    summary = yaml.safe_load(Path("metrics/tune.json").read_text())
+    assert summary["best_trial"] == study.best_trial.number
+    assert summary["trials"]["complete"] + summary["trials"]["pruned"] == 4
+
+
+def test_median_pruner_prunes_a_bad_trial(project):
+    write_params(project, space={"unfreeze": [0, 2], "head_learning_rate": [1e-7, 1e-2], "units": [32, 64]})
+    params = config.load("params.yaml")
+    study = tune.start(params, cli.PREPARED)
+    for _ in range(3):
+        study.enqueue_trial(GOOD)
+    study.enqueue_trial({**GOOD, "head_learning_rate": 1e-7})  # cannot learn in 6 epochs
+    tune.work(params, None, cli.PREPARED)
+    states = [t.state.name for t in load().get_trials()]
+    assert states == ["COMPLETE", "COMPLETE", "COMPLETE", "PRUNED"]
+    pruned = load().trials[3]
+    run = mlflow.MlflowClient().get_run(pruned.user_attrs[tune.RUN_ATTR])
+    assert run.data.tags["state"] == "PRUNED" and run.info.status == "FINISHED"
+
+
+def test_a_misnamed_monitor_is_an_error_not_a_silent_no_prune():
+    trial = optuna.create_study(direction="maximize").ask()
+    callback = tune.pruning_callback(trial, "val_acc", step_offset=0)
+    with pytest.raises(tune.TuneError, match="val_accuracy"):
+        callback.on_epoch_end(0, {"val_accuracy": 0.5, "val_loss": 1.0})
+    with pytest.raises(config.ConfigError, match="tune.monitor"):
+        config.from_dict({"tune": {"monitor": "val_acc"}})
+
+
+def test_sqlite_refuses_several_workers(project, caplog):
+    assert cli.main(["tune", "--workers", "2"]) == 2
+    assert "SQLite is for one worker" in caplog.text and "postgresql" in caplog.text
+    assert not Path("optuna.db").exists()
+
+
+def test_storage_password_never_reaches_mlflow():
+    assert "s3cret" not in tune.redact_url("postgresql+psycopg2://me:s3cret@db:5432/optuna")
+
+
+# --------------------------------------------------------------------------- PostgreSQL
+
+needs_pg = pytest.mark.skipif(pgserver.bindir() is None, reason="PostgreSQL is not installed")
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    server = pgserver.Server().start()
+    yield server
+    server.stop()
+
+
+def _pg_project(project, postgres, name: str, n_trials: int) -> str:
+    url = postgres.create_db(name)
+    write_params(project, n_trials=n_trials, storage=url)
+    return url
+
+
+def _assert_nothing_lost(study: optuna.Study, n_trials: int, parent_id: str) -> list:
+    trials = study.get_trials()
+    done = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
+    assert len(done) == n_trials, [(t.number, t.state.name) for t in trials]
+    assert not [t for t in trials if t.state.name in ("RUNNING", "WAITING")]
+    numbers = [t.number for t in trials]
+    assert sorted(numbers) == list(range(len(trials))), "trial numbers lost or duplicated"
+    run_ids = [t.user_attrs[tune.RUN_ATTR] for t in done]
+    assert len(set(run_ids)) == n_trials, "two trials share an MLflow run"
+    children = {r.info.run_id: r for r in runs_of(parent_id)}
+    for t in done:
+        assert children[t.user_attrs[tune.RUN_ATTR]].data.tags["state"] == t.state.name
+    return trials
+
+
+@needs_pg
+def test_workers_on_postgresql_complete_the_study(project, postgres):
+    url = _pg_project(project, postgres, "three_workers", n_trials=9)
+    subprocess.run([sys.executable, "-m", "transferlab.cli", "tune", "--workers", "3"],
+                   check=True, timeout=600)
+    study = load(url)
+    trials = _assert_nothing_lost(study, 9, study.user_attrs[tune.PARENT_ATTR])
+    assert len({t.user_attrs["worker"] for t in trials}) > 1, "one worker ran every trial"
+    assert yaml.safe_load(Path("metrics/tune.json").read_text())["best_trial"] == study.best_trial.number
+
+
+@needs_pg
+def test_a_killed_workers_trial_is_failed_and_retried(project, postgres):
+    n_trials = 8
+    url = _pg_project(project, postgres, "killed_worker", n_trials=n_trials)
+    params = config.load("params.yaml")
+    study = tune.start(params, cli.PREPARED)
+    procs = tune.spawn_workers(3, Path("params.yaml"), None)
+    victim = procs[0]
+    killed = None
+    deadline = time.monotonic() + 300
+    while killed is None and time.monotonic() < deadline:
+        for t in study.get_trials(states=(optuna.trial.TrialState.RUNNING,)):
+            if t.user_attrs.get("worker", "").endswith(f":{victim.pid}"):
+                time.sleep(0.5)  # mid-trial
+                victim.send_signal(signal.SIGKILL)
+                killed = t.number
+                break
+        time.sleep(0.2)
+    assert killed is not None, "worker 0 never started a trial"
+    for p in procs[1:]:
+        assert p.wait(timeout=600) == 0
+    victim.wait()
+    trials = _assert_nothing_lost(load(url), n_trials, study.user_attrs[tune.PARENT_ATTR])
+    assert trials[killed].state.name == "FAIL"
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == killed]
+    assert len(retries) == 1 and retries[0].state.name in ("COMPLETE", "PRUNED")
+    assert retries[0].params == trials[killed].params
+    dead_run = mlflow.MlflowClient().get_run(trials[killed].user_attrs[tune.RUN_ATTR])
+    assert dead_run.info.status == "FAILED" and dead_run.data.tags["state"] == "FAIL"
