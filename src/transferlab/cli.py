@@ -7,6 +7,9 @@
     transferlab evaluate  # test set -> metrics/evaluate.json, registered model
     transferlab run --set backbone.name=vgg16   # overrides -> params.yaml -> dvc repro
     transferlab tune [--workers 4 --storage postgresql+psycopg2://...]  # Optuna search
+    transferlab predict photos/ --top-k 3   # the registered champion on image files
+    transferlab export --out exports/       # SavedModel + TFLite, checked against Keras
+    transferlab ui                          # the MLflow UI on this project's store
 
 Each reads params.yaml (or --params), calls the library, writes its outputs and
 logs one MLflow run. `dvc repro` runs them in order (dvc.yaml).
@@ -360,7 +363,7 @@ def cmd_evaluate(params: config.Params) -> None:
         mlflow.log_artifact(str(PLOTS / "evaluate" / "confusion.csv"), "confusion")
         mlflow.log_dict(result["per_class"], "reports/test_per_class.json")
         mlflow.log_dict(result["confusion"].tolist(), "confusion/confusion_test.json")
-        model_uri = tracking.log_keras_model(model, np.asarray(x[:2]), probs[:2])
+        model_uri = tracking.log_keras_model(model, np.asarray(x[:2]), probs[:2], prepared.classes)
         version, promoted, reason = tracking.register_and_promote(
             model_uri, params.tracking.model_name, metrics["test_accuracy"])
         mlflow.set_tags({"registered_version": version, "champion": str(promoted).lower(),
@@ -488,8 +491,87 @@ def cmd_tune(params_path: Path, args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- entry
 
+STAGE_HELP = {
+    "prepare": "data source -> data/prepared/",
+    "features": "frozen backbone -> data/features/<backbone>-<size>px/",
+    "head": "head on the cached features -> models/head/",
+    "finetune": "unfreeze the top blocks -> models/finetune/",
+    "evaluate": "test set -> metrics, registered model",
+}
 STAGES = {"prepare": cmd_prepare, "features": cmd_features, "head": cmd_head,
           "finetune": cmd_finetune, "evaluate": cmd_evaluate}
+
+
+# --------------------------------------------------------------------------- use a model
+
+
+def _load_model(args: argparse.Namespace):
+    from transferlab import serve
+
+    if args.model_path:
+        return serve.load(path=args.model_path)
+    name = args.model or config.load(args.params).tracking.model_name
+    return serve.load(name, alias=args.alias, version=args.version)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from transferlab import serve
+
+    files = serve.image_files(args.inputs)
+    if not files:
+        raise FileNotFoundError(f"no image files in {args.inputs}")
+    loaded = _load_model(args)
+    log.info("predict: %d file(s) with %s", len(files), loaded.source)
+    rows, skipped = serve.predict(loaded, files, args.top_k, args.batch_size)
+    text = serve.format_rows(rows, args.format)
+    if args.output:
+        Path(args.output).write_text(text)
+        log.info("predictions written to %s", args.output)
+    else:
+        sys.stdout.write(text)
+    for item in skipped:
+        log.warning("skipped %s (%s)", item["path"], item["error"])
+    return 1 if skipped and not rows else 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from transferlab import data, serve
+
+    loaded = _load_model(args)
+    if (PREPARED / "manifest.json").exists():
+        sample = np.asarray(data.load_prepared(PREPARED).x["test"][:args.images])
+    else:
+        log.warning("no data/prepared: checking the exports on random images")
+        sample = np.random.default_rng(0).integers(0, 256, (args.images, loaded.image_size,
+                                                              loaded.image_size, 3), dtype=np.uint8)
+    report = serve.export(loaded, Path(args.out), sample)
+    for name, r in report["formats"].items():
+        log.info("export %s: max |p - p_keras| %.2e, top-1 agreement %.4f", name, r["max_abs_diff"],
+                 r["top1_agreement"])
+    log.info("exported %s to %s", loaded.source, args.out)
+    return 0
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def ui_command(host: str, port: int) -> list[str]:
+    """`mlflow ui` on the project's store; a warning when it is exposed."""
+    from transferlab import tracking
+
+    if host not in LOOPBACK:
+        log.warning(
+            "--host %s exposes every run, artifact and registered model on port %d to anyone who can "
+            "reach it, with no authentication. Keep the default 127.0.0.1 and use an SSH tunnel, or run "
+            "an MLflow tracking server with authentication (mlflow server --app-name basic-auth).",
+            host, port)
+    return [str(Path(sys.executable).parent / "mlflow"), "ui", "--backend-store-uri",
+            tracking.tracking_uri(), "--host", host, "--port", str(port)]
+
+
+# --------------------------------------------------------------------------- entry
 
 
 def _tune_error() -> type:
@@ -498,49 +580,78 @@ def _tune_error() -> type:
     return TuneError
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="transferlab", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=sorted(STAGES) + ["run", "tune"],
-                        help="a pipeline stage; run: the whole pipeline (dvc repro) as one MLflow parent "
-                             "run; tune: the Optuna search (params.yaml: tune)")
-    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="run and tune: override a params.yaml value, e.g. --set backbone.name=vgg16")
-    tune_args = parser.add_argument_group("tune")
-    tune_args.add_argument("--workers", type=int, default=1,
-                           help="worker processes on this machine (more than 1 needs PostgreSQL storage)")
-    tune_args.add_argument("--storage", help="Optuna storage URL (default: tune.storage in params.yaml)")
-    tune_args.add_argument("--worker", action="store_true",
-                           help="only run trials, joining a study that `transferlab tune` started")
-    tune_args.add_argument("--worker-id", type=int, default=0, help="varies the sampler seed per worker")
-    args = parser.parse_args(argv)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="command")
+    for name, text in STAGE_HELP.items():
+        sub.add_parser(name, parents=[common], help=text)
+    overrides = argparse.ArgumentParser(add_help=False)
+    overrides.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                           help="write a params.yaml override first, e.g. --set backbone.name=vgg16")
+    sub.add_parser("run", parents=[common, overrides],
+                   help="the whole pipeline (dvc repro) as one MLflow parent run")
+    tune = sub.add_parser("tune", parents=[common, overrides], help="the Optuna search (params.yaml: tune)")
+    tune.add_argument("--workers", type=int, default=1,
+                      help="worker processes on this machine (more than 1 needs PostgreSQL storage)")
+    tune.add_argument("--storage", help="Optuna storage URL (default: tune.storage in params.yaml)")
+    tune.add_argument("--worker", action="store_true",
+                      help="only run trials, joining a study that `transferlab tune` started")
+    tune.add_argument("--worker-id", type=int, default=0, help="varies the sampler seed per worker")
+    model = argparse.ArgumentParser(add_help=False)
+    model.add_argument("--model", help="registered model name (default: tracking.model_name)")
+    model.add_argument("--alias", default="champion", help="registry alias (default: champion)")
+    model.add_argument("--version", help="registry version (instead of the alias)")
+    model.add_argument("--model-path", help="a local .keras file instead of the registry")
+    predict = sub.add_parser("predict", parents=[common, model], help="classify image files or folders")
+    predict.add_argument("inputs", nargs="+", help="image files and/or folders (walked recursively)")
+    predict.add_argument("--top-k", type=int, default=3)
+    predict.add_argument("--format", choices=("csv", "json"), default="csv")
+    predict.add_argument("--output", help="write here instead of stdout")
+    predict.add_argument("--batch-size", type=int, default=64)
+    export = sub.add_parser("export", parents=[common, model],
+                            help="SavedModel + TFLite (float32, dynamic-range int8), checked against Keras")
+    export.add_argument("--out", default="exports", help="output folder (default: exports/)")
+    export.add_argument("--images", type=int, default=256, help="test images the check runs on")
+    ui = sub.add_parser("ui", parents=[common], help="the MLflow UI on the project's store")
+    ui.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1, local only)")
+    ui.add_argument("--port", type=int, default=5000)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from transferlab.backbones import WeightsUnavailable
     from transferlab.data import DataError
+    from transferlab.serve import ModelNotFound
 
     try:
         if args.stage == "run":
             return cmd_run(Path(args.params), args.set)
-        if args.stage == "tune":
-            from transferlab.backbones import configure_device
+        if args.stage == "ui":
+            import subprocess
 
-            configure_device()
-            return cmd_tune(Path(args.params), args)
-        if args.set:
-            parser.error("--set is for `transferlab run` and `tune`; a stage reads params.yaml as it is")
-        params = config.load(args.params)
+            return subprocess.run(ui_command(args.host, args.port)).returncode
         if args.stage != "prepare":
             from transferlab.backbones import configure_device
 
             configure_device()
-        STAGES[args.stage](params)
+        if args.stage == "tune":
+            return cmd_tune(Path(args.params), args)
+        if args.stage == "predict":
+            return cmd_predict(args)
+        if args.stage == "export":
+            return cmd_export(args)
+        STAGES[args.stage](config.load(args.params))
     except config.ConfigError as exc:
         log.error("%s", exc)
         return 2
-    except (DataError, WeightsUnavailable, FileNotFoundError, _tune_error()) as exc:
+    except (DataError, WeightsUnavailable, FileNotFoundError, ModelNotFound, _tune_error()) as exc:
         log.error("%s", exc)
         return 1
     return 0

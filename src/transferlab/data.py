@@ -67,6 +67,9 @@ def atomic_dir(out_dir: Path) -> Iterator[Path]:
     output (and DVC never records one)."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make the output private
     try:
         yield tmp
         if out_dir.exists():

@@ -14,6 +14,7 @@ Tag vocabulary, used on every run:
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import subprocess
@@ -149,8 +150,13 @@ def end_parent(status: str = "FINISHED") -> None:
 # --------------------------------------------------------------------------- registry
 
 
-def log_keras_model(model: keras.Model, example, prediction, name: str = "model") -> str:
-    """Log `model` with its signature and input example; returns a runs:/ URI.
+CLASSES_FILE = "classes.json"
+
+
+def log_keras_model(model: keras.Model, example, prediction, classes: list[str] | None = None,
+                    name: str = "model") -> str:
+    """Log `model` with its signature and input example (and its class names,
+    as classes.json beside it, for `transferlab predict`); returns a runs:/ URI.
 
     mlflow.keras.log_model(input_example=...) fails in MLflow 3.17 (it writes the
     example before creating its folder, mlflow/mlflow#16183), so the model is
@@ -165,6 +171,8 @@ def log_keras_model(model: keras.Model, example, prediction, name: str = "model"
         path.mkdir()
         mlflow.keras.save_model(model, str(path), signature=infer_signature(example, prediction),
                                 input_example=example)
+        if classes is not None:
+            (path / CLASSES_FILE).write_text(json.dumps(list(classes)) + "\n")
         mlflow.log_artifacts(str(path), name)
     return f"runs:/{mlflow.active_run().info.run_id}/{name}"
 

@@ -539,7 +539,7 @@ def finalize(params: config.Params, prepared_dir: Path, storage_url: str | None,
         for p in [*pngs, png]:
             mlflow.log_artifact(str(p), "plots")
         mlflow.log_dict(result["per_class"], "reports/test_per_class.json")
-        uri = tracking.log_keras_model(model, np.asarray(x[:2]), probs[:2])
+        uri = tracking.log_keras_model(model, np.asarray(x[:2]), probs[:2], prepared.classes)
         version, promoted, reason = tracking.register_and_promote(
             uri, params.tracking.model_name, result["test_accuracy"])
         mlflow.set_tags({"registered_version": version, "champion": str(promoted).lower(),
