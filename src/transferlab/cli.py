@@ -571,6 +571,36 @@ def ui_command(host: str, port: int) -> list[str]:
             tracking.tracking_uri(), "--host", host, "--port", str(port)]
 
 
+def ui_url(host: str, port: int, experiment_id: str | None) -> str:
+    """The experiment's runs page. MLflow 3.17's UI keeps a GenAI/model-training
+    switch in the browser (default GenAI) and opens experiments on the GenAI
+    overview whatever their mlflow.experimentKind tag (mlflow/mlflow#24498);
+    workflowType=machine_learning in the URL opens the training runs."""
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    page = f"experiments/{experiment_id}" if experiment_id else "experiments"
+    return f"http://{shown}:{port}/#/{page}?workflowType=machine_learning"
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    import subprocess
+
+    experiment_id = None
+    try:
+        import mlflow
+
+        from transferlab import tracking
+
+        if Path(args.params).exists() and (Path(tracking.DEFAULT_DB).exists()
+                                           or os.environ.get("MLFLOW_TRACKING_URI")):
+            mlflow.set_tracking_uri(tracking.tracking_uri())
+            exp = mlflow.get_experiment_by_name(config.load(args.params).tracking.experiment)
+            experiment_id = exp.experiment_id if exp else None
+    except Exception as exc:  # noqa: BLE001 - the link is a convenience; the UI starts anyway
+        log.debug("no experiment id for the link: %s", exc)
+    log.info("MLflow UI: %s", ui_url(args.host, args.port, experiment_id))
+    return subprocess.run(ui_command(args.host, args.port)).returncode
+
+
 # --------------------------------------------------------------------------- entry
 
 
@@ -634,9 +664,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.stage == "run":
             return cmd_run(Path(args.params), args.set)
         if args.stage == "ui":
-            import subprocess
-
-            return subprocess.run(ui_command(args.host, args.port)).returncode
+            return cmd_ui(args)
         if args.stage != "prepare":
             from transferlab.backbones import configure_device
 
