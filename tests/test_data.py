@@ -293,3 +293,13 @@ def test_write_prepared_carves_a_seeded_val_split(tmp_path):
     again = data.write_prepared(ds, out, 0.2, 7, {})
     np.testing.assert_array_equal(data.load_prepared(out).y["val"], prepared.y["val"])
     assert again["totals"] == manifest["totals"]
+
+
+def test_atomic_outputs_are_as_readable_as_any_other_file(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        with data.atomic_dir(tmp_path / "out") as tmp:
+            (tmp / "a.txt").write_text("x")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755  # not mkdtemp's 0700

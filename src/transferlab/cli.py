@@ -51,7 +51,10 @@ def _write_json(path: Path, payload: dict) -> None:
 
 
 def _resolved(params: config.Params) -> str:
-    return yaml.safe_dump(config.to_dict(params), sort_keys=False)
+    """The resolved params, as written beside every output (secrets in URLs masked)."""
+    from transferlab.redact import redact_tree
+
+    return yaml.safe_dump(redact_tree(config.to_dict(params)), sort_keys=False)
 
 
 # --------------------------------------------------------------------------- stages
@@ -59,6 +62,7 @@ def _resolved(params: config.Params) -> str:
 
 def cmd_prepare(params: config.Params) -> None:
     from transferlab import data, tracking
+    from transferlab.redact import redact
 
     d = params.data
     start = time.perf_counter()
@@ -67,7 +71,7 @@ def cmd_prepare(params: config.Params) -> None:
     )
     manifest = data.write_prepared(
         ds, PREPARED, d.val_fraction, params.seed,
-        {"source": d.source, "checksum": digest, "format": d.format, "seed": params.seed},
+        {"source": redact(d.source), "checksum": digest, "format": d.format, "seed": params.seed},
     )
     (PREPARED / "params.yaml").write_text(_resolved(params))
     seconds = time.perf_counter() - start
@@ -376,6 +380,12 @@ def cmd_evaluate(params: config.Params) -> None:
 # --------------------------------------------------------------------------- run
 
 
+def _redacted(changes: dict) -> dict:
+    from transferlab.redact import redact_tree
+
+    return redact_tree(changes)
+
+
 def apply_overrides(path: Path, overrides: list[str]) -> dict:
     """Write `key.sub=value` overrides into the params file, keeping its comments
     (ruamel, as `dvc exp run -S` does), so params.yaml stays the one source of
@@ -423,7 +433,7 @@ def cmd_run(params_path: Path, overrides: list[str]) -> int:
 
     changes = apply_overrides(params_path, overrides)
     if changes:
-        log.info("params.yaml overrides: %s", changes)
+        log.info("params.yaml overrides: %s", _redacted(changes))
     params = config.load(params_path)
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
@@ -458,7 +468,7 @@ def cmd_tune(params_path: Path, args: argparse.Namespace) -> int:
 
     changes = apply_overrides(params_path, args.set)
     if changes:
-        log.info("params.yaml overrides: %s", changes)
+        log.info("params.yaml overrides: %s", _redacted(changes))
     params = config.load(params_path)
     url = args.storage or params.tune.storage
     if not (PREPARED / "manifest.json").exists():
@@ -470,7 +480,7 @@ def cmd_tune(params_path: Path, args: argparse.Namespace) -> int:
         raise config.ConfigError(
             f"--workers {args.workers} with SQLite storage ({url}): SQLite is for one worker. For several "
             "workers, on this machine or many, use PostgreSQL: --storage "
-            "postgresql+psycopg2://user:password@host/db (README: Scaling out)"
+            "postgresql+psycopg2://user:password@host/db (README: Several workers)"
         )
     start = time.perf_counter()
     tune.ensure_cache(params, PREPARED)
@@ -675,7 +685,12 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_predict(args)
         if args.stage == "export":
             return cmd_export(args)
-        STAGES[args.stage](config.load(args.params))
+        params = config.load(args.params)
+        if params.deterministic and args.stage != "prepare":
+            import tensorflow as tf
+
+            tf.config.experimental.enable_op_determinism()
+        STAGES[args.stage](params)
     except config.ConfigError as exc:
         log.error("%s", exc)
         return 2

@@ -138,6 +138,9 @@ class TuneConfig:
 @dataclass(frozen=True)
 class Params:
     seed: int = 42
+    # true: TensorFlow's deterministic ops too (slower), so that two runs on the
+    # same machine give identical numbers; seeds are always set.
+    deterministic: bool = False
     data: DataConfig = field(default_factory=DataConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)

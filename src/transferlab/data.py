@@ -37,6 +37,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from transferlab.redact import redact
+
 from transferlab.config import CIFAR10_MD5, CIFAR10_URL
 
 log = logging.getLogger(__name__)
@@ -118,11 +120,25 @@ def is_url(source: str) -> bool:
     return urllib.parse.urlparse(source).scheme in ("http", "https", "file")
 
 
+def _request(url: str) -> urllib.request.Request:
+    """user:password@ in the URL becomes an HTTP Basic Authorization header."""
+    import base64
+
+    parts = urllib.parse.urlsplit(url)
+    if parts.username is None:
+        return urllib.request.Request(url)
+    host = parts.hostname + (f":{parts.port}" if parts.port else "")
+    bare = urllib.parse.urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+    userinfo = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+    token = base64.b64encode(userinfo.encode()).decode()
+    return urllib.request.Request(bare, headers={"Authorization": f"Basic {token}"})
+
+
 def download(url: str, cache_dir: Path, checksum: str | None) -> Path:
     """Fetch `url` into `cache_dir`, verified; a cached copy that verifies is reused."""
     if checksum is None:
         raise DataError(
-            f"{url}: downloads need data.checksum ('md5:<hex>' or 'sha256:<hex>') "
+            f"{redact(url)}: downloads need data.checksum ('md5:<hex>' or 'sha256:<hex>') "
             "so that a corrupt or substituted file is never used"
         )
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -140,11 +156,11 @@ def download(url: str, cache_dir: Path, checksum: str | None) -> Path:
     tmp = Path(tmp_name)
     try:
         try:
-            response = urllib.request.urlopen(url, timeout=60)
+            response = urllib.request.urlopen(_request(url), timeout=60)
         except OSError as exc:
             raise DataError(
-                f"could not download {url}: {exc}. On an offline machine, copy the file "
-                f"to {dest} or set data.source to a local path."
+                f"could not download {redact(url)}: {redact(str(exc))}. On an offline machine, copy "
+                f"the file to {dest} or set data.source to a local path."
             ) from exc
         with response, os.fdopen(fd, "wb") as out:
             total = int(response.headers.get("Content-Length") or 0) or None

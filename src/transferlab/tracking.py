@@ -24,6 +24,8 @@ from typing import Iterator
 import keras
 import yaml
 
+from transferlab.redact import redact
+
 log = logging.getLogger(__name__)
 
 DEFAULT_DB = "mlflow.db"
@@ -129,8 +131,9 @@ def stage_run(
     tags = {"stage": stage, "backbone": backbone, "git_commit": git_commit(), **dvc_input_state(inputs)}
     with mlflow.start_run(run_name=f"{stage}-{backbone}", tags=tags, experiment_id=parent_exp,
                           parent_run_id=parent) as run:
-        mlflow.log_params(params)
-        log.info("MLflow run %s (%s) in %s", run.info.run_id, run.info.run_name, mlflow.get_tracking_uri())
+        mlflow.log_params({k: redact(v) for k, v in params.items()})
+        log.info("MLflow run %s (%s) in %s", run.info.run_id, run.info.run_name,
+                 redact(mlflow.get_tracking_uri()))
         yield run
 
 
@@ -200,6 +203,32 @@ def champion_accuracy(client, name: str) -> float | None:
     return float(value) if value is not None else None
 
 
+@contextlib.contextmanager
+def registry_lock() -> Iterator[None]:
+    """Serialise read-compare-move of the champion alias between processes that
+    share a local store (an SQLite file or a folder), so that two runs finishing
+    together cannot leave the worse one as champion. With a tracking server,
+    runs on several machines are not serialised by this lock."""
+    import fcntl
+    import urllib.parse
+
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///"):
+        lock = Path(urllib.parse.unquote(uri[len("sqlite:///"):]) + ".registry.lock")
+    elif uri.startswith("file:") or "://" not in uri:
+        lock = Path(urllib.parse.urlparse(uri).path or uri) / ".registry.lock"
+    else:
+        yield
+        return
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def register_and_promote(model_uri: str, name: str, test_accuracy: float) -> tuple[str, bool, str]:
     """Register `model_uri` under `name`; move "champion" to it if it is better."""
     import mlflow
@@ -207,9 +236,11 @@ def register_and_promote(model_uri: str, name: str, test_accuracy: float) -> tup
     client = mlflow.MlflowClient()
     version = mlflow.register_model(model_uri, name).version
     client.set_model_version_tag(name, version, "test_accuracy", f"{test_accuracy:.6f}")
-    promote, reason = should_promote(test_accuracy, champion_accuracy(client, name))
+    with registry_lock():
+        promote, reason = should_promote(test_accuracy, champion_accuracy(client, name))
+        if promote:
+            client.set_registered_model_alias(name, CHAMPION, version)
     if promote:
-        client.set_registered_model_alias(name, CHAMPION, version)
         log.info("registered %s version %s as %s: %s", name, version, CHAMPION, reason)
     else:
         log.info("registered %s version %s without the %s alias: %s", name, version, CHAMPION, reason)

@@ -403,9 +403,8 @@ def start(params: config.Params, prepared_dir: Path, storage_url: str | None = N
                                       "git_commit": tracking.git_commit()})
         flat = config.flatten({"seed": params.seed, "backbone": config.to_dict(params)["backbone"],
                                "tune": config.to_dict(params)["tune"]})
-        flat["tune.storage"] = redact_url(str(flat["tune.storage"]))
         for key, value in flat.items():
-            client.log_param(run.info.run_id, key, value)
+            client.log_param(run.info.run_id, key, redact_url(value) if isinstance(value, str) else value)
         study.set_user_attr(PARENT_ATTR, run.info.run_id)
         log.info("study %r: MLflow parent run %s", t.study, run.info.run_id)
     return study
@@ -413,12 +412,9 @@ def start(params: config.Params, prepared_dir: Path, storage_url: str | None = N
 
 def redact_url(url: str) -> str:
     """A storage URL without its password, for logs and MLflow."""
-    from sqlalchemy.engine import make_url
+    from transferlab.redact import redact
 
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - not a URL SQLAlchemy knows: show the scheme only
-        return url.split(":", 1)[0] + ":***"
+    return redact(url)
 
 
 def work(params: config.Params, storage_url: str | None, prepared_dir: Path, worker_id: int = 0) -> int:

@@ -1,0 +1,165 @@
+"""Protections that span modules: no secret in what we log or write, a correct
+champion when two runs finish together, identical numbers from two seeded
+deterministic runs."""
+
+import base64
+import functools
+import hashlib
+import http.server
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import keras
+import mlflow
+import numpy as np
+import pytest
+import yaml
+
+import synth
+from transferlab import cli, config, tracking
+
+SECRET = "s3cretPa55"
+
+
+@pytest.fixture
+def auth_server(tmp_path):
+    """An HTTP server that serves files only with user `me` and the secret."""
+    served = tmp_path / "served"
+    served.mkdir()
+    expected = "Basic " + base64.b64encode(f"me:{SECRET}".encode()).decode()
+    seen = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self):
+            seen.append(self.headers.get("Authorization"))
+            if self.headers.get("Authorization") != expected:
+                self.send_error(401)
+                return
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                             functools.partial(Handler, directory=str(served)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield served, server.server_address[1], seen
+    server.shutdown()
+    server.server_close()
+
+
+def test_no_secret_reaches_mlflow_the_outputs_or_the_log(in_tmp, auth_server, caplog):
+    served, port, seen = auth_server
+    archive = synth.make_cifar10_archive(served / "cifar-10-python.tar.gz")
+    md5 = "md5:" + hashlib.md5(archive.read_bytes()).hexdigest()
+    params = {"data": {"source": f"http://me:{SECRET}@127.0.0.1:{port}/cifar-10-python.tar.gz",
+                       "checksum": md5, "val_fraction": 0.2},
+              "tracking": {"experiment": "secrets"}}
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+    assert cli.main(["prepare"]) == 0
+    assert seen and seen[-1].startswith("Basic "), "the credentials were not used"
+
+    assert SECRET not in caplog.text
+    for path in Path("data/prepared").rglob("*"):
+        if path.suffix in (".json", ".yaml"):
+            assert SECRET not in path.read_text(), path
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    client = mlflow.MlflowClient()
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert runs
+    for run in runs:
+        values = [*run.data.params.values(), *run.data.tags.values()]
+        assert not [v for v in values if SECRET in v], run.info.run_name
+        if run.data.tags.get("stage") == "prepare":
+            assert run.data.params["data.source"].startswith("http://me:***@127.0.0.1")
+        for artifact in client.list_artifacts(run.info.run_id):
+            if not artifact.is_dir:
+                text = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id,
+                                                                artifact_path=artifact.path)).read_text()
+                assert SECRET not in text, artifact.path
+
+
+RACER = r"""
+import sys, time
+from pathlib import Path
+from transferlab import tracking
+
+uri, accuracy, delay, me, other = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4], sys.argv[5]
+read = tracking.champion_accuracy
+
+def racing_read(client, name):
+    # Both racers read the champion together (when nothing serialises them) ...
+    Path(me).touch()
+    deadline = time.time() + 5
+    while not Path(other).exists() and time.time() < deadline:
+        time.sleep(0.05)
+    value = read(client, name)
+    time.sleep(delay)  # ... and the worse one moves the alias last.
+    return value
+
+tracking.champion_accuracy = racing_read
+print(tracking.register_and_promote(uri, "race", accuracy))
+"""
+
+
+def test_two_runs_finishing_together_leave_the_better_champion(in_tmp):
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    tracking.setup("race")
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2)])
+    x = np.zeros((1, 2), np.float32)
+    uris = []
+    for _ in range(2):
+        with mlflow.start_run():
+            uris.append(tracking.log_keras_model(model, x, model.predict(x, verbose=0)))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking.tracking_uri()}
+    racers = [
+        subprocess.Popen([sys.executable, "-c", RACER, uris[0], "0.90", "0.5", "a.ready", "b.ready"], env=env),
+        subprocess.Popen([sys.executable, "-c", RACER, uris[1], "0.80", "3.0", "b.ready", "a.ready"], env=env),
+    ]
+    assert [p.wait(timeout=300) for p in racers] == [0, 0]
+    champion = mlflow.MlflowClient().get_model_version_by_alias("race", "champion")
+    assert float(champion.tags["test_accuracy"]) == pytest.approx(0.90)
+
+
+TINY = {
+    "seed": 5, "deterministic": True,
+    "data": {"source": "tiny-images", "image_size": 16, "val_fraction": 0.25},
+    "backbone": {"name": "vgg16", "weights": "none", "input_size": 32},
+    "head": {"units": 16, "epochs": 3, "batch_size": 8},
+    "finetune": {"unfreeze": 1, "mode": "full", "epochs": 2, "batch_size": 8},
+    "tracking": {"experiment": "determinism"},
+}
+
+
+def _tiny_run(root: Path) -> tuple[dict, list[np.ndarray]]:
+    root.mkdir()
+    synth.make_image_folder(root / "tiny-images", per_class=8, test_per_class=2, size=16)
+    (root / "params.yaml").write_text(yaml.safe_dump(TINY))
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        for stage in ("prepare", "features", "head", "finetune"):  # a process each, as under dvc
+            subprocess.run([sys.executable, "-m", "transferlab.cli", stage], check=True,
+                           capture_output=True, env={**os.environ, "MLFLOW_TRACKING_URI": ""})
+        timing = ("seconds", "per_second")
+        metrics = {}
+        for name in ("head", "finetune"):
+            raw = json.loads(Path(f"metrics/{name}.json").read_text())
+            metrics[name] = {k: v for k, v in raw.items() if not k.endswith(timing)}
+        weights = keras.saving.load_model("models/finetune/model.keras", safe_mode=True).get_weights()
+    finally:
+        os.chdir(cwd)
+    return metrics, weights
+
+
+def test_two_seeded_deterministic_runs_give_identical_numbers(in_tmp):
+    assert config.from_dict(TINY).deterministic
+    first, w1 = _tiny_run(in_tmp / "one")
+    second, w2 = _tiny_run(in_tmp / "two")
+    assert first == second
+    assert len(w1) == len(w2) and all(np.array_equal(a, b) for a, b in zip(w1, w2))
