@@ -55,6 +55,7 @@ def project(tmp_path_factory):
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     env.pop("MLFLOW_TRACKING_URI", None)
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    (dest / ".gitignore").write_text("/mlflow.db\n/mlruns/\n/mlartifacts/\n/dvc_plots/\n")
     run(["git", "init", "-q"], dest, env)
     run(["dvc", "init", "-q"], dest, env)
     run(["dvc", "config", "core.analytics", "false"], dest, env)
@@ -200,3 +201,29 @@ def test_mlflow_run_each_backbone(reproduced, backbone):
     assert all(r.data.tags["backbone"] == backbone for r in children)
     evaluated = json.loads((dest / "metrics/evaluate.json").read_text())
     assert stages["evaluate"].data.metrics["test_accuracy"] == evaluated["test_accuracy"]
+
+
+def test_dvc_plots_metrics_diff_and_experiments(reproduced):
+    """The DVC side a user sees: `dvc plots show` renders the confusion matrix and
+    the curves, `dvc exp run -S` sweeps a param, `dvc metrics diff` compares the
+    experiment with the commit."""
+    dest, env, _, _ = reproduced
+    run(["dvc", "repro"], dest, env)  # whatever params.yaml now holds
+    run(["git", "add", "-A"], dest, env)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "baseline"], dest, env)
+    run(["dvc", "plots", "show", "-o", "dvc_plots"], dest, env)
+    page = (dest / "dvc_plots" / "index.html").read_text()
+    for plot in ("confusion.csv", "head_accuracy", "finetune_accuracy", "confusion_val.png"):
+        assert plot in page, plot
+    before = json.loads((dest / "metrics/head.json").read_text())
+    run(["dvc", "exp", "run", "-S", "head.units=8", "-S", "head.dropout=0.3"], dest, env)
+    assert yaml.safe_load((dest / "params.yaml").read_text())["head"]["units"] == 8
+    shown = run(["dvc", "exp", "show", "--json"], dest, env)
+    assert "head.units" in shown or '"units": 8' in shown
+    after = json.loads((dest / "metrics/head.json").read_text())
+    out = subprocess.run(["dvc", "metrics", "diff", "--all", "--json"], cwd=dest, env=env,
+                         capture_output=True, text=True, check=True).stdout
+    head_diff = json.loads(out)["metrics/head.json"]
+    assert head_diff["val_accuracy"]["old"] == before["val_accuracy"]
+    assert head_diff["val_accuracy"]["new"] == after["val_accuracy"]
+    assert head_diff["head_seconds"]["old"] != head_diff["head_seconds"]["new"]  # the stage re-ran
