@@ -203,6 +203,22 @@ def test_mlflow_run_each_backbone(reproduced, backbone):
     assert stages["evaluate"].data.metrics["test_accuracy"] == evaluated["test_accuracy"]
 
 
+def test_compare_tabulates_every_backbone(reproduced):
+    """After the per-backbone `mlflow run`s: one row per backbone, with accuracy,
+    parameter count, time and throughput, as CSV, markdown and a plot."""
+    import csv
+
+    dest, env, _, _ = reproduced
+    run(["transferlab", "compare", "--last", "1"], dest, env)
+    with (dest / "reports/compare.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert {r["backbone"] for r in rows} == set(BACKBONES)
+    for r in rows:
+        assert 0 <= float(r["test_accuracy"]) <= 1 and int(r["parameters"]) > 0
+        assert float(r["total_seconds"]) > 0 and r["weights"] == "none"
+    assert (dest / "reports/compare.png").stat().st_size > 5000
+
+
 def test_dvc_plots_metrics_diff_and_experiments(reproduced):
     """The DVC side a user sees: `dvc plots show` renders the confusion matrix and
     the curves, `dvc exp run -S` sweeps a param, `dvc metrics diff` compares the

@@ -10,6 +10,7 @@
     transferlab predict photos/ --top-k 3   # the registered champion on image files
     transferlab export --out exports/       # SavedModel + TFLite, checked against Keras
     transferlab ui                          # the MLflow UI on this project's store
+    transferlab compare                     # backbones side by side, from MLflow
 
 Each reads params.yaml (or --params), calls the library, writes its outputs and
 logs one MLflow run. `dvc repro` runs them in order (dvc.yaml).
@@ -350,7 +351,8 @@ def cmd_evaluate(params: config.Params) -> None:
     result = evaluate.summarize(y, probs, prepared.classes)
     metrics = {"test_accuracy": result["test_accuracy"], "test_loss": result["test_loss"],
                "evaluate_seconds": round(seconds, 2),
-               "test_images_per_second": round(len(y) / seconds, 1)}
+               "test_images_per_second": round(len(y) / seconds, 1),
+               "parameters": int(model.count_params())}
     _write_json(METRICS / "evaluate.json", metrics)
     evaluate.write_confusion_csv(y, y_pred, prepared.classes, PLOTS / "evaluate" / "confusion.csv")
     png = evaluate.confusion_png(result["confusion"], prepared.classes, PLOTS / "evaluate" / "confusion.png",
@@ -564,6 +566,21 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from transferlab import report
+
+    experiment = args.experiment or config.load(args.params).tracking.experiment
+    rows = report.collect(experiment, args.last)
+    if not rows:
+        log.error("no evaluated pipeline run in experiment %r yet: run `dvc repro` or `mlflow run .`",
+                  experiment)
+        return 1
+    paths = report.write(rows, Path(args.out))
+    sys.stdout.write(report.markdown(rows))
+    log.info("%d run(s) compared: %s", len(rows), ", ".join(str(p) for p in paths))
+    return 0
+
+
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -655,6 +672,11 @@ def _parser() -> argparse.ArgumentParser:
                             help="SavedModel + TFLite (float32, dynamic-range int8), checked against Keras")
     export.add_argument("--out", default="exports", help="output folder (default: exports/)")
     export.add_argument("--images", type=int, default=256, help="test images the check runs on")
+    compare = sub.add_parser("compare", parents=[common],
+                             help="backbones (and transfer vs scratch) side by side, from MLflow")
+    compare.add_argument("--experiment", help="MLflow experiment (default: tracking.experiment)")
+    compare.add_argument("--last", type=int, help="keep the latest N runs per backbone and weights")
+    compare.add_argument("--out", default="reports", help="output folder (default: reports/)")
     ui = sub.add_parser("ui", parents=[common], help="the MLflow UI on the project's store")
     ui.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1, local only)")
     ui.add_argument("--port", type=int, default=5000)
@@ -675,6 +697,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_run(Path(args.params), args.set)
         if args.stage == "ui":
             return cmd_ui(args)
+        if args.stage == "compare":
+            return cmd_compare(args)
         if args.stage != "prepare":
             from transferlab.backbones import configure_device
 
@@ -694,7 +718,8 @@ def main(argv: list[str] | None = None) -> int:
     except config.ConfigError as exc:
         log.error("%s", exc)
         return 2
-    except (DataError, WeightsUnavailable, FileNotFoundError, ModelNotFound, _tune_error()) as exc:
+    except (DataError, WeightsUnavailable, FileNotFoundError, ModelNotFound, LookupError,
+            _tune_error()) as exc:
         log.error("%s", exc)
         return 1
     return 0
