@@ -98,6 +98,29 @@ def test_nested_folders_and_upper_case_extensions_are_read(tmp_path):
     assert np.bincount(ds.y_train).tolist() == [2, 2, 3]
 
 
+
+def test_symlinks_files_read_folders_not_followed_broken_ones_reported(tmp_path):
+    root = synth.make_image_folder(tmp_path / "imgs", per_class=2, test_per_class=1)
+    d = root / "train" / "circle"
+    outside = tmp_path / "elsewhere.png"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(outside)
+    (d / "linked.png").symlink_to(outside)  # a linked image is an image
+    (d / "loop").symlink_to(d, target_is_directory=True)  # a linked folder is not walked
+    (d / "broken.png").symlink_to(tmp_path / "missing.png")
+    ds, _ = load(root, tmp_path)
+    assert np.bincount(ds.y_train).tolist() == [3, 2, 2]
+    assert [Path(s["file"]).name for s in ds.skipped] == ["broken.png"]
+
+
+def test_a_class_with_few_images_gets_a_warning(tmp_path, caplog):
+    root = synth.make_image_folder(tmp_path / "imgs", per_class=data.FEW_IMAGES, test_per_class=1)
+    for extra in sorted((root / "train" / "square").iterdir())[2:]:
+        extra.unlink()
+    with caplog.at_level("WARNING"):
+        ds, _ = load(root, tmp_path)
+    assert "'square' has only 2 training images" in caplog.text
+    assert "'circle'" not in caplog.text and len(ds.classes) == 3
+
 def test_empty_class_is_an_error_naming_it(tmp_path):
     root = synth.make_image_folder(tmp_path / "imgs", per_class=2, test_per_class=1)
     (root / "train" / "zebra").mkdir()
