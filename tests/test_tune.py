@@ -39,7 +39,7 @@ TINY = {
         "space": {"unfreeze": [0, 2], "head_learning_rate": [1e-3, 1e-2], "units": [32, 64]},
     },
 }
-GOOD = {"unfreeze": 0, "learning_rate": 1e-4, "head_learning_rate": 1e-2, "dropout": 0.1,
+GOOD = {"unfreeze": 1, "learning_rate": 1e-4, "head_learning_rate": 1e-2, "dropout": 0.1,
         "weight_decay": 1e-5, "units": 64}
 
 
@@ -124,16 +124,20 @@ def test_tiny_study_nests_trials_and_registers_the_best(project):
 
 
 def test_median_pruner_prunes_a_bad_trial(project):
-    write_params(project, space={"unfreeze": [0, 2], "head_learning_rate": [1e-7, 1e-2], "units": [32, 64]})
+    write_params(project, space={"unfreeze": [0, 2], "head_learning_rate": [1e-7, 1e-2],
+                                 "learning_rate": [1e-7, 1e-3], "units": [32, 64]})
     params = config.load("params.yaml")
     study = tune.start(params, cli.PREPARED)
     for _ in range(3):
         study.enqueue_trial(GOOD)
-    study.enqueue_trial({**GOOD, "head_learning_rate": 1e-7})  # cannot learn in 6 epochs
+    # cannot learn in 6 head epochs, nor fine-tune far from there
+    study.enqueue_trial({**GOOD, "head_learning_rate": 1e-7, "learning_rate": 1e-7})
     tune.work(params, None, cli.PREPARED)
     states = [t.state.name for t in load().get_trials()]
     assert states == ["COMPLETE", "COMPLETE", "COMPLETE", "PRUNED"]
     pruned = load().trials[3]
+    head_epochs = TINY["tune"]["head_epochs"]  # pruned at the first fine-tune epoch, not before
+    assert max(pruned.intermediate_values) == head_epochs
     run = mlflow.MlflowClient().get_run(pruned.user_attrs[tune.RUN_ATTR])
     assert run.data.tags["state"] == "PRUNED" and run.info.status == "FINISHED"
 
