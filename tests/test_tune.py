@@ -234,3 +234,25 @@ def test_a_killed_workers_trial_is_failed_and_retried(project, postgres):
     assert retries[0].params == trials[killed].params
     dead_run = mlflow.MlflowClient().get_run(trials[killed].user_attrs[tune.RUN_ATTR])
     assert dead_run.info.status == "FAILED" and dead_run.data.tags["state"] == "FAIL"
+
+
+def test_mlflow_run_tune_entry_nests_the_trials_under_its_run(project):
+    """`mlflow run . -e tune`: the run MLflow opens is the study's parent run, and
+    no trial takes it over as its own."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    for name in ("MLproject", "conda.yaml"):
+        shutil.copy(root / name, project / name)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    out = subprocess.run(["mlflow", "run", ".", "-e", "tune", "--env-manager", "local", "-P", "n_trials=2",
+                          "--experiment-name", TINY["tracking"]["experiment"]],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run_id = re.search(r"Run \(ID '([0-9a-f]+)'\) succeeded", out.stderr + out.stdout).group(1)
+    assert load().user_attrs[tune.PARENT_ATTR] == run_id
+    parent = mlflow.MlflowClient().get_run(run_id)
+    assert parent.data.tags["stage"] == "tune" and "test_accuracy" in parent.data.metrics
+    trials = runs_of(run_id)
+    assert sorted(r.data.tags["trial_number"] for r in trials) == ["0", "1"]

@@ -476,6 +476,7 @@ def cmd_tune(params_path: Path, args: argparse.Namespace) -> int:
     if not (PREPARED / "manifest.json").exists():
         raise FileNotFoundError(f"{PREPARED}: no prepared data; run `dvc repro prepare` first")
     if args.worker:
+        os.environ.pop("MLFLOW_RUN_ID", None)
         tune.work(params, url, PREPARED, args.worker_id)
         return 0
     if args.workers > 1 and tune.is_sqlite(url):
@@ -484,9 +485,12 @@ def cmd_tune(params_path: Path, args: argparse.Namespace) -> int:
             "workers, on this machine or many, use PostgreSQL: --storage "
             "postgresql+psycopg2://user:password@host/db (README: Several workers)"
         )
+    # Under `mlflow run -e tune` its run becomes the study's parent run; taken out of
+    # the environment so that no trial (nor worker process) resumes it as its own.
+    outer = os.environ.pop("MLFLOW_RUN_ID", None)
     start = time.perf_counter()
     tune.ensure_cache(params, PREPARED)
-    tune.start(params, PREPARED, url)
+    tune.start(params, PREPARED, url, outer)
     if args.workers > 1:
         procs = tune.spawn_workers(args.workers, params_path, args.storage)
         codes = [p.wait() for p in procs]

@@ -172,8 +172,12 @@ def log_keras_model(model: keras.Model, example, prediction, classes: list[str] 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / name
         path.mkdir()
+        import tensorflow as tf
+
+        # Given, not inferred: inference imports the model in a subprocess and fails here.
+        requirements = [f"keras=={keras.__version__}", f"tensorflow=={tf.__version__}"]
         mlflow.keras.save_model(model, str(path), signature=infer_signature(example, prediction),
-                                input_example=example)
+                                input_example=example, pip_requirements=requirements)
         if classes is not None:
             (path / CLASSES_FILE).write_text(json.dumps(list(classes)) + "\n")
         mlflow.log_artifacts(str(path), name)

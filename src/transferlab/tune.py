@@ -390,8 +390,10 @@ def _warn_if_shared_sqlite(study, url: str) -> None:
             "postgresql+psycopg2://user:password@host/db)", study.study_name, len(running), url)
 
 
-def start(params: config.Params, prepared_dir: Path, storage_url: str | None = None):
-    """Create or join the study; give it its MLflow parent run (once)."""
+def start(params: config.Params, prepared_dir: Path, storage_url: str | None = None,
+          outer_run_id: str | None = None):
+    """Create or join the study; give it its MLflow parent run (once): the run
+    `mlflow run -e tune` opened (`outer_run_id`), or a new one."""
     import mlflow
 
     from transferlab import tracking
@@ -402,9 +404,13 @@ def start(params: config.Params, prepared_dir: Path, storage_url: str | None = N
         tracking.setup(params.tracking.experiment)
         client = mlflow.MlflowClient()
         exp = mlflow.get_experiment_by_name(params.tracking.experiment)
-        run = client.create_run(exp.experiment_id, run_name=f"tune-{t.study}-{b.name}",
-                                tags={"stage": "tune", "backbone": b.name, "study": t.study,
-                                      "git_commit": tracking.git_commit()})
+        tags = {"stage": "tune", "backbone": b.name, "study": t.study, "git_commit": tracking.git_commit()}
+        if outer_run_id:
+            run = client.get_run(outer_run_id)
+            for key, value in {**tags, "mlflow.runName": f"tune-{t.study}-{b.name}"}.items():
+                client.set_tag(run.info.run_id, key, value)
+        else:
+            run = client.create_run(exp.experiment_id, run_name=f"tune-{t.study}-{b.name}", tags=tags)
         flat = config.flatten({"seed": params.seed, "backbone": config.to_dict(params)["backbone"],
                                "tune": config.to_dict(params)["tune"]})
         for key, value in flat.items():
