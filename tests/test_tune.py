@@ -207,11 +207,13 @@ def test_workers_on_postgresql_complete_the_study(project, postgres):
 
 @needs_pg
 def test_a_killed_workers_trial_is_failed_and_retried(project, postgres):
-    n_trials = 8
+    """CI: 3 workers, 8 trials. The issue's scale, 4 workers and 40 trials:
+    TUNE_KILL_WORKERS=4 TUNE_KILL_TRIALS=40 pytest tests/test_tune.py -k killed"""
+    n_trials = int(os.environ.get("TUNE_KILL_TRIALS", 8))
     url = _pg_project(project, postgres, "killed_worker", n_trials=n_trials)
     params = config.load("params.yaml")
     study = tune.start(params, cli.PREPARED)
-    procs = tune.spawn_workers(3, Path("params.yaml"), None)
+    procs = tune.spawn_workers(int(os.environ.get("TUNE_KILL_WORKERS", 3)), Path("params.yaml"), None)
     victim = procs[0]
     killed = None
     deadline = time.monotonic() + 300
@@ -234,6 +236,11 @@ def test_a_killed_workers_trial_is_failed_and_retried(project, postgres):
     assert retries[0].params == trials[killed].params
     dead_run = mlflow.MlflowClient().get_run(trials[killed].user_attrs[tune.RUN_ATTR])
     assert dead_run.info.status == "FAILED" and dead_run.data.tags["state"] == "FAIL"
+    states = [t.state.name for t in trials]
+    print(f"{len(procs)} workers, {n_trials} trials asked: {len(trials)} trials, "
+          f"{states.count('COMPLETE')} complete, {states.count('PRUNED')} pruned, "
+          f"{states.count('FAIL')} failed (trial {killed}, killed), retried as trial {retries[0].number}; "
+          f"{len({t.user_attrs['worker'] for t in trials})} worker processes ran trials")
 
 
 def test_mlflow_run_tune_entry_nests_the_trials_under_its_run(project):
