@@ -58,7 +58,7 @@ def test_predict_gives_the_models_top_k_with_class_names(model_file, photos):
 def test_predict_cli_reads_the_registry_by_alias_and_version(model_file, photos, in_tmp):
     _, model = model_file
     x = np.stack([synth.class_image(i, np.random.default_rng(i), 16) for i in range(3)])
-    mlflow.set_tracking_uri(tracking.tracking_uri())
+    tracking.setup("serve-test")  # this store, and an experiment in it (not one a test before set)
     with mlflow.start_run():
         uri = tracking.log_keras_model(model, x[:2], model.predict(x[:2], verbose=0), CLASSES)
     tracking.register_and_promote(uri, "tiny", 0.5)

@@ -196,20 +196,20 @@ def _assert_nothing_lost(study: optuna.Study, n_trials: int, parent_id: str) -> 
 
 @needs_pg
 def test_workers_on_postgresql_complete_the_study(project, postgres):
-    url = _pg_project(project, postgres, "three_workers", n_trials=9)
+    url = _pg_project(project, postgres, "three_workers", n_trials=6)
     subprocess.run([sys.executable, "-m", "transferlab.cli", "tune", "--workers", "3"],
                    check=True, timeout=600)
     study = load(url)
-    trials = _assert_nothing_lost(study, 9, study.user_attrs[tune.PARENT_ATTR])
+    trials = _assert_nothing_lost(study, 6, study.user_attrs[tune.PARENT_ATTR])
     assert len({t.user_attrs["worker"] for t in trials}) > 1, "one worker ran every trial"
     assert yaml.safe_load(Path("metrics/tune.json").read_text())["best_trial"] == study.best_trial.number
 
 
 @needs_pg
 def test_a_killed_workers_trial_is_failed_and_retried(project, postgres):
-    """CI: 3 workers, 8 trials. The issue's scale, 4 workers and 40 trials:
+    """CI: 3 workers, 6 trials. The issue's scale, 4 workers and 40 trials:
     TUNE_KILL_WORKERS=4 TUNE_KILL_TRIALS=40 pytest tests/test_tune.py -k killed"""
-    n_trials = int(os.environ.get("TUNE_KILL_TRIALS", 8))
+    n_trials = int(os.environ.get("TUNE_KILL_TRIALS", 6))
     url = _pg_project(project, postgres, "killed_worker", n_trials=n_trials)
     params = config.load("params.yaml")
     study = tune.start(params, cli.PREPARED)
