@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 PARENT_ATTR = "mlflow_parent_run_id"
 RUN_ATTR = "mlflow_run_id"
+MODEL_ATTR = "model_logged"
 STATE_TAG = "state"
 TUNE_DIR = Path("data/tune")
 
@@ -275,18 +276,21 @@ class Objective:
                 mlflow.log_metrics({f"best_{self.monitor}": value,
                                     "trial_seconds": time.perf_counter() - start})
                 mlflow.set_tag(STATE_TAG, "COMPLETE")
-                if self._is_best_so_far(trial.study, value):
+                if self._at_least_as_good_as_the_best(trial.study, value):
                     self._log_model(*model_parts)
+                    trial.set_user_attr(MODEL_ATTR, True)
         if pruned is not None:
             raise pruned
         return value
 
-    def _is_best_so_far(self, study, value: float) -> bool:
+    def _at_least_as_good_as_the_best(self, study, value: float) -> bool:
+        """Ties log too: every trial that reaches the study's final best value
+        has its model, whatever order concurrent workers finish in."""
         try:
             best = study.best_value
         except ValueError:  # no complete trial yet
             return True
-        return self.sign * value > self.sign * best
+        return self.sign * value >= self.sign * best
 
     def _fit_phase(self, trial, model, train, val, epochs: int, offset: int, **kw) -> float:
         """One phase; returns its best monitored value (the model keeps its best weights)."""
@@ -513,7 +517,12 @@ def finalize(params: config.Params, prepared_dir: Path, storage_url: str | None,
               for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)}
     if not states["complete"]:
         raise TuneError(f"study {params.tune.study!r}: no trial completed ({states}); nothing to register")
-    best = study.best_trial
+    with_model = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                  if t.user_attrs.get(MODEL_ATTR)]
+    if not with_model:
+        raise TuneError(f"study {params.tune.study!r}: no complete trial logged its model")
+    sign = -1.0 if direction(params.tune.monitor) == "minimize" else 1.0
+    best = max(with_model, key=lambda t: (sign * t.value, -t.number))
     parent = study.user_attrs[PARENT_ATTR]
     tracking.setup(params.tracking.experiment)
     with tempfile.TemporaryDirectory() as tmp:
