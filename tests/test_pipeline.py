@@ -5,7 +5,6 @@ through every stage, the MLflow store as `mlflow ui` serves it, and
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import pgserver
 import synth
 from transferlab import config
 from transferlab.backbones import BACKBONES
@@ -131,15 +131,9 @@ def test_mlflow_runs_hold_params_metrics_and_tags(reproduced):
     assert float(champion.tags["test_accuracy"]) == e.data.metrics["test_accuracy"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_mlflow_ui_lists_the_runs(reproduced):
     dest, env, _, _ = reproduced
-    port = _free_port()
+    port = pgserver.free_port()
     proc = subprocess.Popen(
         ["mlflow", "ui", "--backend-store-uri", f"sqlite:///{dest / 'mlflow.db'}",
          "--host", "127.0.0.1", "--port", str(port)],

@@ -8,7 +8,6 @@ import logging
 import mlflow
 import numpy as np
 import pytest
-from PIL import Image
 
 import synth
 from transferlab import backbones, cli, finetune, head, serve, tracking

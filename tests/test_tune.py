@@ -24,6 +24,7 @@ import yaml
 import pgserver
 import synth
 from transferlab import cli, config, tune
+from transferlab.redact import redact
 
 TINY = {
     "seed": 3,
@@ -158,7 +159,7 @@ def test_sqlite_refuses_several_workers(project, caplog):
 
 
 def test_storage_password_never_reaches_mlflow():
-    assert "s3cret" not in tune.redact_url("postgresql+psycopg2://me:s3cret@db:5432/optuna")
+    assert "s3cret" not in redact("postgresql+psycopg2://me:s3cret@db:5432/optuna")
 
 
 # --------------------------------------------------------------------------- PostgreSQL

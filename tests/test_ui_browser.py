@@ -5,7 +5,6 @@ on its training runs, and a run's page lists the confusion-matrix artifact."""
 import re
 import shutil
 import subprocess
-import sys
 import time
 import urllib.request
 

@@ -694,7 +694,6 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from transferlab.backbones import WeightsUnavailable
     from transferlab.data import DataError
-    from transferlab.serve import ModelNotFound
 
     try:
         if args.stage == "run":
@@ -722,8 +721,8 @@ def main(argv: list[str] | None = None) -> int:
     except config.ConfigError as exc:
         log.error("%s", exc)
         return 2
-    except (DataError, WeightsUnavailable, FileNotFoundError, ModelNotFound, LookupError,
-            _tune_error()) as exc:
+    # LookupError covers serve.ModelNotFound and compare's missing experiment
+    except (DataError, WeightsUnavailable, FileNotFoundError, LookupError, _tune_error()) as exc:
         log.error("%s", exc)
         return 1
     return 0

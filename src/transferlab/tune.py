@@ -13,7 +13,7 @@ step counter (head epochs 0..H-1, fine-tune epochs H..H+F-1) to the pruner.
 
 Storage is Optuna's: an SQLite file for one worker; an RDB URL (PostgreSQL)
 for several workers on one or many machines. Heartbeats mark a killed worker's
-trial failed, and RetryFailedTrialCallback enqueues it again.
+trial failed, and RetryHeartbeatStaleTrialCallback enqueues it again.
 
 MLflow: one parent run per study (its id is a study user attribute, so every
 worker nests under it), one nested run per trial with params, per-epoch curves,
@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from transferlab import config
+from transferlab.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -418,17 +419,10 @@ def start(params: config.Params, prepared_dir: Path, storage_url: str | None = N
         flat = config.flatten({"seed": params.seed, "backbone": config.to_dict(params)["backbone"],
                                "tune": config.to_dict(params)["tune"]})
         for key, value in flat.items():
-            client.log_param(run.info.run_id, key, redact_url(value) if isinstance(value, str) else value)
+            client.log_param(run.info.run_id, key, redact(value) if isinstance(value, str) else value)
         study.set_user_attr(PARENT_ATTR, run.info.run_id)
         log.info("study %r: MLflow parent run %s", t.study, run.info.run_id)
     return study
-
-
-def redact_url(url: str) -> str:
-    """A storage URL without its password, for logs and MLflow."""
-    from transferlab.redact import redact
-
-    return redact(url)
 
 
 def work(params: config.Params, storage_url: str | None, prepared_dir: Path, worker_id: int = 0) -> int:
@@ -446,7 +440,7 @@ def work(params: config.Params, storage_url: str | None, prepared_dir: Path, wor
     _warn_if_shared_sqlite(study, url)
     parent = study.user_attrs.get(PARENT_ATTR)
     if parent is None:
-        raise TuneError(f"study {t.study!r} in {redact_url(url)} has not been started: run "
+        raise TuneError(f"study {t.study!r} in {redact(url)} has not been started: run "
                         "`transferlab tune` once (it creates the study and its MLflow parent run), "
                         "then add workers with `transferlab tune --worker`")
     tracking.setup(params.tracking.experiment)
