@@ -137,7 +137,8 @@ def cmd_features(params: config.Params) -> None:
         mlflow.log_artifact(str(out_dir / "meta.json"))
 
 
-def cmd_head(params: config.Params) -> None:
+def cmd_head(params: config.Params, callbacks: list | None = None) -> None:
+    """`callbacks`: extra Keras callbacks for the head's fit (bench/recipes.py probes with them)."""
     import keras
     import mlflow
     import numpy as np
@@ -161,7 +162,8 @@ def cmd_head(params: config.Params) -> None:
         history = head.train_head(
             model, feats["train"], prepared.y["train"], feats["val"], prepared.y["val"],
             optimizer=h.optimizer, learning_rate=h.learning_rate, epochs=h.epochs,
-            batch_size=h.batch_size, patience=h.patience, callbacks=[tracking.EpochLogger()],
+            batch_size=h.batch_size, patience=h.patience,
+            callbacks=[tracking.EpochLogger(), *(callbacks or [])],
         )
         seconds = time.perf_counter() - start
         has_val = len(prepared.y["val"]) > 0
@@ -216,7 +218,8 @@ def _write_history(path: Path, hist: dict) -> None:
             writer.writerow([i + 1, *[f"{float(hist[n][i]):.6g}" for n in names]])
 
 
-def cmd_finetune(params: config.Params) -> None:
+def cmd_finetune(params: config.Params, callbacks: list | None = None) -> None:
+    """`callbacks`: extra Keras callbacks for the fine-tune's fit."""
     import keras
     import mlflow
 
@@ -240,7 +243,7 @@ def cmd_finetune(params: config.Params) -> None:
     ):
         metrics = {"unfrozen_blocks": n_blocks}
         if n_blocks > 0:
-            metrics.update(_train_finetune(params, spec, body, head_model, prepared, image_size))
+            metrics.update(_train_finetune(params, spec, body, head_model, prepared, image_size, callbacks))
         else:
             log.info("finetune.unfreeze is 0: the model is the backbone with the trained head")
             (PLOTS / "finetune").mkdir(parents=True, exist_ok=True)
@@ -272,7 +275,7 @@ def _checkpoint_dir(params: config.Params) -> Path:
     return backup
 
 
-def _train_finetune(params, spec, body, head_model, prepared, image_size) -> dict:
+def _train_finetune(params, spec, body, head_model, prepared, image_size, extra=None) -> dict:
     import numpy as np
 
     from transferlab import features, finetune, tracking
@@ -305,7 +308,7 @@ def _train_finetune(params, spec, body, head_model, prepared, image_size) -> dic
     # the head's score on the same validation images is what fine-tuning must beat
     baseline = json.loads((METRICS / "head.json").read_text()).get("val_accuracy") if val is not None else None
     cbs, best_path = finetune.callbacks(backup, patience=f.patience, schedule=f.schedule,
-                                        has_val=val is not None, extra=[tracking.EpochLogger()],
+                                        has_val=val is not None, extra=[tracking.EpochLogger(), *(extra or [])],
                                         baseline=baseline)
     if not best_path.exists():
         model.save_weights(best_path)  # the starting point stays the fallback

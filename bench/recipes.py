@@ -1,0 +1,404 @@
+"""Our pipeline against the seeds' recipe, side by side on the same data and machine.
+
+    python bench/recipes.py                       # real CIFAR-10, efficientnet_lite0, default params
+    python bench/recipes.py --data DIR --weights none --set head.epochs=2 ...   # a smoke run
+
+Two recipes, each in its own process (so each has its own peak RSS):
+- seeds: the classic notebook recipe written plainly with Keras `model.fit`:
+  native 32x32 input, frozen backbone + Flatten/Dense(256, relu)/Dropout(0.5)/
+  Dense(10, softmax), Adam, 10 epochs, batch 128; then the top registry block
+  unfrozen and trained with SGD(lr 1e-4, momentum 0.9) for 10 epochs;
+- ours: the pipeline's stages (prepare, features, head, finetune, evaluate) with
+  the params file, called in one process in a scratch folder (`--workdir`).
+
+After every epoch of either, a probe measures test accuracy with the clock
+stopped, so the curve is test accuracy against training wall time. The seeds'
+recipe starts from the prepared arrays (the JPEG decoding, our prepare stage, is
+counted for ours only).
+
+Writes into --out: results.json, table.md (the README's table), results.csv,
+time_to_accuracy.csv and time_to_accuracy.png; prints the table and the
+targets' status. Asserts nothing about time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGETS = ((0.90, 20 * 60), (0.95, 60 * 60))  # (test accuracy, seconds) on this CPU
+SOONER = 5.0  # the seeds' final accuracy, reached at least this many times sooner
+RSS_LIMIT_GB = 8.0
+
+
+class Clock:
+    """Wall time since start, less the time spent in probes."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.paused = 0.0
+
+    def now(self) -> float:
+        return time.perf_counter() - self.start - self.paused
+
+
+def probe(clock: Clock, points: list, phase: str, x, y, batch_size: int = 256):
+    """A Keras callback: test accuracy after each epoch, clock stopped."""
+    import keras
+    import numpy as np
+
+    class TestProbe(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            t0 = time.perf_counter()
+            probs = self.model.predict(x, batch_size=batch_size, verbose=0)
+            acc = float((np.asarray(probs).argmax(axis=1) == y).mean())
+            clock.paused += time.perf_counter() - t0
+            points.append({"phase": phase, "epoch": epoch + 1, "seconds": round(clock.now(), 2),
+                           "test_accuracy": round(acc, 5),
+                           "val_accuracy": round(float((logs or {}).get("val_accuracy", float("nan"))), 5)})
+            print(f"[probe] {phase} epoch {epoch + 1}: test {acc:.4f} at {clock.now():.0f} s", flush=True)
+
+    return TestProbe()
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2  # KiB on Linux
+
+
+# --------------------------------------------------------------------------- ours
+
+
+def run_ours(workdir: Path, params_path: Path, overrides: list[str]) -> dict:
+    import numpy as np
+
+    from transferlab import cli, config, data, features
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    os.chdir(workdir)
+    shutil.copy(params_path, "params.yaml")
+    cli.apply_overrides(Path("params.yaml"), overrides)
+    params = config.load("params.yaml")
+    if params.deterministic:
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
+    clock, points, stages = Clock(), [], {}
+
+    def stage(name, fn, *args):
+        t0, paused0 = time.perf_counter(), clock.paused
+        fn(params, *args)
+        stages[name] = round(time.perf_counter() - t0 - (clock.paused - paused0), 2)
+        print(f"[ours] {name}: {stages[name]:.1f} s", flush=True)
+
+    stage("prepare", cli.cmd_prepare)
+    stage("features", cli.cmd_features)
+    prepared = data.load_prepared(cli.PREPARED)
+    y_test = np.asarray(prepared.y["test"])
+    feats, _ = features.load_features(cli.features_dir(params))
+    stage("head", cli.cmd_head, [probe(clock, points, "head", feats["test"], y_test)])
+    x_test = np.asarray(prepared.x["test"])
+    full_path = not cli.uses_activation_cache(params)
+    # the cached path's model takes activations, which are not cached for test: no probe there
+    stage("finetune", cli.cmd_finetune, [probe(clock, points, "finetune", x_test, y_test)] if full_path else [])
+    stage("evaluate", cli.cmd_evaluate)
+    wall = clock.now()
+    evaluated = json.loads(Path("metrics/evaluate.json").read_text())
+    head_m = json.loads(Path("metrics/head.json").read_text())
+    ft_m = json.loads(Path("metrics/finetune.json").read_text())
+    feat_m = json.loads(Path("metrics/features.json").read_text())
+    n_train = len(prepared.y["train"])
+    points.append({"phase": "final", "epoch": 0, "seconds": round(wall, 2),
+                   "test_accuracy": evaluated["test_accuracy"], "val_accuracy": float("nan")})
+    head_points = [p for p in points if p["phase"] == "head"]
+    return {
+        "recipe": "ours",
+        "config": f"{params.backbone.name} {params.backbone.input_size}px, unfreeze {params.finetune.unfreeze}, "
+                  f"{params.finetune.mode} path",
+        "after_head": _test_at_best_val(head_points),
+        "after_finetune": evaluated["test_accuracy"],
+        "wall_seconds": round(wall, 2),
+        "stages": stages,
+        "extract_images_per_second": feat_m["features_images_per_second"],
+        "train_images_per_second": {
+            "head": round(n_train * head_m["epochs_run"] / head_m["head_seconds"], 1),
+            "finetune": ft_m.get("train_images_per_second"),
+        },
+        "peak_rss_gb": round(peak_rss_gb(), 2),
+        "points": points,
+    }
+
+
+def _test_at_best_val(points: list) -> float | None:
+    """The kept model's test accuracy: early stopping restores the best val epoch."""
+    if not points:
+        return None
+    return max(points, key=lambda p: (p["val_accuracy"], -p["epoch"]))["test_accuracy"]
+
+
+# --------------------------------------------------------------------------- seeds
+
+
+def run_seeds(workdir: Path, backbone: str, weights: str, head_epochs: int, ft_epochs: int,
+              unfreeze: int, seed: int) -> dict:
+    """The seeds' recipe, plain Keras; only the data and the backbone's weights
+    and preprocessing come from our package."""
+    import keras
+    import numpy as np
+    from keras import layers
+
+    from transferlab import backbones, data
+
+    keras.utils.set_random_seed(seed)
+    clock, points = Clock(), []
+    prepared = data.load_prepared(workdir / "data/prepared", mmap=False)
+    x_train, y_train = prepared.x["train"], prepared.y["train"]
+    x_val, y_val = prepared.x["val"], prepared.y["val"]
+    x_test, y_test = prepared.x["test"], np.asarray(prepared.y["test"])
+    n_classes = len(prepared.classes)
+    size = int(x_train.shape[1])
+    spec = backbones.get(backbone)
+
+    base = backbones.build_body(backbone, size, weights)
+    inputs = keras.Input((size, size, 3))
+    x = backbones.Preprocess(spec.preprocess)(inputs)
+    x = base(x)
+    x = layers.Flatten()(x)
+    x = layers.Dense(256, activation="relu")(x)
+    x = layers.Dropout(0.5)(x)
+    outputs = layers.Dense(n_classes, activation="softmax")(x)
+    model = keras.Model(inputs, outputs)
+    val = (x_val, y_val) if len(y_val) else None
+
+    base.trainable = False
+    model.compile(optimizer=keras.optimizers.Adam(), loss="sparse_categorical_crossentropy",
+                  metrics=["accuracy"])
+    t0 = clock.now()
+    model.fit(x_train, y_train, batch_size=128, epochs=head_epochs, validation_data=val, verbose=2,
+              callbacks=[probe(clock, points, "head", x_test, y_test)])
+    head_seconds = clock.now() - t0
+    after_head = points[-1]["test_accuracy"] if points else None
+
+    # the top block unfrozen, the rest stays frozen
+    first = len(spec.blocks) - unfreeze
+    base.trainable = True
+    for layer in base.layers:
+        layer.trainable = backbones.block_index(spec, layer.name) >= first
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=1e-4, momentum=0.9),
+                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    t0 = clock.now()
+    model.fit(x_train, y_train, batch_size=128, epochs=ft_epochs, validation_data=val, verbose=2,
+              callbacks=[probe(clock, points, "finetune", x_test, y_test)])
+    ft_seconds = clock.now() - t0
+    n = len(y_train)
+    return {
+        "recipe": "seeds",
+        "config": f"{backbone} {size}px native, Flatten head, unfreeze {unfreeze} ({spec.block_names[first]})",
+        "after_head": after_head,
+        "after_finetune": points[-1]["test_accuracy"] if points else None,
+        "wall_seconds": round(clock.now(), 2),
+        "stages": {"head": round(head_seconds, 2), "finetune": round(ft_seconds, 2)},
+        "extract_images_per_second": None,  # no separate extraction: every epoch runs the backbone
+        "train_images_per_second": {"head": round(n * head_epochs / head_seconds, 1),
+                                    "finetune": round(n * ft_epochs / ft_seconds, 1)},
+        "peak_rss_gb": round(peak_rss_gb(), 2),
+        "points": points,
+    }
+
+
+# --------------------------------------------------------------------------- report
+
+
+def first_time(points: list, accuracy: float) -> float | None:
+    """Wall seconds at which test accuracy first reached `accuracy`."""
+    hits = [p["seconds"] for p in points if p["test_accuracy"] >= accuracy]
+    return min(hits) if hits else None
+
+
+def targets(ours: dict, seeds: dict) -> list[dict]:
+    rows = []
+    for acc, limit in TARGETS:
+        t = first_time(ours["points"], acc)
+        best = max(p["test_accuracy"] for p in ours["points"])
+        rows.append({"target": f">= {acc:.0%} test accuracy within {limit // 60} min",
+                     "measured": f"reached at {t / 60:.1f} min" if t else f"best {best:.2%}, not reached",
+                     "met": t is not None and t <= limit})
+    goal = seeds["after_finetune"]
+    t_seeds = first_time(seeds["points"], goal)
+    t_ours = first_time(ours["points"], goal)
+    ratio = t_seeds / t_ours if t_seeds and t_ours else None
+    rows.append({"target": f"the seeds' final {goal:.2%} reached >= {SOONER:.0f}x sooner",
+                 "measured": (f"seeds {t_seeds / 60:.1f} min, ours {t_ours / 60:.1f} min: {ratio:.1f}x"
+                              if ratio else "ours never reached it"),
+                 "met": ratio is not None and ratio >= SOONER})
+    rss = max(ours["peak_rss_gb"], seeds["peak_rss_gb"])
+    rows.append({"target": f"peak RSS <= {RSS_LIMIT_GB:.0f} GB", "measured": f"{rss:.2f} GB",
+                 "met": rss <= RSS_LIMIT_GB})
+    return rows
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{v:.2%}"
+
+
+def _rate(v) -> str:
+    return "-" if v is None else f"{v:,.0f}"
+
+
+def table(results: list[dict], machine: str) -> str:
+    lines = [f"Measured {date.today().isoformat()} on {machine}.", "",
+             "| recipe | configuration | test acc. after head | after fine-tune | wall time | "
+             "extraction img/s | head training img/s | fine-tune training img/s | peak RSS |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in results:
+        tr = r["train_images_per_second"]
+        lines.append(f"| {r['recipe']} | {r['config']} | {_pct(r['after_head'])} | {_pct(r['after_finetune'])} | "
+                     f"{r['wall_seconds'] / 60:.1f} min | {_rate(r['extract_images_per_second'])} | "
+                     f"{_rate(tr.get('head'))} | {_rate(tr.get('finetune'))} | {r['peak_rss_gb']:.2f} GB |")
+    stage_lines = [f"- {r['recipe']}: " + ", ".join(f"{k} {v:.0f} s" for k, v in r["stages"].items())
+                   for r in results]
+    return "\n".join(lines + ["", "Stage times (probe time excluded):", *stage_lines]) + "\n"
+
+
+def write_outputs(out: Path, results: list[dict], target_rows: list[dict], machine: str) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"machine": machine, "results": results,
+                                                  "targets": target_rows}, indent=1) + "\n")
+    with (out / "results.csv").open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["recipe", "config", "after_head", "after_finetune", "wall_seconds",
+                    "extract_images_per_second", "head_images_per_second", "finetune_images_per_second",
+                    "peak_rss_gb"])
+        for r in results:
+            tr = r["train_images_per_second"]
+            w.writerow([r["recipe"], r["config"], r["after_head"], r["after_finetune"], r["wall_seconds"],
+                        r["extract_images_per_second"], tr.get("head"), tr.get("finetune"), r["peak_rss_gb"]])
+    with (out / "time_to_accuracy.csv").open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["recipe", "phase", "epoch", "seconds", "test_accuracy", "val_accuracy"])
+        for r in results:
+            for p in r["points"]:
+                w.writerow([r["recipe"], p["phase"], p["epoch"], p["seconds"], p["test_accuracy"],
+                            p["val_accuracy"]])
+    plot(out / "time_to_accuracy.png", results, machine)
+    text = table(results, machine) + "\nTargets:\n" + "\n".join(
+        f"- {t['target']}: {t['measured']} ({'met' if t['met'] else 'NOT met'})" for t in target_rows) + "\n"
+    (out / "table.md").write_text(text)
+    return text
+
+
+def plot(path: Path, results: list[dict], machine: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in results:
+        pts = [p for p in r["points"] if p["phase"] != "final"]
+        ax.plot([p["seconds"] / 60 for p in pts], [100 * p["test_accuracy"] for p in pts], marker="o",
+                markersize=3, label=f"{r['recipe']}: {r['config']}")
+        ft = [p for p in pts if p["phase"] == "finetune"]
+        if ft:
+            ax.axvline(ft[0]["seconds"] / 60, color=ax.lines[-1].get_color(), alpha=0.2, linestyle=":")
+    for acc, limit in TARGETS:
+        ax.plot([limit / 60], [100 * acc], marker="*", color="k", markersize=10)
+    ax.set_xlabel("wall time (min; probes excluded)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"Time to accuracy ({machine})", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def machine_name() -> str:
+    try:
+        import tensorflow as tf
+
+        gpus = [d.name for d in tf.config.list_physical_devices("GPU")]
+    except Exception:  # noqa: BLE001 - a description only
+        gpus = []
+    cores = os.cpu_count()
+    return f"{platform.machine()}, {cores} CPU cores" + (f", GPU {', '.join(gpus)}" if gpus else ", no GPU")
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", default=str(ROOT.parent / "shared/data/cifar10-jpeg.tar.gz"),
+                   help="data.source for both recipes")
+    p.add_argument("--checksum", default=None, help="data.checksum (default: the params file's, "
+                   "or none when --data differs from it)")
+    p.add_argument("--params", default=str(ROOT / "params.yaml"))
+    p.add_argument("--set", action="append", default=[], help="key=value overrides for ours")
+    p.add_argument("--weights", default="imagenet")
+    p.add_argument("--seeds-head-epochs", type=int, default=10)
+    p.add_argument("--seeds-finetune-epochs", type=int, default=10)
+    p.add_argument("--seeds-unfreeze", type=int, default=1, help="top registry blocks (1: the top block)")
+    p.add_argument("--workdir", default=str(ROOT / "bench/work"))
+    p.add_argument("--out", default=str(ROOT / "bench/results"))
+    p.add_argument("--only", choices=["ours", "seeds"], help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    workdir, out = Path(args.workdir).resolve(), Path(args.out).resolve()
+
+    if args.only:
+        from transferlab import config
+
+        params = config.load(args.params)
+        if args.only == "ours":
+            result = run_ours(workdir, Path(args.params).resolve(), args.set)
+        else:
+            result = run_seeds(workdir, params.backbone.name, args.weights, args.seeds_head_epochs,
+                               args.seeds_finetune_epochs, args.seeds_unfreeze, params.seed)
+        (workdir / f"{args.only}.json").write_text(json.dumps(result, indent=1) + "\n")
+        return 0
+
+    from transferlab import config
+    from transferlab.data import is_url
+
+    base = config.load(args.params)
+    source = args.data if is_url(args.data) else str(Path(args.data).resolve())
+    checksum = args.checksum
+    if checksum is None and not is_url(base.data.source) and \
+            Path(source).resolve() == (Path(args.params).resolve().parent / base.data.source).resolve():
+        checksum = base.data.checksum
+    overrides = [f"data.source={source}", f"data.checksum={checksum or 'null'}",
+                 f"backbone.weights={args.weights}", *args.set]
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True)
+    me = [sys.executable, str(Path(__file__).resolve()), "--workdir", str(workdir), "--weights", args.weights]
+    # ours first: it prepares the arrays that the seeds' recipe then reads
+    subprocess.run([*me, "--params", args.params, "--only", "ours",
+                    *[a for o in overrides for a in ("--set", o)]], check=True)
+    # the seeds take the backbone and seed from the same (overridden) params
+    subprocess.run([*me, "--params", str(workdir / "params.yaml"), "--only", "seeds",
+                    "--seeds-head-epochs", str(args.seeds_head_epochs),
+                    "--seeds-finetune-epochs", str(args.seeds_finetune_epochs),
+                    "--seeds-unfreeze", str(args.seeds_unfreeze)], check=True)
+    results = [json.loads((workdir / f"{name}.json").read_text()) for name in ("seeds", "ours")]
+    machine = machine_name()
+    text = write_outputs(out, results, targets(results[1], results[0]), machine)
+    print(text)
+    print(f"written: {out}/table.md, results.csv, time_to_accuracy.csv, time_to_accuracy.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
