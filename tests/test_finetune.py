@@ -1,6 +1,8 @@
 """Fine-tuning rules on every registered backbone (weights none), the cached
 path, resume after an interruption."""
 
+import json
+
 import keras
 import numpy as np
 import pytest
@@ -145,44 +147,71 @@ def _toy_problem():
 
 def _fit(tmp_path, epochs, extra):
     x, y, model = _toy_problem()
-    cbs, best = finetune.callbacks(tmp_path / "backup", patience=10, schedule="cosine", has_val=True,
-                                   extra=extra)
+    cbs, checkpoint = finetune.callbacks(tmp_path / "backup", patience=10, schedule="cosine", has_val=True,
+                                         extra=extra)
     model.fit(x, y, validation_data=(x, y), epochs=epochs, batch_size=16, callbacks=cbs, verbose=0)
-    return model, best
+    return model, checkpoint
+
+
+class Record(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.seen.append(epoch)
+
+
+def _interrupted(tmp_path, at_epoch=3) -> dict:
+    with pytest.raises(KeyboardInterrupt):
+        _fit(tmp_path, 6, [Interrupt(at_epoch)])
+    return json.loads((tmp_path / "backup" / "state.json").read_text())
 
 
 def test_resume_after_interruption_continues_from_last_completed_epoch(tmp_path):
-    with pytest.raises(KeyboardInterrupt):
-        _fit(tmp_path, 6, [Interrupt(3)])
-    hist = finetune.read_history(tmp_path / "backup" / "history.csv")
-    assert len(hist["val_accuracy"]) == 3  # epochs 0, 1, 2 completed
-    seen = []
-
-    class Record(keras.callbacks.Callback):
-        def on_epoch_begin(self, epoch, logs=None):
-            seen.append(epoch)
-
-    _, best = _fit(tmp_path, 6, [Record()])
-    assert seen == [3, 4, 5]  # resumed, not restarted
-    hist = finetune.read_history(tmp_path / "backup" / "history.csv")
-    assert len(hist["val_accuracy"]) == 6
-    assert best.exists()
+    state = _interrupted(tmp_path)
+    assert state["epoch"] == 3 and len(state["history"]) == 3  # epochs 0, 1, 2 completed
+    record = Record()
+    _, checkpoint = _fit(tmp_path, 6, [record])
+    assert record.seen == [3, 4, 5]  # resumed, not restarted
+    assert [r["epoch"] for r in checkpoint.state["history"]] == [1, 2, 3, 4, 5, 6]
+    assert len(checkpoint.history()["val_accuracy"]) == 6
 
 
-def test_best_so_far_reads_the_completed_epochs(tmp_path):
-    csv = tmp_path / "h.csv"
-    csv.write_text("epoch,accuracy,val_accuracy\n0,0.5,0.6\n1,0.7,0.65\n2,0.8,0.62\n")
-    assert finetune.best_so_far(csv, "val_accuracy") == 0.65
-    assert finetune.best_so_far(tmp_path / "missing.csv", "val_accuracy") is None
+def test_a_truncated_checkpoint_is_never_loaded(tmp_path, caplog):
+    """A damaged weights file (here: cut in half) fails its sha256 check: the
+    checkpoint is discarded and training starts over, instead of loading it."""
+    state = _interrupted(tmp_path)
+    latest = tmp_path / "backup" / state["latest"]["file"]
+    data = latest.read_bytes()
+    latest.write_bytes(data[: len(data) // 2])
+    record = Record()
+    with caplog.at_level("WARNING", logger="transferlab.finetune"):
+        _, checkpoint = _fit(tmp_path, 6, [record])
+    assert "does not match its recorded sha256" in caplog.text
+    assert record.seen == [0, 1, 2, 3, 4, 5]
+    assert len(checkpoint.state["history"]) == 6
+
+
+def test_a_partial_write_left_by_a_kill_is_ignored_and_removed(tmp_path):
+    """A kill in the middle of a write leaves only a temporary file (written, then
+    renamed): the resume uses the last committed epoch and clears the leftover."""
+    _interrupted(tmp_path)
+    leftover = tmp_path / "backup" / ".tmp-999-epoch-4.weights.h5"
+    leftover.write_bytes(b"\x89HDF\r\n partial")
+    record = Record()
+    _fit(tmp_path, 6, [record])
+    assert record.seen == [3, 4, 5]
+    assert not leftover.exists()
 
 
 def test_an_epoch_must_beat_the_baseline_to_replace_the_starting_weights(tmp_path):
     x, y, model = _toy_problem()
-    cbs, best = finetune.callbacks(tmp_path / "b", patience=10, schedule="cosine", has_val=True, baseline=1.0)
-    model.save_weights(best)
+    cbs, checkpoint = finetune.callbacks(tmp_path / "b", patience=10, schedule="cosine", has_val=True,
+                                         baseline=1.0)
     start = [w.copy() for w in model.get_weights()]
     model.fit(x, y, validation_data=(x, y), epochs=2, batch_size=16, callbacks=cbs, verbose=0)
     assert not all(np.array_equal(a, b) for a, b in zip(start, model.get_weights()))  # it trained
-    model.load_weights(best)
+    checkpoint.restore_best(model)
     for a, b in zip(start, model.get_weights()):
         np.testing.assert_array_equal(a, b)  # but nothing beat 1.0: the start is kept

@@ -307,19 +307,17 @@ def _train_finetune(params, spec, body, head_model, prepared, image_size, extra=
     backup = _checkpoint_dir(params)
     # the head's score on the same validation images is what fine-tuning must beat
     baseline = json.loads((METRICS / "head.json").read_text()).get("val_accuracy") if val is not None else None
-    cbs, best_path = finetune.callbacks(backup, patience=f.patience, schedule=f.schedule,
-                                        has_val=val is not None, extra=[tracking.EpochLogger(), *(extra or [])],
-                                        baseline=baseline)
-    if not best_path.exists():
-        model.save_weights(best_path)  # the starting point stays the fallback
+    cbs, checkpoint = finetune.callbacks(backup, patience=f.patience, schedule=f.schedule,
+                                         has_val=val is not None, extra=[tracking.EpochLogger(), *(extra or [])],
+                                         baseline=baseline)
     log.info("finetune: %s path, top %s block(s) of %s unfrozen (%d trainable tensors in the body)",
              "cached" if cached else "full", f.unfreeze, spec.name, trainable)
     start = time.perf_counter()
     # verbose=1: a progress bar per epoch (in a log file it writes its updates as lines)
     model.fit(train, validation_data=val, epochs=f.epochs, callbacks=cbs, verbose=1, **fit_kwargs)
     seconds = time.perf_counter() - start
-    model.load_weights(best_path)  # the best epoch, not the last
-    hist = finetune.read_history(backup / "history.csv")
+    checkpoint.restore_best(model)  # the best epoch, not the last
+    hist = checkpoint.history()
     _write_history(PLOTS / "finetune" / "history.csv", hist)
     monitor = "val_accuracy" if val is not None else "accuracy"
     best = int(np.argmax(hist[monitor]))

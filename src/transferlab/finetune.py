@@ -20,9 +20,11 @@ EfficientNet-Lite0) the cached path is much faster; see bench/finetune_paths.py.
 
 from __future__ import annotations
 
-import csv
+import json
 import logging
 import math
+import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +34,7 @@ from keras import layers
 
 from transferlab import backbones
 from transferlab.backbones import BackboneSpec
+from transferlab.data import file_digest
 from transferlab.head import make_optimizer
 
 log = logging.getLogger(__name__)
@@ -176,49 +179,134 @@ class FlipCacheDataset(keras.utils.PyDataset):
 # --------------------------------------------------------------------------- resume
 
 
-def best_so_far(history_csv: Path, monitor: str) -> float | None:
-    """Best monitored value of the epochs an interrupted run already completed."""
-    if not history_csv.exists():
-        return None
-    with history_csv.open() as fh:
-        values = [float(row[monitor]) for row in csv.DictReader(fh) if row.get(monitor)]
-    return max(values) if values else None
+class Checkpoint(keras.callbacks.Callback):
+    """Resumable training state, written so that a kill at any instant leaves the
+    previous checkpoint or the new one, never a partial one.
+
+    At the start and after every epoch: the weights (optimizer state included)
+    go to a temporary file, are flushed to disk and renamed to epoch-N.weights.h5;
+    then state.json, which names the latest and the best weights files with their
+    sha256, the best monitored value and the history of completed epochs, is
+    written the same way. Renaming state.json is the commit. On resume, a file
+    whose digest does not match state.json is never loaded: the checkpoint is
+    discarded with a warning and training starts again from the beginning.
+
+    (Keras' BackupAndRestore and ModelCheckpoint write in place, so a kill during
+    a write leaves a truncated file at the name they load from.)
+
+    `baseline` is the score of the starting weights: an epoch must beat it to
+    become the best, so a fine-tune that diverges never yields a worse model than
+    it started from."""
+
+    STATE = "state.json"
+
+    def __init__(self, directory: Path, monitor: str, baseline: float | None = None):
+        super().__init__()
+        self.dir = Path(directory)
+        self.monitor = monitor
+        self.state = {"epoch": 0, "latest": None, "best": None, "best_value": baseline, "history": []}
+
+    # files
+    def _write_weights(self, name: str) -> dict:
+        tmp = self.dir / f".tmp-{os.getpid()}-{name}"
+        self.model.save_weights(tmp)
+        _fsync(tmp)
+        digest = file_digest(tmp)
+        os.replace(tmp, self.dir / name)
+        return {"file": name, "sha256": digest}
+
+    def _commit(self) -> None:
+        tmp = self.dir / f".tmp-{os.getpid()}-{self.STATE}"
+        tmp.write_text(json.dumps(self.state, indent=1))
+        _fsync(tmp)
+        os.replace(tmp, self.dir / self.STATE)
+        _fsync(self.dir)
+        keep = {self.STATE} | {self.state[k]["file"] for k in ("latest", "best") if self.state[k]}
+        for path in self.dir.iterdir():
+            if path.name not in keep:
+                path.unlink()
+
+    def _verified(self, entry: dict | None) -> bool:
+        path = self.dir / entry["file"] if entry else None
+        return entry is None or (path.is_file() and file_digest(path) == entry["sha256"])
+
+    def _load_state(self) -> dict | None:
+        path = self.dir / self.STATE
+        if not path.exists():
+            return None
+        try:
+            state = json.loads(path.read_text())
+        except ValueError:
+            state = None
+        if state is None or not all(self._verified(state.get(k)) for k in ("latest", "best")):
+            log.warning("%s: the checkpoint does not match its recorded sha256 (a damaged or partial "
+                        "file); it is discarded and fine-tuning starts from the beginning", self.dir)
+            return None
+        return state
+
+    # callback
+    def on_train_begin(self, logs=None):
+        self.dir.mkdir(parents=True, exist_ok=True)
+        state = self._load_state()
+        if state is None:
+            for path in self.dir.iterdir():
+                path.unlink()
+            self.state["best"] = self._write_weights("start.weights.h5")
+            self._commit()
+            return
+        self.state = state
+        if state["latest"]:
+            if self.model.optimizer is not None and not self.model.optimizer.built:
+                self.model.optimizer.build(self.model.trainable_variables)
+            self.model.load_weights(self.dir / state["latest"]["file"])
+            self.model._initial_epoch = state["epoch"]  # what fit() resumes from (as BackupAndRestore does)
+            log.info("resumed from %s after epoch %d", self.dir, state["epoch"])
+        self._commit()  # removes what an interrupted write left behind
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = {k: float(v) for k, v in (logs or {}).items() if np.isscalar(v)}
+        entry = self._write_weights(f"epoch-{epoch + 1}.weights.h5")
+        value, best = logs.get(self.monitor), self.state["best_value"]
+        self.state.update(epoch=epoch + 1, latest=entry)
+        if value is not None and (best is None or value > best):
+            self.state.update(best=entry, best_value=value)
+        self.state["history"].append({"epoch": epoch + 1, **logs})
+        self._commit()
+
+    # results
+    def history(self) -> dict[str, list[float]]:
+        rows = self.state["history"]
+        keys = [k for k in (rows[0] if rows else {}) if k != "epoch"]
+        return {k: [r.get(k, float("nan")) for r in rows] for k in keys}
+
+    def restore_best(self, model: keras.Model) -> None:
+        """Load the best weights (verified) into `model`."""
+        entry = self.state["best"]
+        if not self._verified(entry):
+            raise RuntimeError(f"{self.dir / entry['file']}: does not match its recorded sha256")
+        with warnings.catch_warnings():  # the model's weights are wanted here, not the optimizer's
+            warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+            model.load_weights(self.dir / entry["file"])
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def callbacks(
     backup_dir: Path, *, patience: int, schedule: str, has_val: bool, extra: list | None = None,
     baseline: float | None = None,
-) -> tuple[list, Path]:
-    """Keras callbacks for a resumable run: BackupAndRestore (training state at
-    each epoch end), the best weights (ModelCheckpoint, its threshold carried
-    over an interruption), the epoch log (CSVLogger, appended), early stopping.
-
-    `baseline` is the score of the weights before fine-tuning (saved to the
-    best-weights file by the caller): an epoch must beat it to replace them, so
-    a fine-tune that diverges never yields a worse model than it started from."""
+) -> tuple[list, Checkpoint]:
+    """Keras callbacks for a resumable run: the Checkpoint (state and best
+    weights, see there), early stopping, and ReduceLROnPlateau for that schedule."""
     monitor = "val_accuracy" if has_val else "accuracy"
-    backup_dir.mkdir(parents=True, exist_ok=True)
-    best_path = backup_dir / "best.weights.h5"
-    history_csv = backup_dir / "history.csv"
-    scores = [v for v in (baseline, best_so_far(history_csv, monitor)) if v is not None]
-    threshold = max(scores) if scores else None
-    cbs = [
-        keras.callbacks.BackupAndRestore(str(backup_dir / "state"), double_checkpoint=True),
-        keras.callbacks.ModelCheckpoint(
-            str(best_path), monitor=monitor, mode="max", save_best_only=True,
-            save_weights_only=True, initial_value_threshold=threshold,
-        ),
-        keras.callbacks.CSVLogger(str(history_csv), append=True),
-        keras.callbacks.EarlyStopping(monitor=monitor, mode="max", patience=patience),
-    ]
+    checkpoint = Checkpoint(backup_dir, monitor, baseline)
+    cbs = [checkpoint, keras.callbacks.EarlyStopping(monitor=monitor, mode="max", patience=patience)]
     if schedule == "plateau":
         cbs.append(keras.callbacks.ReduceLROnPlateau(monitor=monitor, mode="max", factor=0.3,
                                                      patience=max(1, patience // 2)))
-    return cbs + list(extra or []), best_path
-
-
-def read_history(history_csv: Path) -> dict[str, list[float]]:
-    with history_csv.open() as fh:
-        rows = list(csv.DictReader(fh))
-    keys = [k for k in (rows[0] if rows else {}) if k != "epoch"]
-    return {k: [float(r[k]) for r in rows] for k in keys}
+    return cbs + list(extra or []), checkpoint
