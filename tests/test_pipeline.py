@@ -3,10 +3,7 @@ through every stage, the MLflow store as `mlflow ui` serves it, and
 `mlflow run . -P backbone=<each registered backbone>`."""
 
 import json
-import os
-import shutil
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -16,50 +13,20 @@ import yaml
 
 import pgserver
 import synth
-from transferlab import config
+import tinyproject
 from transferlab.backbones import BACKBONES
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
-TINY = {
-    "seed": 1,
-    "data": {"source": "tiny-images", "image_size": 16, "val_fraction": 0.25, "cache_dir": "data/cache"},
-    "backbone": {"name": "efficientnet_lite0", "weights": "none", "input_size": 32},
-    "features": {"batch_size": 16},
-    "head": {"units": 16, "dropout": 0.1, "epochs": 3, "batch_size": 8, "patience": 2},
-    "finetune": {"unfreeze": 2, "epochs": 2, "batch_size": 8, "patience": 2},
-    "tracking": {"experiment": "smoke", "model_name": "smoke-model"},
-}
-
-
-def run(cmd, cwd, env):
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc.stdout + proc.stderr
+TINY = tinyproject.TINY
+run = tinyproject.run
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     """A copy of the project (pipeline files and sources) with a tiny params.yaml."""
-    dest = tmp_path_factory.mktemp("project")
-    for name in ("dvc.yaml", "MLproject", "conda.yaml"):
-        if (ROOT / name).exists():
-            shutil.copy(ROOT / name, dest / name)
-    shutil.copytree(ROOT / "src", dest / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    # every key written out: DVC tracks params keys by name, defaults are not enough
-    full = config.to_dict(config.from_dict(TINY))
-    (dest / "params.yaml").write_text(yaml.safe_dump(full, sort_keys=False))
-    synth.make_image_folder(dest / "tiny-images", per_class=8, test_per_class=4, size=20)
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    (dest / ".gitignore").write_text("/mlflow.db\n/mlruns/\n/mlartifacts/\n/dvc_plots/\n")
-    run(["git", "init", "-q"], dest, env)
-    run(["dvc", "init", "-q"], dest, env)
-    run(["dvc", "config", "core.analytics", "false"], dest, env)
-    return dest, env
+    return tinyproject.make(tmp_path_factory.mktemp("project"))
 
 
 @pytest.fixture(scope="module")

@@ -162,3 +162,42 @@ def test_two_seeded_deterministic_runs_give_identical_numbers(in_tmp):
     second, w2 = _tiny_run(in_tmp / "two")
     assert first == second
     assert len(w1) == len(w2) and all(np.array_equal(a, b) for a, b in zip(w1, w2))
+
+
+# --------------------------------------------------------------------------- one run per project folder
+
+
+@pytest.fixture
+def dvc_project(in_tmp):
+    (in_tmp / "params.yaml").write_text(yaml.safe_dump({"seed": 1, "head": {"epochs": 3}}))
+    subprocess.run(["dvc", "init", "--no-scm", "-q"], check=True, cwd=in_tmp,
+                   env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"})
+    return in_tmp
+
+
+def test_a_second_run_in_the_same_project_is_refused_and_leaves_params_alone(dvc_project, caplog):
+    """`mlflow run` twice in one folder: the second would rewrite params.yaml under
+    the first one's stages. It is refused, with the holder and the way out."""
+    before = (dvc_project / "params.yaml").read_text()
+    with cli.project_lock(dvc_project):
+        with caplog.at_level("ERROR", logger="transferlab"):
+            code = cli.main(["run", "--set", "head.epochs=9"])
+    assert code == 1
+    assert "another pipeline run is using this project folder" in caplog.text
+    assert f"pid {os.getpid()}" in caplog.text and "git worktree" in caplog.text
+    assert (dvc_project / "params.yaml").read_text() == before
+
+
+def test_a_run_is_refused_while_a_dvc_command_holds_the_repository(dvc_project, caplog):
+    import zc.lockfile
+
+    before = (dvc_project / "params.yaml").read_text()
+    lock = zc.lockfile.LockFile(str(dvc_project / ".dvc" / "tmp" / "lock"))  # what DVC takes
+    try:
+        with caplog.at_level("ERROR", logger="transferlab"):
+            code = cli.main(["run", "--set", "head.epochs=9"])
+    finally:
+        lock.close()
+    assert code == 1
+    assert "a DVC command (`dvc repro`?) is running" in caplog.text
+    assert (dvc_project / "params.yaml").read_text() == before

@@ -19,6 +19,7 @@ logs one MLflow run. `dvc repro` runs them in order (dvc.yaml).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import logging
@@ -426,10 +427,60 @@ def apply_overrides(path: Path, overrides: list[str]) -> dict:
     return changes
 
 
+class ProjectBusy(RuntimeError):
+    """Another pipeline run (or DVC command) holds this project folder."""
+
+
+@contextlib.contextmanager
+def project_lock(root: Path = Path(".")):
+    """One `transferlab run` (so one `mlflow run`) per project folder at a time,
+    and none while another DVC command holds the repository: a second run would
+    rewrite params.yaml under the first one's stages. Held until `dvc repro`
+    ends. Separate clones are separate folders and may share one MLflow store."""
+    import fcntl
+
+    tmp = root / ".dvc" / "tmp" if (root / ".dvc").is_dir() else root
+    tmp.mkdir(parents=True, exist_ok=True)
+    fh = open(tmp / "transferlab-run.lock", "a+")
+    try:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            raise ProjectBusy(
+                f"{root.resolve()}: another pipeline run is using this project folder "
+                f"({fh.read().strip() or 'unknown'}). Wait for it to end, or start this one in a separate "
+                "clone (`git worktree add ../other`); clones may share one MLflow store."
+            ) from None
+        dvc_lock = tmp / "lock"  # DVC's own repository lock (zc.lockfile: flock)
+        if dvc_lock.exists():
+            with open(dvc_lock, "a+") as probe:
+                try:
+                    fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise ProjectBusy(
+                        f"{root.resolve()}: a DVC command (`dvc repro`?) is running in this project; "
+                        "params.yaml is left as it is. Wait for it to end, or use a separate clone."
+                    ) from None
+                fcntl.flock(probe, fcntl.LOCK_UN)
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {os.uname().nodename}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        fh.flush()
+        yield
+    finally:
+        fh.close()
+
+
 def cmd_run(params_path: Path, overrides: list[str]) -> int:
     """The whole pipeline as one MLflow parent run: overrides -> params.yaml ->
     `dvc repro`, each stage a child run. Under `mlflow run`, the run it started
-    is the parent."""
+    is the parent. Refused while another run holds the project (project_lock)."""
+    with project_lock(Path.cwd()):
+        return _run_pipeline(params_path, overrides)
+
+
+def _run_pipeline(params_path: Path, overrides: list[str]) -> int:
     import subprocess
 
     from transferlab import tracking
@@ -723,7 +774,8 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", exc)
         return 2
     # LookupError covers serve.ModelNotFound and compare's missing experiment
-    except (DataError, WeightsUnavailable, FileNotFoundError, LookupError, _tune_error()) as exc:
+    except (DataError, WeightsUnavailable, FileNotFoundError, LookupError, ProjectBusy,
+            _tune_error()) as exc:
         log.error("%s", exc)
         return 1
     return 0
