@@ -135,6 +135,12 @@ def test_mlflow_ui_lists_the_runs(reproduced):
         proc.wait(timeout=30)
 
 
+def test_mlflow_run_vgg16(reproduced):
+    """The default suite's `mlflow run` smoke run; every backbone runs with the heavy tests."""
+    test_mlflow_run_each_backbone(reproduced, "vgg16")
+
+
+@pytest.mark.heavy
 @pytest.mark.parametrize("backbone", sorted(BACKBONES))
 def test_mlflow_run_each_backbone(reproduced, backbone):
     """`mlflow run . -P backbone=...` writes the overrides into params.yaml, runs
@@ -164,6 +170,7 @@ def test_mlflow_run_each_backbone(reproduced, backbone):
     assert stages["evaluate"].data.metrics["test_accuracy"] == evaluated["test_accuracy"]
 
 
+@pytest.mark.heavy
 def test_compare_tabulates_every_backbone(reproduced):
     """After the per-backbone `mlflow run`s: one row per backbone, with accuracy,
     parameter count, time and throughput, as CSV, markdown and a plot."""

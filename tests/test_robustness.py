@@ -156,6 +156,7 @@ def _tiny_run(root: Path) -> tuple[dict, list[np.ndarray]]:
     return metrics, weights
 
 
+@pytest.mark.heavy
 def test_two_seeded_deterministic_runs_give_identical_numbers(in_tmp):
     assert config.from_dict(TINY).deterministic
     first, w1 = _tiny_run(in_tmp / "one")

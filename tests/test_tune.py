@@ -196,6 +196,7 @@ def _assert_nothing_lost(study: optuna.Study, n_trials: int, parent_id: str) -> 
 
 
 @needs_pg
+@pytest.mark.heavy
 def test_workers_on_postgresql_complete_the_study(project, postgres):
     url = _pg_project(project, postgres, "three_workers", n_trials=6)
     subprocess.run([sys.executable, "-m", "transferlab.cli", "tune", "--workers", "3"],
@@ -207,6 +208,7 @@ def test_workers_on_postgresql_complete_the_study(project, postgres):
 
 
 @needs_pg
+@pytest.mark.heavy
 def test_a_killed_workers_trial_is_failed_and_retried(project, postgres):
     """CI: 3 workers, 6 trials. The issue's scale, 4 workers and 40 trials:
     TUNE_KILL_WORKERS=4 TUNE_KILL_TRIALS=40 pytest tests/test_tune.py -k killed"""

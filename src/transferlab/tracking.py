@@ -76,7 +76,12 @@ def setup(experiment: str):
     mlflow.set_tracking_uri(tracking_uri())
     exp = mlflow.get_experiment_by_name(experiment)
     if exp is None:
-        mlflow.create_experiment(experiment, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        try:
+            mlflow.create_experiment(experiment, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        except mlflow.exceptions.MlflowException:
+            if mlflow.get_experiment_by_name(experiment) is None:
+                raise
+            # another run (another clone on the same store) created it first
     elif exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
         mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     mlflow.set_experiment(experiment)
@@ -87,11 +92,13 @@ PARENT_ENV = "TRANSFERLAB_PARENT_RUN_ID"
 
 
 def pipeline_key(params_path: str | Path = "params.yaml") -> str:
-    """Stages of one `dvc repro` share the params file and the commit."""
+    """Stages of one `dvc repro` share the project folder, the params file and the
+    commit (two clones on one MLflow store get two parent runs)."""
     import hashlib
 
     h = hashlib.sha256(Path(params_path).read_bytes() if Path(params_path).exists() else b"")
     h.update(git_commit().encode())
+    h.update(str(Path.cwd().resolve()).encode())
     return h.hexdigest()[:16]
 
 

@@ -1,0 +1,47 @@
+"""The bench scripts run and write what the README's tables come from (tiny
+data, weights none: the figures themselves come from real runs)."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import synth
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def test_throughput_quick_compares_ours_with_model_predict(tmp_path):
+    subprocess.run([sys.executable, str(ROOT / "bench/throughput.py"), "--quick", "--images", "128",
+                    "--input-size", "32", "--out", str(tmp_path)], check=True, capture_output=True)
+    result = json.loads((tmp_path / "throughput.json").read_text())
+    variants = [r["variant"] for r in result["rows"]]
+    assert any(v.startswith("ours") for v in variants) and any(v.startswith("plain model.predict") for v in variants)
+    assert result["ratio_ours_to_predict"] > 0
+    assert "ours / plain model.predict" in (tmp_path / "throughput.md").read_text()
+
+
+@pytest.mark.heavy
+def test_recipes_bench_runs_both_recipes_and_writes_the_table(tmp_path):
+    synth.make_image_folder(tmp_path / "imgs", per_class=12, test_per_class=4)
+    work, out = tmp_path / "work", tmp_path / "out"
+    subprocess.run([sys.executable, str(ROOT / "bench/recipes.py"), "--data", str(tmp_path / "imgs"),
+                    "--weights", "none", "--workdir", str(work), "--out", str(out),
+                    "--set", "head.epochs=2", "--set", "finetune.epochs=1", "--set", "backbone.input_size=32",
+                    "--set", "finetune.unfreeze=1", "--seeds-head-epochs", "2", "--seeds-finetune-epochs", "1"],
+                   check=True, capture_output=True)
+    table = (out / "table.md").read_text()
+    assert "| seeds |" in table and "| ours |" in table and "peak RSS <= 8 GB" in table
+    with (out / "time_to_accuracy.csv").open() as fh:
+        points = list(csv.DictReader(fh))
+    seeds = [p for p in points if p["recipe"] == "seeds"]
+    assert [(p["phase"], p["epoch"]) for p in seeds] == [("head", "1"), ("head", "2"), ("finetune", "1")]
+    assert [float(p["seconds"]) for p in seeds] == sorted(float(p["seconds"]) for p in seeds)
+    final = [p for p in points if p["recipe"] == "ours" and p["phase"] == "final"]
+    evaluated = json.loads((work / "metrics/evaluate.json").read_text())
+    assert float(final[0]["test_accuracy"]) == evaluated["test_accuracy"]
+    assert (out / "time_to_accuracy.png").stat().st_size > 5000
