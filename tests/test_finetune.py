@@ -215,3 +215,16 @@ def test_an_epoch_must_beat_the_baseline_to_replace_the_starting_weights(tmp_pat
     checkpoint.restore_best(model)
     for a, b in zip(start, model.get_weights()):
         np.testing.assert_array_equal(a, b)  # but nothing beat 1.0: the start is kept
+
+
+def test_a_run_that_early_stopping_ended_does_not_train_on_after_a_restart(tmp_path):
+    class StopAfterTwo(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 1:
+                self.model.stop_training = True
+
+    _fit(tmp_path, 6, [StopAfterTwo()])  # stopped after 2 epochs; the stage was then killed
+    record = Record()
+    _, checkpoint = _fit(tmp_path, 6, [record])
+    assert record.seen == []
+    assert len(checkpoint.history()["val_accuracy"]) == 2

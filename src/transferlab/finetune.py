@@ -259,7 +259,8 @@ class Checkpoint(keras.callbacks.Callback):
             if self.model.optimizer is not None and not self.model.optimizer.built:
                 self.model.optimizer.build(self.model.trainable_variables)
             self.model.load_weights(self.dir / state["latest"]["file"])
-            self.model._initial_epoch = state["epoch"]  # what fit() resumes from (as BackupAndRestore does)
+            # what fit() resumes from (as BackupAndRestore does); past the end if early stopping ended it
+            self.model._initial_epoch = self.params["epochs"] if state.get("stopped") else state["epoch"]
             log.info("resumed from %s after epoch %d", self.dir, state["epoch"])
         self._commit()  # removes what an interrupted write left behind
 
@@ -272,6 +273,11 @@ class Checkpoint(keras.callbacks.Callback):
             self.state.update(best=entry, best_value=value)
         self.state["history"].append({"epoch": epoch + 1, **logs})
         self._commit()
+
+    def on_train_end(self, logs=None):
+        if self.model.stop_training and not self.state.get("stopped"):  # early stopping: done
+            self.state["stopped"] = True
+            self._commit()
 
     # results
     def history(self) -> dict[str, list[float]]:
