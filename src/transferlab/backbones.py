@@ -55,6 +55,28 @@ class Preprocess(layers.Layer):
         return {**super().get_config(), "mode": self.mode}
 
 
+@keras.saving.register_keras_serializable(package="transferlab")
+class HorizontalFlip(layers.Layer):
+    """Mirror NHWC images left to right, always (test-time augmentation)."""
+
+    def call(self, x):
+        return ops.flip(x, axis=2)
+
+
+def with_tta(model: keras.Model, tta: str) -> keras.Model:
+    """`model` with test-time augmentation: "flip" averages the class
+    probabilities of each image and its mirror image (one model, called twice);
+    "none" returns `model` itself."""
+    if tta == "none":
+        return model
+    if tta != "flip":
+        raise ValueError(f"tta must be 'flip' or 'none', received: {tta!r}")
+    inputs = keras.Input(model.input_shape[1:], name="image")
+    mirrored = HorizontalFlip(name="tta_flip")(inputs)
+    outputs = layers.Average(name="tta_mean")([model(inputs), model(mirrored)])
+    return keras.Model(inputs, outputs, name=f"{model.name}_tta")
+
+
 @dataclass(frozen=True)
 class BackboneSpec:
     name: str

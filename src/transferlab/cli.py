@@ -341,17 +341,22 @@ def cmd_evaluate(params: config.Params) -> None:
     import keras
     import mlflow
     import numpy as np
-    from transferlab import data, evaluate, features, tracking
+
+    from transferlab import backbones, data, evaluate, features, tracking
 
     prepared = data.load_prepared(PREPARED)
     model = keras.saving.load_model(MODELS / "finetune" / "model.keras", safe_mode=True)
     x, y = prepared.x["test"], prepared.y["test"]
+    tta = params.evaluate.tta
     start = time.perf_counter()
-    probs = features.extract(model, x, params.evaluate.batch_size, desc="evaluate test")
+    probs, single = features.predict_tta(model, x, params.evaluate.batch_size, tta, desc="evaluate test")
+    single_view = float((single.argmax(axis=1) == y).mean())
     seconds = time.perf_counter() - start
+    model = backbones.with_tta(model, tta)  # the model that is logged and registered
     y_pred = probs.argmax(axis=1)
     result = evaluate.summarize(y, probs, prepared.classes)
     metrics = {"test_accuracy": result["test_accuracy"], "test_loss": result["test_loss"],
+               "test_accuracy_single_view": round(single_view, 5),
                "evaluate_seconds": round(seconds, 2),
                "test_images_per_second": round(len(y) / seconds, 1),
                "parameters": int(model.count_params())}

@@ -67,6 +67,19 @@ def extract(model: keras.Model, x: np.ndarray, batch_size: int, desc: str = "ext
     return out
 
 
+def predict_tta(model: keras.Model, x: np.ndarray, batch_size: int, tta: str,
+                desc: str = "predict") -> tuple[np.ndarray, np.ndarray]:
+    """Class probabilities under test-time augmentation ("flip": the mean over each
+    image and its mirror image, what backbones.with_tta's model computes; "none"),
+    and those of the plain images alone."""
+    probs = extract(model, x, batch_size, desc)
+    if tta == "none":
+        return probs, probs
+    mirrored = np.empty_like(probs)
+    extract_into(model, x, [mirrored], batch_size, f"{desc}, mirrored", flip=True)
+    return (probs + mirrored) / 2, probs
+
+
 def _memmap(path: Path, n: int, shape, dtype) -> np.ndarray:
     return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(n, *shape))
 

@@ -504,7 +504,7 @@ def finalize(params: config.Params, prepared_dir: Path, storage_url: str | None,
     import optuna
     from optuna.trial import TrialState
 
-    from transferlab import data, evaluate, features, tracking
+    from transferlab import backbones, data, evaluate, features, tracking
 
     study = open_study(params, storage_url)
     states = {s.name.lower(): len(study.get_trials(deepcopy=False, states=(s,)))
@@ -529,7 +529,9 @@ def finalize(params: config.Params, prepared_dir: Path, storage_url: str | None,
         model = keras.saving.load_model(path, safe_mode=True)
     prepared = data.load_prepared(prepared_dir)
     x, y = prepared.x["test"], prepared.y["test"]
-    probs = features.extract(model, x, params.evaluate.batch_size, desc="tune: best trial on test")
+    probs, _ = features.predict_tta(model, x, params.evaluate.batch_size, params.evaluate.tta,
+                                    desc="tune: best trial on test")
+    model = backbones.with_tta(model, params.evaluate.tta)  # as the pipeline registers it
     result = evaluate.summarize(y, probs, prepared.classes)
     summary = {
         "best_trial": best.number, f"best_{params.tune.monitor}": round(best.value, 5),
