@@ -5,6 +5,7 @@ import io
 import json
 import os
 import pickle
+import subprocess
 import tarfile
 import threading
 import zipfile
@@ -326,3 +327,20 @@ def test_atomic_outputs_are_as_readable_as_any_other_file(tmp_path):
     finally:
         os.umask(umask)
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755  # not mkdtemp's 0700
+
+
+def test_atomic_dir_removes_what_a_killed_writer_left_and_spares_a_live_one(tmp_path):
+    from transferlab.data import atomic_dir
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # reaped: its pid names no process now
+    stale = tmp_path / f".out-{dead.pid}-abc123"
+    (stale / "activations").mkdir(parents=True)
+    (stale / "activations" / "train.npy").write_bytes(b"partial")
+    live = tmp_path / f".out-{os.getpid()}-def456"  # a writer still at work
+    live.mkdir()
+    with atomic_dir(tmp_path / "out") as tmp:
+        (tmp / "x").write_text("done")
+    assert not stale.exists() and live.exists()
+    assert (tmp_path / "out" / "x").read_text() == "done"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "out"])

@@ -37,6 +37,7 @@ def test_champion_alias_moves_only_to_a_better_model(in_tmp):
     import mlflow
 
     mlflow.set_tracking_uri(tracking.tracking_uri())
+    mlflow.set_experiment("champion-test")  # in this store, not one an earlier test made active
     client = mlflow.MlflowClient()
 
     def log(acc):

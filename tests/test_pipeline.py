@@ -3,6 +3,7 @@ through every stage, the MLflow store as `mlflow ui` serves it, and
 `mlflow run . -P backbone=<each registered backbone>`."""
 
 import json
+import os
 import subprocess
 import time
 import urllib.request
@@ -52,7 +53,17 @@ def test_dvc_repro_runs_every_stage(reproduced):
     assert (dest / "data/features/efficientnet_lite0-32px/activations/train_flip.npy").exists()
     assert json.loads((dest / "metrics/finetune.json").read_text())["path"] == "cached"
     evaluated = json.loads((dest / "metrics/evaluate.json").read_text())
-    assert 0.0 <= evaluated["test_accuracy"] <= 1.0
+    assert 0.0 <= evaluated["test_accuracy"] <= 1.0 and 0.0 <= evaluated["test_accuracy_single_view"] <= 1.0
+    # the registered model is the evaluated one: flip test-time augmentation (the default) inside
+    from transferlab import serve
+
+    cwd = os.getcwd()
+    os.chdir(dest)
+    try:
+        registered = serve.load(TINY["tracking"]["model_name"], alias="champion")
+    finally:
+        os.chdir(cwd)
+    assert "tta_flip" in [layer.name for layer in registered.model.layers]
     rows = (dest / "plots/evaluate/confusion.csv").read_text().splitlines()
     assert rows[0] == "actual,predicted" and len(rows) == 1 + 12
     assert set(json.loads((dest / "metrics/per_class.json").read_text())) >= set(synth.CLASSES)

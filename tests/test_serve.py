@@ -71,8 +71,11 @@ def test_predict_cli_reads_the_registry_by_alias_and_version(model_file, photos,
     assert cli.main(["predict", str(photos), "--model", "tiny", "--version", "7"]) == 1  # no such version
 
 
-def test_export_matches_the_keras_model(model_file, in_tmp):
-    path, _ = model_file
+@pytest.mark.parametrize("tta", ["none", "flip"])
+def test_export_matches_the_keras_model(model_file, in_tmp, tta):
+    path, model = model_file
+    if tta == "flip":  # what evaluate registers by default
+        backbones.with_tta(model, "flip").save(path)
     loaded = serve.load(path=path)
     sample = np.random.default_rng(0).integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)
     report = serve.export(loaded, in_tmp / "exports", sample)

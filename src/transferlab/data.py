@@ -16,6 +16,7 @@ only through an unpickler that admits numpy arrays and plain containers.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import io
 import json
@@ -68,7 +69,8 @@ def atomic_dir(out_dir: Path) -> Iterator[Path]:
     it replaces `out_dir` in one rename, so a crash never leaves a half-written
     output (and DVC never records one)."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
+    _remove_stale_temporaries(out_dir)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-{os.getpid()}-"))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make the output private
@@ -80,6 +82,23 @@ def atomic_dir(out_dir: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def _remove_stale_temporaries(out_dir: Path) -> None:
+    """Temporary folders that a killed process left beside `out_dir` (their
+    names carry the writer's pid; a live writer's folder is left alone)."""
+    prefix = f".{out_dir.name}-"
+    for path in out_dir.parent.glob(f"{glob.escape(prefix)}*"):
+        pid = path.name[len(prefix):].split("-", 1)[0]
+        if not (path.is_dir() and pid.isdigit()):
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            log.info("removing %s, left by a process that was killed while writing it", path)
+            shutil.rmtree(path, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            pass
 
 
 # --------------------------------------------------------------------------- checksums
