@@ -109,7 +109,7 @@ def test_sigkill_in_every_stage_then_repro_gives_the_same_result(tmp_path):
             killed_at = checkpoint_epoch(proj)
             assert 1 <= killed_at < PARAMS["finetune"]["epochs"]
 
-    final = tinyproject.run(["dvc", "repro"], proj, env)
+    tinyproject.run(["dvc", "repro"], proj, env)
     # the run after the fine-tune's kill (the one killed in evaluate) resumed it
     resumed = (proj / "repro-evaluate.log").read_text()
     assert "resumed from data/checkpoints/" in resumed and f"after epoch {killed_at}" in resumed

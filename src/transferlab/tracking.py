@@ -74,16 +74,12 @@ def setup(experiment: str):
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri())
-    exp = mlflow.get_experiment_by_name(experiment)
-    if exp is None:
-        try:
+    with store_lock("init"):  # a new store's tables, and the experiment, created once
+        exp = mlflow.get_experiment_by_name(experiment)
+        if exp is None:
             mlflow.create_experiment(experiment, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
-        except mlflow.exceptions.MlflowException:
-            if mlflow.get_experiment_by_name(experiment) is None:
-                raise
-            # another run (another clone on the same store) created it first
-    elif exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
-        mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        elif exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+            mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     mlflow.set_experiment(experiment)
     return mlflow
 
@@ -215,19 +211,23 @@ def champion_accuracy(client, name: str) -> float | None:
 
 
 @contextlib.contextmanager
-def registry_lock() -> Iterator[None]:
-    """Serialise read-compare-move of the champion alias between processes that
-    share a local store (an SQLite file or a folder), so that two runs finishing
-    together cannot leave the worse one as champion. With a tracking server,
-    runs on several machines are not serialised by this lock."""
+def store_lock(purpose: str) -> Iterator[None]:
+    """An exclusive lock between the processes that share a local store (an
+    SQLite file or a folder), one per purpose:
+    - "init": creating the store's tables and the experiment, which two runs
+      starting together on a new SQLite file would otherwise both attempt;
+    - "registry": the read-compare-move of the champion alias, so that two runs
+      finishing together cannot leave the worse one as champion.
+    With a tracking server there is nothing local to lock (and runs on several
+    machines are not serialised by this)."""
     import fcntl
     import urllib.parse
 
     uri = tracking_uri()
     if uri.startswith("sqlite:///"):
-        lock = Path(urllib.parse.unquote(uri[len("sqlite:///"):]) + ".registry.lock")
+        lock = Path(urllib.parse.unquote(uri[len("sqlite:///"):]) + f".{purpose}.lock")
     elif uri.startswith("file:") or "://" not in uri:
-        lock = Path(urllib.parse.urlparse(uri).path or uri) / ".registry.lock"
+        lock = Path(urllib.parse.urlparse(uri).path or uri) / f".{purpose}.lock"
     else:
         yield
         return
@@ -247,7 +247,7 @@ def register_and_promote(model_uri: str, name: str, test_accuracy: float) -> tup
     client = mlflow.MlflowClient()
     version = mlflow.register_model(model_uri, name).version
     client.set_model_version_tag(name, version, "test_accuracy", f"{test_accuracy:.6f}")
-    with registry_lock():
+    with store_lock("registry"):
         promote, reason = should_promote(test_accuracy, champion_accuracy(client, name))
         if promote:
             client.set_registered_model_alias(name, CHAMPION, version)
