@@ -457,7 +457,7 @@ def project_lock(root: Path = Path(".")):
                 f"({fh.read().strip() or 'unknown'}). Wait for it to end, or start this one in a separate "
                 "clone (`git worktree add ../other`); clones may share one MLflow store."
             ) from None
-        dvc_lock = tmp / "lock"  # DVC's own repository lock (zc.lockfile: flock)
+        dvc_lock = root / ".dvc" / "tmp" / "lock"  # DVC's own repository lock (zc.lockfile: flock)
         if dvc_lock.exists():
             with open(dvc_lock, "a+") as probe:
                 try:
