@@ -14,3 +14,15 @@ def in_tmp(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return tmp_path
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_environment_restored():
+    """MLflow's fluent API writes MLFLOW_TRACKING_URI and MLFLOW_EXPERIMENT_ID into
+    os.environ (for child processes): each test leaves the MLFLOW_* variables as
+    it found them, so no later test or subprocess inherits another test's store."""
+    before = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
+    yield
+    for key in [k for k in os.environ if k.startswith("MLFLOW_") and k not in before]:
+        del os.environ[key]
+    os.environ.update(before)

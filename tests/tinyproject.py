@@ -30,8 +30,8 @@ TINY = {
 def environment() -> dict:
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.pop("MLFLOW_RUN_ID", None)
+    for key in [k for k in env if k.startswith("MLFLOW_")]:  # the project's own store, no outer run
+        del env[key]
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
     return env
 
