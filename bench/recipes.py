@@ -84,7 +84,7 @@ def peak_rss_gb() -> float:
 def run_ours(workdir: Path, params_path: Path, overrides: list[str]) -> dict:
     import numpy as np
 
-    from transferlab import cli, config, data, features
+    from transferlab import cli, config, data
 
     workdir.mkdir(parents=True, exist_ok=True)
     os.chdir(workdir)
@@ -107,8 +107,8 @@ def run_ours(workdir: Path, params_path: Path, overrides: list[str]) -> dict:
     stage("features", cli.cmd_features)
     prepared = data.load_prepared(cli.PREPARED)
     y_test = np.asarray(prepared.y["test"])
-    feats, _ = features.load_features(cli.features_dir(params))
-    stage("head", cli.cmd_head, [probe(clock, points, "head", feats["test"], y_test)])
+    test_features = np.load(cli.features_dir(params) / "test.npy")  # the head's inputs, test split only
+    stage("head", cli.cmd_head, [probe(clock, points, "head", test_features, y_test)])
     x_test = np.asarray(prepared.x["test"])
     full_path = not cli.uses_activation_cache(params)
     # the cached path's model takes activations, which are not cached for test: no probe there

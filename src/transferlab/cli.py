@@ -81,7 +81,7 @@ def cmd_prepare(params: config.Params) -> None:
     with tracking.stage_run(
         "prepare", experiment=params.tracking.experiment, backbone=params.backbone.name,
         params=config.flatten({"seed": params.seed, "data": config.to_dict(params)["data"]}), inputs=[],
-    ) as run:
+    ):
         import mlflow
 
         mlflow.log_metrics({f"{k}_images": v for k, v in manifest["totals"].items()})
@@ -224,7 +224,7 @@ def cmd_finetune(params: config.Params, callbacks: list | None = None) -> None:
     import keras
     import mlflow
 
-    from transferlab import backbones, data, features, finetune, tracking
+    from transferlab import backbones, data, finetune, tracking
 
     keras.utils.set_random_seed(params.seed)
     prepared = data.load_prepared(PREPARED)
