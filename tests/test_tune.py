@@ -162,6 +162,23 @@ def test_storage_password_never_reaches_mlflow():
     assert "s3cret" not in redact("postgresql+psycopg2://me:s3cret@db:5432/optuna")
 
 
+def test_worker_processes_get_the_storage_url_in_their_environment_not_their_arguments(monkeypatch):
+    url = "postgresql+psycopg2://me:s3cret@db:5432/optuna"
+    started = []
+    monkeypatch.setattr(tune.subprocess, "Popen", lambda cmd, env: started.append((cmd, env)))
+    tune.spawn_workers(2, Path("params.yaml"), url)
+    assert len(started) == 2
+    for cmd, env in started:
+        assert not any("s3cret" in part for part in cmd)  # `ps` shows arguments to every user
+        assert env[tune.STORAGE_ENV] == url
+
+
+def test_tune_reads_the_storage_url_from_the_environment(project, monkeypatch, caplog):
+    monkeypatch.setenv(tune.STORAGE_ENV, "sqlite:///from-env.db")
+    assert cli.main(["tune", "--workers", "2"]) == 2  # refused for SQLite, naming the URL it resolved
+    assert "from-env.db" in caplog.text
+
+
 # --------------------------------------------------------------------------- PostgreSQL
 
 needs_pg = pytest.mark.skipif(pgserver.bindir() is None, reason="PostgreSQL is not installed")

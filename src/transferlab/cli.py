@@ -529,7 +529,7 @@ def cmd_tune(params_path: Path, args: argparse.Namespace) -> int:
     if changes:
         log.info("params.yaml overrides: %s", _redacted(changes))
     params = config.load(params_path)
-    url = args.storage or params.tune.storage
+    url = args.storage or os.environ.get(tune.STORAGE_ENV) or params.tune.storage
     if not (PREPARED / "manifest.json").exists():
         raise FileNotFoundError(f"{PREPARED}: no prepared data; run `dvc repro prepare` first")
     if args.worker:
@@ -549,7 +549,7 @@ def cmd_tune(params_path: Path, args: argparse.Namespace) -> int:
     tune.ensure_cache(params, PREPARED)
     tune.start(params, PREPARED, url, outer)
     if args.workers > 1:
-        procs = tune.spawn_workers(args.workers, params_path, args.storage)
+        procs = tune.spawn_workers(args.workers, params_path, url)
         codes = [p.wait() for p in procs]
         if any(codes):
             log.error("worker exit codes: %s", codes)
@@ -714,7 +714,8 @@ def _parser() -> argparse.ArgumentParser:
     tune = sub.add_parser("tune", parents=[common, overrides], help="the Optuna search (params.yaml: tune)")
     tune.add_argument("--workers", type=int, default=1,
                       help="worker processes on this machine (more than 1 needs PostgreSQL storage)")
-    tune.add_argument("--storage", help="Optuna storage URL (default: tune.storage in params.yaml)")
+    tune.add_argument("--storage", help="Optuna storage URL (default: $TRANSFERLAB_TUNE_STORAGE, then "
+                      "tune.storage in params.yaml; the variable keeps a password out of `ps`)")
     tune.add_argument("--worker", action="store_true",
                       help="only run trials, joining a study that `transferlab tune` started")
     tune.add_argument("--worker-id", type=int, default=0, help="varies the sampler seed per worker")

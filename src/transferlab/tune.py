@@ -481,15 +481,21 @@ def work(params: config.Params, storage_url: str | None, prepared_dir: Path, wor
     return ran
 
 
+STORAGE_ENV = "TRANSFERLAB_TUNE_STORAGE"
+
+
 def spawn_workers(n: int, params_path: Path, storage_url: str | None) -> list[subprocess.Popen]:
-    """n worker processes on this machine, each `transferlab tune --worker`."""
+    """n worker processes on this machine, each `transferlab tune --worker`. The
+    storage URL travels in the environment, not on the command line: any user
+    can read a process's arguments (`ps`), only its owner its environment."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    if storage_url:
+        env[STORAGE_ENV] = storage_url
     procs = []
     for i in range(n):
         cmd = [sys.executable, "-m", "transferlab.cli", "tune", "--worker", "--worker-id", str(i),
                "--params", str(params_path)]
-        if storage_url:
-            cmd += ["--storage", storage_url]
-        procs.append(subprocess.Popen(cmd, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}))
+        procs.append(subprocess.Popen(cmd, env=env))
     return procs
 
 
