@@ -47,6 +47,7 @@ RUN_ATTR = "mlflow_run_id"
 MODEL_ATTR = "model_logged"
 STATE_TAG = "state"
 TUNE_DIR = Path("data/tune")
+STORAGE_ENV = "TRANSFERLAB_TUNE_STORAGE"  # the storage URL, kept off command lines
 
 
 class TuneError(RuntimeError):
@@ -479,9 +480,6 @@ def work(params: config.Params, storage_url: str | None, prepared_dir: Path, wor
                  finished[-1].number if finished else "?", finished[-1].state.name if finished else "?",
                  _counted(study)[0], t.n_trials)
     return ran
-
-
-STORAGE_ENV = "TRANSFERLAB_TUNE_STORAGE"
 
 
 def spawn_workers(n: int, params_path: Path, storage_url: str | None) -> list[subprocess.Popen]:
