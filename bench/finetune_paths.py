@@ -26,7 +26,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from transferlab import backbones, features, finetune, head  # noqa: E402
+from transferlab import backbones, features, finetune, head, training  # noqa: E402
 
 
 def timed_epoch(model, data, **kwargs) -> float:
@@ -48,7 +48,7 @@ def measure(name: str, input_size: int, n: int, unfreeze, batch_size: int) -> di
     body = backbones.build_body(name, input_size, weights=None)
     finetune.set_trainable(spec, body, unfreeze)
     model = finetune.assemble(spec, body, hm, 32, input_size, finetune.augmentation(True, 0.1, 0.05, 0.1, 0))
-    finetune.compile_model(model, "adamw", 1e-3, 1e-4)
+    training.compile_model(model, "adamw", 1e-3, 1e-4)
     row["full_img_s"] = n / timed_epoch(model, x, y=y, batch_size=batch_size)
 
     if finetune.n_unfrozen(spec, unfreeze) >= len(spec.blocks):
@@ -65,7 +65,7 @@ def measure(name: str, input_size: int, n: int, unfreeze, batch_size: int) -> di
     features.extract_into(extractor, x, [flipped, None], batch_size, "cache flipped", flip=True)
     row["cache_img_s"] = n / (time.perf_counter() - start)  # per training image, both flips
     upper = finetune.assemble_upper(split, hm)
-    finetune.compile_model(upper, "adamw", 1e-3, 1e-4)
+    training.compile_model(upper, "adamw", 1e-3, 1e-4)
     data = finetune.FlipCacheDataset(acts, flipped, y, batch_size, 0)
     row["cached_img_s"] = n / timed_epoch(upper, data)
     saved = 1 / row["full_img_s"] - 1 / row["cached_img_s"]

@@ -84,17 +84,16 @@ def peak_rss_gb() -> float:
 def run_ours(workdir: Path, params_path: Path, overrides: list[str]) -> dict:
     import numpy as np
 
-    from transferlab import cli, config, data
+    from transferlab import backbones, config, data, finetune
+    from transferlab.run import apply_overrides
+    from transferlab.stages import PREPARED, evaluate, features, features_dir, head, prepare
+    from transferlab.stages import finetune as finetune_stage
 
     workdir.mkdir(parents=True, exist_ok=True)
     os.chdir(workdir)
     shutil.copy(params_path, "params.yaml")
-    cli.apply_overrides(Path("params.yaml"), overrides)
+    apply_overrides(Path("params.yaml"), overrides)
     params = config.load("params.yaml")
-    if params.deterministic:
-        import tensorflow as tf
-
-        tf.config.experimental.enable_op_determinism()
     clock, points, stages = Clock(), [], {}
 
     def stage(name, fn, *args):
@@ -103,17 +102,18 @@ def run_ours(workdir: Path, params_path: Path, overrides: list[str]) -> dict:
         stages[name] = round(time.perf_counter() - t0 - (clock.paused - paused0), 2)
         print(f"[ours] {name}: {stages[name]:.1f} s", flush=True)
 
-    stage("prepare", cli.cmd_prepare)
-    stage("features", cli.cmd_features)
-    prepared = data.load_prepared(cli.PREPARED)
+    stage("prepare", prepare.main)
+    stage("features", features.main)
+    prepared = data.load_prepared(PREPARED)
     y_test = np.asarray(prepared.y["test"])
-    test_features = np.load(cli.features_dir(params) / "test.npy")  # the head's inputs, test split only
-    stage("head", cli.cmd_head, [probe(clock, points, "head", test_features, y_test)])
+    b = params.backbone
+    test_features = np.load(features_dir(b.name, b.input_size) / "test.npy")  # the head's inputs
+    stage("head", head.main, [probe(clock, points, "head", test_features, y_test)])
     x_test = np.asarray(prepared.x["test"])
-    full_path = not cli.uses_activation_cache(params)
+    full_path = not finetune.uses_cache(backbones.get(b.name), params.finetune.mode, params.finetune.unfreeze)
     # the cached path's model takes activations, which are not cached for test: no probe there
-    stage("finetune", cli.cmd_finetune, [probe(clock, points, "finetune", x_test, y_test)] if full_path else [])
-    stage("evaluate", cli.cmd_evaluate)
+    stage("finetune", finetune_stage.main, [probe(clock, points, "finetune", x_test, y_test)] if full_path else [])
+    stage("evaluate", evaluate.main)
     wall = clock.now()
     evaluated = json.loads(Path("metrics/evaluate.json").read_text())
     head_m = json.loads(Path("metrics/head.json").read_text())

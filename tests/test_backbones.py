@@ -22,10 +22,15 @@ def test_backbone_builds_with_its_blocks(name):
     # every block holds weights, and every weighted layer is in exactly one block
     for block_name, group in zip(spec.block_names, groups):
         assert sum(len(layer.weights) for layer in group) > 0, f"{name}: block {block_name} is empty"
-    assert sum(len(g) for g in groups) == len(body.layers)
+    # every weighted layer matches exactly one block's prefixes: none falls into the
+    # first block by default (it would never be unfrozen) or matches two
+    weighted = [layer for layer in body.layers if layer.weights]
+    for layer in weighted:
+        matches = [i for i, (_, prefixes) in enumerate(spec.blocks) if layer.name.startswith(prefixes)]
+        assert len(matches) == 1, f"{name}: {layer.name} matches blocks {matches}"
     # the first block is the one nearest the input
-    first = [layer for layer in body.layers if layer.weights][0]
-    assert backbones.block_index(spec, first.name) == 0
+    first = weighted[0]
+    assert [i for i, (_, p) in enumerate(spec.blocks) if first.name.startswith(p)] == [0]
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -1,7 +1,12 @@
+import typing
+
 import pytest
 import yaml
 
+import tinyproject
 from transferlab import config
+
+ROOT_PARAMS = tinyproject.ROOT / "params.yaml"
 
 
 def test_repo_params_file_is_valid():
@@ -10,41 +15,71 @@ def test_repo_params_file_is_valid():
     assert params.data.checksum.startswith("sha256:")
 
 
-def test_defaults_fill_missing_sections():
-    params = config.from_dict({"head": {"units": 8}})
-    assert params.head.units == 8
-    assert params.head.dropout == config.HeadConfig().dropout
+def test_params_yaml_is_the_only_place_defaults_live():
+    """No dataclass field has a default of its own, so the typed config and the
+    shipped params.yaml cannot disagree; and the shipped file gives every key."""
+    import dataclasses
+
+    def walk(cls, prefix=""):
+        for f in dataclasses.fields(cls):
+            key = f"{prefix}{f.name}"
+            assert f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING, \
+                f"{key} has a default in config.py; params.yaml is the one place defaults live"
+            hint = typing.get_type_hints(cls)[f.name]
+            if dataclasses.is_dataclass(hint):
+                walk(hint, key + ".")
+
+    walk(config.Params)
+    shipped = yaml.safe_load(ROOT_PARAMS.read_text())
+    assert config.to_dict(config.from_dict(shipped)) == shipped  # every key, nothing added
+
+
+def test_a_missing_key_is_an_error_naming_it():
+    raw = tinyproject.full_params({})
+    del raw["head"]["dropout"]
+    with pytest.raises(config.ConfigError, match=r"missing key\(s\) \['dropout'\] in head"):
+        config.from_dict(raw)
+    del raw["evaluate"]
+    with pytest.raises(config.ConfigError, match=r"missing key\(s\) \['evaluate'\] in the top level"):
+        config.from_dict(raw)
+
+
+def test_subset_nests_the_keys_a_stage_reads():
+    params = config.from_dict(tinyproject.full_params({"head": {"units": 8}}))
+    got = config.subset(params, "seed", "head", "backbone.name")
+    assert got == {"seed": params.seed, "head": config.to_dict(params)["head"],
+                   "backbone": {"name": params.backbone.name}}
 
 
 def test_unknown_key_names_valid_keys():
     with pytest.raises(config.ConfigError, match=r"unknown key\(s\) \['unit'\] in head; valid keys: \[.*'units'"):
-        config.from_dict({"head": {"unit": 8}})
+        config.from_dict(tinyproject.full_params({"head": {"unit": 8}}))
 
 
 def test_unknown_top_level_key():
     with pytest.raises(config.ConfigError, match="the top level"):
-        config.from_dict({"lerning_rate": 0.1})
+        config.from_dict(tinyproject.full_params({"lerning_rate": 0.1}))
 
 
 def test_wrong_type_is_an_error():
     with pytest.raises(config.ConfigError, match="head.epochs: expected int"):
-        config.from_dict({"head": {"epochs": "ten"}})
+        config.from_dict(tinyproject.full_params({"head": {"epochs": "ten"}}))
     with pytest.raises(config.ConfigError, match="expected int"):
-        config.from_dict({"head": {"epochs": True}})
+        config.from_dict(tinyproject.full_params({"head": {"epochs": True}}))
 
 
 def test_int_is_accepted_for_float():
-    assert config.from_dict({"head": {"learning_rate": 1}}).head.learning_rate == 1.0
+    assert config.from_dict(tinyproject.full_params({"head": {"learning_rate": 1}})).head.learning_rate == 1.0
 
 
 def test_unknown_backbone_lists_registry():
     with pytest.raises(config.ConfigError, match="registered: .*efficientnet_lite0.*vgg16"):
-        config.from_dict({"backbone": {"name": "vgg17"}})
+        config.from_dict(tinyproject.full_params({"backbone": {"name": "vgg17"}}))
 
 
 def test_choices_are_checked():
     with pytest.raises(config.ConfigError, match="head.optimizer: must be one of"):
-        config.from_dict({"head": {"optimizer": "adagrad"}})
+        config.from_dict(tinyproject.full_params({"head": {"optimizer": "adagrad"}}))
 
 
 def test_load_names_the_file(tmp_path):

@@ -58,7 +58,7 @@ def test_champion_alias_moves_only_to_a_better_model(in_tmp):
 def test_flip_tta_model_is_the_mean_over_image_and_mirror_and_reloads_safely(tmp_path):
     import keras
 
-    from transferlab import backbones, features
+    from transferlab import tta
 
     keras.utils.set_random_seed(0)
     inputs = keras.Input((6, 6, 3))
@@ -68,12 +68,12 @@ def test_flip_tta_model_is_the_mean_over_image_and_mirror_and_reloads_safely(tmp
     plain = base.predict(images, verbose=0)
     mirrored = base.predict(images[:, :, ::-1], verbose=0)
     assert not np.allclose(plain, mirrored)  # the mirror image is a different view
-    tta = backbones.with_tta(base, "flip")
-    np.testing.assert_allclose(tta.predict(images, verbose=0), (plain + mirrored) / 2, rtol=1e-5, atol=1e-6)
-    probs, single = features.predict_tta(base, images, 2, "flip")
+    with_tta = tta.with_tta(base, "flip")
+    np.testing.assert_allclose(with_tta.predict(images, verbose=0), (plain + mirrored) / 2, rtol=1e-5, atol=1e-6)
+    probs, single = tta.predict_tta(base, images, 2, "flip")
     np.testing.assert_allclose(probs, (plain + mirrored) / 2, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(single, plain, rtol=1e-5, atol=1e-6)
-    tta.save(tmp_path / "tta.keras")
+    with_tta.save(tmp_path / "tta.keras")
     loaded = keras.saving.load_model(tmp_path / "tta.keras", safe_mode=True)
     np.testing.assert_allclose(loaded.predict(images, verbose=0), probs, rtol=1e-5, atol=1e-6)
-    assert backbones.with_tta(base, "none") is base
+    assert tta.with_tta(base, "none") is base

@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pytest
 
-from transferlab import backbones, features, head
+from transferlab import backbones, features, head, training
 
 
 def test_extract_streams_in_batches_and_matches_predict(tmp_path):
@@ -55,7 +55,13 @@ def test_head_learns_separable_features_and_stops_early():
     assert acc > 0.95
 
 
-@pytest.mark.parametrize("name", head.OPTIMIZERS)
+@pytest.mark.parametrize("name", training.OPTIMIZERS)
 def test_optimizers(name):
-    lr = keras.ops.convert_to_numpy(head.make_optimizer(name, 1e-3).learning_rate)
-    assert float(lr) == pytest.approx(1e-3)
+    opt = training.make_optimizer(name, 1e-3, weight_decay=1e-5)
+    kinds = {"adam": keras.optimizers.Adam, "adamw": keras.optimizers.AdamW, "sgd": keras.optimizers.SGD,
+             "rmsprop": keras.optimizers.RMSprop}
+    assert type(opt) is kinds[name]
+    assert float(keras.ops.convert_to_numpy(opt.learning_rate)) == pytest.approx(1e-3)
+    assert opt.weight_decay == pytest.approx(1e-5)
+    if name == "sgd":
+        assert opt.momentum == pytest.approx(0.9) and opt.nesterov

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from keras import layers
 
-from transferlab import backbones, finetune, head
+from transferlab import backbones, finetune, head, training
 from transferlab.backbones import BACKBONES
 
 NAMES = sorted(BACKBONES)
@@ -79,7 +79,7 @@ def test_batchnorm_statistics_do_not_move_in_a_finetune_step():
     before = [[w.numpy().copy() for w in bn.weights] for bn in bns]
     conv = body.get_layer("top_conv")
     kernel_before = conv.kernel.numpy().copy()
-    finetune.compile_model(model, "sgd", 0.1, None)
+    training.compile_model(model, "sgd", 0.1, None)
     x = np.random.default_rng(0).integers(0, 255, (8, 16, 16, 3)).astype(np.uint8)
     model.fit(x, np.arange(8) % 3, epochs=1, batch_size=8, verbose=0)
     for bn, old in zip(bns, before):
@@ -93,7 +93,7 @@ def test_frozen_blocks_do_not_train():
     spec, body, model = _tiny_classifier("efficientnetb0", unfreeze=1)
     frozen = body.get_layer("block1a_dwconv").kernel.numpy().copy()
     top = body.get_layer("top_conv").kernel.numpy().copy()
-    finetune.compile_model(model, "sgd", 0.1, None)
+    training.compile_model(model, "sgd", 0.1, None)
     x = np.random.default_rng(1).integers(0, 255, (8, 16, 16, 3)).astype(np.uint8)
     model.fit(x, np.arange(8) % 3, epochs=1, batch_size=8, verbose=0)
     np.testing.assert_array_equal(body.get_layer("block1a_dwconv").kernel.numpy(), frozen)
@@ -117,12 +117,12 @@ def test_flip_cache_dataset_mixes_both_caches_reproducibly():
 
 
 def test_learning_rate_warms_up_then_decays():
-    lr = finetune.learning_rate("cosine", 1e-2, epochs=4, steps_per_epoch=10, warmup_epochs=1)
+    lr = finetune.learning_rate_schedule("cosine", 1e-2, epochs=4, steps_per_epoch=10, warmup_epochs=1)
     values = [float(lr(s)) for s in (0, 10, 39)]
     assert values[0] == pytest.approx(1e-3)
     assert values[1] == pytest.approx(1e-2, rel=1e-3)
     assert values[2] < 1e-3
-    assert finetune.learning_rate("plateau", 1e-3, 4, 10, 1) == 1e-3
+    assert finetune.learning_rate_schedule("plateau", 1e-3, 4, 10, 1) == 1e-3
 
 
 class Interrupt(keras.callbacks.Callback):
@@ -141,7 +141,7 @@ def _toy_problem():
     x = rng.normal(size=(64, 8)).astype(np.float32)
     y = (x[:, 0] > 0).astype(np.int64)
     model = head.build_head(8, 2, units=8, dropout=0.0)
-    finetune.compile_model(model, "adam", 1e-2, None)
+    training.compile_model(model, "adam", 1e-2, None)
     return x, y, model
 
 

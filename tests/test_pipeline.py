@@ -48,19 +48,23 @@ def test_dvc_repro_runs_every_stage(reproduced):
     assert (dest / "data/features/efficientnet_lite0-32px/meta.json").exists()
     assert (dest / "models/head/model.keras").exists()
     metrics = json.loads((dest / "metrics/head.json").read_text())
-    assert 0.0 <= metrics["val_accuracy"] <= 1.0 and metrics["epochs_run"] >= 1
+    assert 0.0 <= metrics["best_val_accuracy"] <= 1.0 and metrics["epochs_run"] >= 1
     assert (dest / "plots/head/confusion_val.png").stat().st_size > 1000
-    assert (dest / "data/features/efficientnet_lite0-32px/activations/train_flip.npy").exists()
-    assert json.loads((dest / "metrics/finetune.json").read_text())["path"] == "cached"
+    # the shipped params.yaml's fine-tune path (the tiny config leaves finetune.mode as shipped)
+    shipped_mode = yaml.safe_load((ROOT / "params.yaml").read_text())["finetune"]["mode"]
+    assert yaml.safe_load((dest / "params.yaml").read_text())["finetune"]["mode"] == shipped_mode
+    assert json.loads((dest / "metrics/finetune.json").read_text())["path"] == shipped_mode
+    cache = dest / "data/features/efficientnet_lite0-32px/activations/train_flip.npy"
+    assert cache.exists() == (shipped_mode == "cached")
     evaluated = json.loads((dest / "metrics/evaluate.json").read_text())
     assert 0.0 <= evaluated["test_accuracy"] <= 1.0 and 0.0 <= evaluated["test_accuracy_single_view"] <= 1.0
     # the registered model is the evaluated one: flip test-time augmentation (the default) inside
-    from transferlab import serve
+    from transferlab import predict
 
     cwd = os.getcwd()
     os.chdir(dest)
     try:
-        registered = serve.load(TINY["tracking"]["model_name"], alias="champion")
+        registered = predict.load(TINY["tracking"]["model_name"], alias="champion")
     finally:
         os.chdir(cwd)
     assert "tta_flip" in [layer.name for layer in registered.model.layers]
@@ -73,6 +77,38 @@ def test_second_repro_does_nothing(reproduced):
     _, _, _, second = reproduced
     assert "Running stage" not in second
     assert "up to date" in second
+
+
+def test_changing_what_no_stage_imports_leaves_dvc_status_clean(reproduced):
+    """The ui command, compare, predict, export, the CLI, the README and a bench
+    script: none is a stage's dependency, so none re-runs the pipeline. A stage's
+    own module does."""
+    dest, env, _, _ = reproduced
+    untouched = ["src/transferlab/ui.py", "src/transferlab/compare.py", "src/transferlab/predict.py",
+                 "src/transferlab/export.py", "src/transferlab/cli.py", "src/transferlab/run.py",
+                 "src/transferlab/tune.py", "README.md", "bench/recipes.py"]
+    saved = {name: (dest / name).read_bytes() if (dest / name).exists() else None for name in untouched}
+    try:
+        for name in untouched:
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            with open(dest / name, "a") as fh:
+                fh.write("\n# changed\n")
+        assert "up to date" in run(["dvc", "status"], dest, env)
+        head = dest / "src/transferlab/stages/head.py"
+        original = head.read_bytes()
+        head.write_bytes(original + b"\n# changed\n")
+        try:
+            status = run(["dvc", "status"], dest, env)
+            assert "head:" in status and "prepare:" not in status
+        finally:
+            head.write_bytes(original)
+    finally:
+        for name, content in saved.items():
+            if content is None:
+                (dest / name).unlink()
+            else:
+                (dest / name).write_bytes(content)
+    assert "up to date" in run(["dvc", "status"], dest, env)
 
 
 def test_mlflow_runs_hold_params_metrics_and_tags(reproduced):
@@ -98,7 +134,7 @@ def test_mlflow_runs_hold_params_metrics_and_tags(reproduced):
     assert h.data.tags["dvc.dep.data/prepared"] == prepared_md5
     head_metrics = json.loads((dest / "metrics/head.json").read_text())
     assert len(client.get_metric_history(h.info.run_id, "val_accuracy")) == head_metrics["epochs_run"]
-    assert h.data.metrics["best_val_accuracy"] == head_metrics["val_accuracy"]
+    assert h.data.metrics["best_val_accuracy"] == head_metrics["best_val_accuracy"]
     artifacts = [a.path for a in client.list_artifacts(h.info.run_id, "confusion")]
     assert "confusion/confusion_val.png" in artifacts
     e = runs["evaluate"]
@@ -219,6 +255,6 @@ def test_dvc_plots_metrics_diff_and_experiments(reproduced):
     out = subprocess.run(["dvc", "metrics", "diff", "--all", "--json"], cwd=dest, env=env,
                          capture_output=True, text=True, check=True).stdout
     head_diff = json.loads(out)["metrics/head.json"]
-    assert head_diff["val_accuracy"]["old"] == before["val_accuracy"]
-    assert head_diff["val_accuracy"]["new"] == after["val_accuracy"]
+    assert head_diff["best_val_accuracy"]["old"] == before["best_val_accuracy"]
+    assert head_diff["best_val_accuracy"]["new"] == after["best_val_accuracy"]
     assert head_diff["head_seconds"]["old"] != head_diff["head_seconds"]["new"]  # the stage re-ran

@@ -7,7 +7,9 @@ import functools
 import hashlib
 import http.server
 import json
+import logging
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -20,7 +22,9 @@ import pytest
 import yaml
 
 import synth
+import tinyproject
 from transferlab import cli, config, tracking
+from transferlab.run import project_lock
 
 SECRET = "s3cretPa55"
 
@@ -59,11 +63,12 @@ def test_no_secret_reaches_mlflow_the_outputs_or_the_log(in_tmp, auth_server, ca
     params = {"data": {"source": f"http://me:{SECRET}@127.0.0.1:{port}/cifar-10-python.tar.gz",
                        "checksum": md5, "val_fraction": 0.2},
               "tracking": {"experiment": "secrets"}}
-    Path("params.yaml").write_text(yaml.safe_dump(params))
+    Path("params.yaml").write_text(yaml.safe_dump(tinyproject.full_params(params)))
+    caplog.set_level(logging.DEBUG)  # every line the stage logs, not only warnings
     assert cli.main(["prepare"]) == 0
     assert seen and seen[-1].startswith("Basic "), "the credentials were not used"
 
-    assert SECRET not in caplog.text
+    assert "transferlab" in caplog.text and SECRET not in caplog.text
     for path in Path("data/prepared").rglob("*"):
         if path.suffix in (".json", ".yaml"):
             assert SECRET not in path.read_text(), path
@@ -81,6 +86,15 @@ def test_no_secret_reaches_mlflow_the_outputs_or_the_log(in_tmp, auth_server, ca
                 text = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id,
                                                                 artifact_path=artifact.path)).read_text()
                 assert SECRET not in text, artifact.path
+
+    # a refused download: the error names the URL, masked
+    caplog.clear()
+    wrong = params["data"]["source"].replace(SECRET, "wr0ngPa55")
+    Path("params.yaml").write_text(yaml.safe_dump(tinyproject.full_params(
+        {**params, "data": {**params["data"], "source": wrong}})))
+    shutil.rmtree("data/cache", ignore_errors=True)
+    assert cli.main(["prepare"]) == 1
+    assert "wr0ngPa55" not in caplog.text and "me:***@127.0.0.1" in caplog.text
 
 
 RACER = r"""
@@ -127,7 +141,7 @@ def test_two_runs_finishing_together_leave_the_better_champion(in_tmp):
 
 TINY = {
     "seed": 5, "deterministic": True,
-    "data": {"source": "tiny-images", "image_size": 16, "val_fraction": 0.25},
+    "data": {"source": "tiny-images", "checksum": None, "image_size": 16, "val_fraction": 0.25},
     "backbone": {"name": "vgg16", "weights": "none", "input_size": 32},
     "head": {"units": 16, "epochs": 3, "batch_size": 8},
     "finetune": {"unfreeze": 1, "mode": "full", "epochs": 2, "batch_size": 8},
@@ -138,7 +152,7 @@ TINY = {
 def _tiny_run(root: Path) -> tuple[dict, list[np.ndarray]]:
     root.mkdir()
     synth.make_image_folder(root / "tiny-images", per_class=8, test_per_class=2, size=16)
-    (root / "params.yaml").write_text(yaml.safe_dump(TINY))
+    (root / "params.yaml").write_text(yaml.safe_dump(tinyproject.full_params(TINY)))
     cwd = os.getcwd()
     os.chdir(root)
     try:
@@ -158,7 +172,7 @@ def _tiny_run(root: Path) -> tuple[dict, list[np.ndarray]]:
 
 @pytest.mark.heavy
 def test_two_seeded_deterministic_runs_give_identical_numbers(in_tmp):
-    assert config.from_dict(TINY).deterministic
+    assert config.from_dict(tinyproject.full_params(TINY)).deterministic
     first, w1 = _tiny_run(in_tmp / "one")
     second, w2 = _tiny_run(in_tmp / "two")
     assert first == second
@@ -170,7 +184,7 @@ def test_two_seeded_deterministic_runs_give_identical_numbers(in_tmp):
 
 @pytest.fixture
 def dvc_project(in_tmp):
-    (in_tmp / "params.yaml").write_text(yaml.safe_dump({"seed": 1, "head": {"epochs": 3}}))
+    (in_tmp / "params.yaml").write_text(yaml.safe_dump(tinyproject.full_params({"seed": 1, "head": {"epochs": 3}})))
     subprocess.run(["dvc", "init", "--no-scm", "-q"], check=True, cwd=in_tmp,
                    env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"})
     return in_tmp
@@ -180,7 +194,7 @@ def test_a_second_run_in_the_same_project_is_refused_and_leaves_params_alone(dvc
     """`mlflow run` twice in one folder: the second would rewrite params.yaml under
     the first one's stages. It is refused, with the holder and the way out."""
     before = (dvc_project / "params.yaml").read_text()
-    with cli.project_lock(dvc_project):
+    with project_lock(dvc_project):
         with caplog.at_level("ERROR", logger="transferlab"):
             code = cli.main(["run", "--set", "head.epochs=9"])
     assert code == 1

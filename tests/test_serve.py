@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import synth
-from transferlab import backbones, cli, finetune, head, serve, tracking
+from transferlab import backbones, cli, export, finetune, head, predict, tracking, ui
+from transferlab.tta import with_tta
 
 CLASSES = synth.CLASSES
 
@@ -37,10 +38,10 @@ def photos(in_tmp):
 
 def test_predict_gives_the_models_top_k_with_class_names(model_file, photos):
     path, model = model_file
-    loaded = serve.load(path=path)
-    files = serve.image_files([str(photos)])
+    loaded = predict.load(path=path)
+    files = predict.image_files([str(photos)])
     assert len(files) == 7 and not any(f.name.startswith(".") for f in files)
-    rows, skipped = serve.predict(loaded, files, top_k=2, batch_size=4, progress=False)
+    rows, skipped = predict.predict(loaded, files, top_k=2, batch_size=4, progress=False)
     assert [s["path"] for s in skipped] == [str(photos / "circle" / "broken.jpg")]
     assert len(rows) == 6
     from transferlab.data import decode_image
@@ -50,11 +51,11 @@ def test_predict_gives_the_models_top_k_with_class_names(model_file, photos):
         order = np.argsort(-expected)[:2]
         assert [p["label"] for p in row["predictions"]] == [CLASSES[i] for i in order]
         assert row["predictions"][0]["probability"] == pytest.approx(expected[order[0]], abs=1e-5)
-    csv_text = serve.format_rows(rows, "csv").splitlines()
+    csv_text = predict.format_rows(rows, "csv").splitlines()
     assert csv_text[0] == "path,label_1,probability_1,label_2,probability_2" and len(csv_text) == 7
 
 
-def test_predict_cli_reads_the_registry_by_alias_and_version(model_file, photos, in_tmp):
+def test_predict_cli_reads_the_registry_by_alias_and_version(model_file, photos, in_tmp, caplog):
     _, model = model_file
     x = np.stack([synth.class_image(i, np.random.default_rng(i), 16) for i in range(3)])
     tracking.setup("serve-test")  # this store, and an experiment in it (not one a test before set)
@@ -69,30 +70,44 @@ def test_predict_cli_reads_the_registry_by_alias_and_version(model_file, photos,
     assert {p["label"] for p in rows[0]["predictions"]} == set(CLASSES)
     assert cli.main(["predict", str(photos / "square"), "--model", "tiny", "--version", "1"]) == 0
     assert cli.main(["predict", str(photos), "--model", "tiny", "--version", "7"]) == 1  # no such version
+    assert "models:/tiny/7" in caplog.text
 
 
 @pytest.mark.parametrize("tta", ["none", "flip"])
 def test_export_matches_the_keras_model(model_file, in_tmp, tta):
     path, model = model_file
     if tta == "flip":  # what evaluate registers by default
-        backbones.with_tta(model, "flip").save(path)
-    loaded = serve.load(path=path)
+        with_tta(model, "flip").save(path)
+    loaded = predict.load(path=path)
     sample = np.random.default_rng(0).integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)
-    report = serve.export(loaded, in_tmp / "exports", sample)
+    report = export.export(loaded, in_tmp / "exports", sample)
     f = report["formats"]
     assert f["saved_model"]["max_abs_diff"] < 1e-5
     assert f["model_float32.tflite"]["max_abs_diff"] < 1e-4
     assert f["model_int8_dynamic.tflite"]["bytes"] < f["model_float32.tflite"]["bytes"] / 2
-    assert (in_tmp / "exports" / "saved_model" / "saved_model.pb").exists()
+    # the exported files themselves, run here, not only the report export wrote about them
+    import tensorflow as tf
+
+    expected = loaded.model.predict(sample, verbose=0)
+    saved = tf.saved_model.load(str(in_tmp / "exports" / "saved_model"))
+    np.testing.assert_allclose(saved.serve(tf.constant(sample.astype(np.float32))).numpy(), expected, atol=1e-5)
+    interpreter = tf.lite.Interpreter(model_path=str(in_tmp / "exports" / "model_float32.tflite"))
+    inp = interpreter.get_input_details()[0]
+    interpreter.resize_tensor_input(inp["index"], list(sample.shape))
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(inp["index"], sample.astype(inp["dtype"]))
+    interpreter.invoke()
+    got = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+    np.testing.assert_allclose(got, expected, atol=1e-4)
     assert json.loads((in_tmp / "exports" / "classes.json").read_text()) == CLASSES
 
 
 def test_ui_binds_loopback_by_default_and_warns_when_exposed(in_tmp, caplog):
     args = cli._parser().parse_args(["ui"])
     with caplog.at_level(logging.WARNING):
-        cmd = cli.ui_command(args.host, args.port)
+        cmd = ui.ui_command(args.host, args.port)
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1" and not caplog.records
     assert cmd[cmd.index("--backend-store-uri") + 1] == f"sqlite:///{in_tmp / 'mlflow.db'}"
     with caplog.at_level(logging.WARNING):
-        cli.ui_command("0.0.0.0", 5000)
+        ui.ui_command("0.0.0.0", 5000)
     assert "no authentication" in caplog.text

@@ -23,12 +23,14 @@ import yaml
 
 import pgserver
 import synth
+import tinyproject
 from transferlab import cli, config, tune
+from transferlab.stages import PREPARED
 from transferlab.redact import redact
 
 TINY = {
     "seed": 3,
-    "data": {"source": "tiny-images", "image_size": 16, "val_fraction": 0.25},
+    "data": {"source": "tiny-images", "checksum": None, "image_size": 16, "val_fraction": 0.25},
     "backbone": {"name": "vgg16", "weights": "none", "input_size": 32},
     "features": {"batch_size": 32},
     "head": {"units": 32, "batch_size": 8, "patience": 10},
@@ -48,7 +50,8 @@ def write_params(root: Path, **tune_overrides) -> Path:
     raw = yaml.safe_load(yaml.safe_dump(TINY))
     raw["tune"].update(tune_overrides)
     path = root / "params.yaml"
-    path.write_text(yaml.safe_dump(config.to_dict(config.from_dict(raw)), sort_keys=False))
+    path.write_text(yaml.safe_dump(config.to_dict(config.from_dict(tinyproject.full_params(raw))),
+                                   sort_keys=False))
     return path
 
 
@@ -62,7 +65,7 @@ def prepared(tmp_path_factory):
     os.chdir(root)
     try:
         assert cli.main(["prepare"]) == 0
-        tune.ensure_cache(config.load("params.yaml"), cli.PREPARED)
+        tune.ensure_cache(config.load("params.yaml"), PREPARED)
     finally:
         os.chdir(cwd)
     return root
@@ -128,12 +131,12 @@ def test_median_pruner_prunes_a_bad_trial(project):
     write_params(project, space={"unfreeze": [0, 2], "head_learning_rate": [1e-7, 1e-2],
                                  "learning_rate": [1e-7, 1e-3], "units": [32, 64]})
     params = config.load("params.yaml")
-    study = tune.start(params, cli.PREPARED)
+    study = tune.start(params, PREPARED)
     for _ in range(3):
         study.enqueue_trial(GOOD)
     # cannot learn in 6 head epochs, nor fine-tune far from there
     study.enqueue_trial({**GOOD, "head_learning_rate": 1e-7, "learning_rate": 1e-7})
-    tune.work(params, None, cli.PREPARED)
+    tune.work(params, None, PREPARED)
     states = [t.state.name for t in load().get_trials()]
     assert states == ["COMPLETE", "COMPLETE", "COMPLETE", "PRUNED"]
     pruned = load().trials[3]
@@ -149,7 +152,7 @@ def test_a_misnamed_monitor_is_an_error_not_a_silent_no_prune():
     with pytest.raises(tune.TuneError, match="val_accuracy"):
         callback.on_epoch_end(0, {"val_accuracy": 0.5, "val_loss": 1.0})
     with pytest.raises(config.ConfigError, match="tune.monitor"):
-        config.from_dict({"tune": {"monitor": "val_acc"}})
+        config.from_dict(tinyproject.full_params({"tune": {"monitor": "val_acc"}}))
 
 
 def test_sqlite_refuses_several_workers(project, caplog):
@@ -158,8 +161,18 @@ def test_sqlite_refuses_several_workers(project, caplog):
     assert not Path("optuna.db").exists()
 
 
-def test_storage_password_never_reaches_mlflow():
-    assert "s3cret" not in redact("postgresql+psycopg2://me:s3cret@db:5432/optuna")
+def test_storage_password_never_reaches_mlflow(project):
+    """The study's parent run logs the tune params, tune.storage among them: with
+    a password in that URL, nothing in the MLflow store may hold it."""
+    secret_url = "postgresql+psycopg2://me:s3cret@db:5432/optuna"
+    write_params(project, storage=secret_url)
+    params = config.load("params.yaml")
+    assert params.tune.storage == secret_url
+    study = tune.start(params, PREPARED, "sqlite:///optuna.db")  # the study itself on SQLite
+    run = mlflow.MlflowClient().get_run(study.user_attrs[tune.PARENT_ATTR])
+    assert run.data.params["tune.storage"] == redact(secret_url) != secret_url
+    store = (project / "mlflow.db").read_bytes()
+    assert b"s3cret" not in store and b"me:***@db" in store
 
 
 def test_worker_processes_get_the_storage_url_in_their_environment_not_their_arguments(monkeypatch):
@@ -232,7 +245,7 @@ def test_a_killed_workers_trial_is_failed_and_retried(project, postgres):
     n_trials = int(os.environ.get("TUNE_KILL_TRIALS", 6))
     url = _pg_project(project, postgres, "killed_worker", n_trials=n_trials)
     params = config.load("params.yaml")
-    study = tune.start(params, cli.PREPARED)
+    study = tune.start(params, PREPARED)
     procs = tune.spawn_workers(int(os.environ.get("TUNE_KILL_WORKERS", 3)), Path("params.yaml"), None)
     victim = procs[0]
     killed = None

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import pgserver
-from transferlab import cli, evaluate, tracking
+from transferlab import evaluate, tracking, ui
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = [pytest.mark.slow,
@@ -49,7 +49,7 @@ def store(in_tmp):
 def test_the_ui_shows_both_runs_and_the_confusion_artifact(store, in_tmp):
     experiment_id, run_ids = store
     port = pgserver.free_port()
-    server = subprocess.Popen(cli.ui_command("127.0.0.1", port), cwd=in_tmp,
+    server = subprocess.Popen(ui.ui_command("127.0.0.1", port), cwd=in_tmp,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         for _ in range(120):
@@ -58,10 +58,10 @@ def test_the_ui_shows_both_runs_and_the_confusion_artifact(store, in_tmp):
                 break
             except OSError:
                 time.sleep(0.5)
-        text = page_text(cli.ui_url("127.0.0.1", port, experiment_id))
+        text = page_text(ui.ui_url("127.0.0.1", port, experiment_id))
         assert "finetune-vgg16" in text and "finetune-efficientnet_lite0" in text, text[:2000]
         assert "Token Usage" not in text, "opened on the GenAI overview, not the runs"
-        run_page = cli.ui_url("127.0.0.1", port, f"{experiment_id}/runs/{run_ids[0]}/artifacts")
+        run_page = ui.ui_url("127.0.0.1", port, f"{experiment_id}/runs/{run_ids[0]}/artifacts")
         text = page_text(run_page)
         assert "confusion" in text, text[:2000]
     finally:

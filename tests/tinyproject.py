@@ -16,9 +16,23 @@ from transferlab import config
 
 ROOT = Path(__file__).resolve().parents[1]
 
+def full_params(overrides: dict) -> dict:
+    """The shipped params.yaml with `overrides` merged in, section by section: a
+    params file gives every key, and the shipped file is where defaults live."""
+    def merge(base: dict, over: dict) -> dict:
+        out = dict(base)
+        for key, value in over.items():
+            out[key] = merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) \
+                else value
+        return out
+
+    return merge(yaml.safe_load((ROOT / "params.yaml").read_text()), overrides)
+
+
 TINY = {
     "seed": 1,
-    "data": {"source": "tiny-images", "image_size": 16, "val_fraction": 0.25, "cache_dir": "data/cache"},
+    "data": {"source": "tiny-images", "checksum": None, "image_size": 16, "val_fraction": 0.25,
+             "cache_dir": "data/cache"},
     "backbone": {"name": "efficientnet_lite0", "weights": "none", "input_size": 32},
     "features": {"batch_size": 16},
     "head": {"units": 16, "dropout": 0.1, "epochs": 3, "batch_size": 8, "patience": 2},
@@ -48,8 +62,7 @@ def make(dest: Path, params: dict = TINY, per_class: int = 8, test_per_class: in
         if (ROOT / name).exists():
             shutil.copy(ROOT / name, dest / name)
     shutil.copytree(ROOT / "src", dest / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    # every key written out: DVC tracks params keys by name, defaults are not enough
-    full = config.to_dict(config.from_dict(params))
+    full = config.to_dict(config.from_dict(full_params(params)))
     (dest / "params.yaml").write_text(yaml.safe_dump(full, sort_keys=False))
     synth.make_image_folder(dest / "tiny-images", per_class=per_class, test_per_class=test_per_class, size=20)
     env = environment()

@@ -55,28 +55,6 @@ class Preprocess(layers.Layer):
         return {**super().get_config(), "mode": self.mode}
 
 
-@keras.saving.register_keras_serializable(package="transferlab")
-class HorizontalFlip(layers.Layer):
-    """Mirror NHWC images left to right, always (test-time augmentation)."""
-
-    def call(self, x):
-        return ops.flip(x, axis=2)
-
-
-def with_tta(model: keras.Model, tta: str) -> keras.Model:
-    """`model` with test-time augmentation: "flip" averages the class
-    probabilities of each image and its mirror image (one model, called twice);
-    "none" returns `model` itself."""
-    if tta == "none":
-        return model
-    if tta != "flip":
-        raise ValueError(f"tta must be 'flip' or 'none', received: {tta!r}")
-    inputs = keras.Input(model.input_shape[1:], name="image")
-    mirrored = HorizontalFlip(name="tta_flip")(inputs)
-    outputs = layers.Average(name="tta_mean")([model(inputs), model(mirrored)])
-    return keras.Model(inputs, outputs, name=f"{model.name}_tta")
-
-
 @dataclass(frozen=True)
 class BackboneSpec:
     name: str
@@ -204,25 +182,6 @@ def build_feature_extractor(
     x = build_body(name, input_size, weights)(x, training=False)
     x = layers.GlobalAveragePooling2D(name="pool")(x)
     return keras.Model(inputs, x, name=f"{name}_features")
-
-
-def configure_device() -> str:
-    """Use a GPU when TensorFlow sees one: memory grown on demand and the
-    mixed_float16 policy (heads keep float32 outputs). Returns "gpu" or "cpu";
-    nothing else in the code assumes either."""
-    import tensorflow as tf
-
-    gpus = tf.config.list_physical_devices("GPU")
-    if not gpus:
-        return "cpu"
-    for gpu in gpus:
-        try:
-            tf.config.experimental.set_memory_growth(gpu, True)
-        except (RuntimeError, ValueError):  # already initialised: keep its setting
-            pass
-    keras.mixed_precision.set_global_policy("mixed_float16")
-    log.info("%d GPU(s) visible: mixed_float16 policy, float32 outputs", len(gpus))
-    return "gpu"
 
 
 def block_index(spec: BackboneSpec, layer_name: str) -> int:

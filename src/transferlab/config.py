@@ -1,8 +1,10 @@
 """params.yaml -> typed, frozen dataclasses.
 
-Every knob of the pipeline lives in params.yaml. This module is the only place
-that reads it: an unknown key or a value of the wrong type is an error that names
-the key and lists what is valid, so a typo never silently falls back to a default.
+Every knob of the pipeline lives in params.yaml, and params.yaml is the only
+place a default lives: these dataclasses have none, so a params file must give
+every key. An unknown key, a missing one or a value of the wrong type is an
+error that names the key and lists what is valid; a typo or a partial file never
+silently falls back to another recipe.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,129 +29,129 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class DataConfig:
     # A local path (archive or directory) or an http(s)/file URL.
-    source: str = "../shared/data/cifar10-jpeg.tar.gz"
+    source: str
     # auto | cifar10 | image_folder
-    format: str = "auto"
+    format: str
     # "md5:<hex>" or "sha256:<hex>"; required before a CIFAR-10 pickle is loaded.
-    checksum: str | None = None
-    image_size: int = 32
-    val_fraction: float = 0.1
+    checksum: str | None
+    image_size: int
+    val_fraction: float
     # Only used when the source has no test split of its own.
-    test_fraction: float = 0.2
-    cache_dir: str = "data/cache"
+    test_fraction: float
+    cache_dir: str
 
 
 @dataclass(frozen=True)
 class BackboneConfig:
-    name: str = "efficientnet_lite0"
+    name: str
     # imagenet | none | a path to a local weights file
-    weights: str = "imagenet"
+    weights: str
     # Input resolution the stored images are upscaled to inside the model.
-    input_size: int = 96
+    input_size: int
 
 
 @dataclass(frozen=True)
 class FeaturesConfig:
-    batch_size: int = 32  # fastest on a 2-core CPU (bench/throughput.py)
+    batch_size: int
 
 
 @dataclass(frozen=True)
 class HeadConfig:
-    units: int = 512
-    dropout: float = 0.5
-    optimizer: str = "adam"
-    learning_rate: float = 1e-3
-    epochs: int = 40
-    batch_size: int = 256
-    patience: int = 5
+    units: int
+    dropout: float
+    optimizer: str
+    learning_rate: float
+    epochs: int
+    batch_size: int
+    patience: int
 
 
 @dataclass(frozen=True)
 class AugmentConfig:
     # "full" mode applies all of these to the images; "cached" mode caches the
     # activations of both horizontal flips and picks one per sample and epoch.
-    flip: bool = True
-    shift: float = 0.1
-    rotation: float = 0.05
-    zoom: float = 0.1
+    flip: bool
+    shift: float
+    rotation: float
+    zoom: float
 
 
 @dataclass(frozen=True)
 class FinetuneConfig:
     # Top N blocks of the registry's block list; 0 = head only; "all".
-    unfreeze: int | str = 3
+    unfreeze: int | str
     # cached: run the frozen part once, cache its activations, train the rest;
     # full: every image through the whole network every epoch.
-    mode: str = "cached"
-    optimizer: str = "adamw"
-    learning_rate: float = 1e-3
-    weight_decay: float = 1e-4
+    mode: str
+    optimizer: str
+    learning_rate: float
+    weight_decay: float
     # cosine: linear warmup then cosine decay; plateau: ReduceLROnPlateau.
-    schedule: str = "cosine"
-    warmup_epochs: float = 0.5
-    epochs: int = 8
-    batch_size: int = 128
-    patience: int = 3
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    schedule: str
+    warmup_epochs: float
+    epochs: int
+    batch_size: int
+    patience: int
+    augment: AugmentConfig
 
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    batch_size: int = 32
-    tta: str = "flip"  # test-time augmentation: flip (mean of the image and its mirror) | none
+    batch_size: int
+    tta: str  # test-time augmentation: flip (mean of the image and its mirror) | none
 
 
 @dataclass(frozen=True)
 class TrackingConfig:
-    experiment: str = "transferlab"
+    experiment: str
     # Registered model name; the alias "champion" marks the best test accuracy.
-    model_name: str = "transferlab"
+    model_name: str
 
 
 @dataclass(frozen=True)
 class SpaceConfig:
     """The Optuna search space: [low, high] ranges, or a list of choices."""
 
-    unfreeze: list[int] = field(default_factory=lambda: [0, 2])  # registry blocks
-    learning_rate: list[float] = field(default_factory=lambda: [1e-5, 1e-3])  # fine-tune, log scale
-    head_learning_rate: list[float] = field(default_factory=lambda: [3e-4, 3e-3])  # log scale
-    dropout: list[float] = field(default_factory=lambda: [0.1, 0.6])
-    weight_decay: list[float] = field(default_factory=lambda: [1e-6, 1e-3])  # log scale
-    units: list[int] = field(default_factory=lambda: [256, 512, 1024])  # choices
+    unfreeze: list[int]  # registry blocks
+    learning_rate: list[float]  # fine-tune, log scale
+    head_learning_rate: list[float]  # log scale
+    dropout: list[float]
+    weight_decay: list[float]  # log scale
+    units: list[int]  # choices
 
 
 @dataclass(frozen=True)
 class TuneConfig:
-    study: str = "transferlab"
+    study: str
     # sqlite:///optuna.db (one worker) or postgresql+psycopg2://user:pass@host/db (many)
-    storage: str = "sqlite:///optuna.db"
-    n_trials: int = 20
-    timeout_minutes: float = 0.0  # 0: no limit
-    pruner: str = "median"  # median | hyperband | none
-    monitor: str = "val_accuracy"
-    head_epochs: int = 15
-    finetune_epochs: int = 3
+    storage: str
+    n_trials: int
+    timeout_minutes: float  # 0: no limit
+    pruner: str  # median | hyperband | none
+    monitor: str
+    head_epochs: int
+    finetune_epochs: int
     # A seeded, stratified share of the training images each trial trains on.
-    train_fraction: float = 1.0
+    train_fraction: float
     # A worker silent this long x3 has died: its trial is marked failed and retried.
-    heartbeat_seconds: int = 30
-    space: SpaceConfig = field(default_factory=SpaceConfig)
+    heartbeat_seconds: int
+    space: SpaceConfig
 
 
 @dataclass(frozen=True)
 class Params:
-    seed: int = 42
+    seed: int
     # true: TensorFlow's deterministic ops too (slower), so that two runs on the
     # same machine give identical numbers; seeds are always set.
-    deterministic: bool = False
-    data: DataConfig = field(default_factory=DataConfig)
-    backbone: BackboneConfig = field(default_factory=BackboneConfig)
-    features: FeaturesConfig = field(default_factory=FeaturesConfig)
-    head: HeadConfig = field(default_factory=HeadConfig)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    tune: TuneConfig = field(default_factory=TuneConfig)
+    deterministic: bool
+    data: DataConfig
+    backbone: BackboneConfig
+    features: FeaturesConfig
+    head: HeadConfig
+    finetune: FinetuneConfig
+    evaluate: EvaluateConfig
+    tracking: TrackingConfig
+    tune: TuneConfig
 
 
 CHOICES = {
@@ -201,15 +203,19 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(raw) - set(names))
+    where = prefix or "the top level"
     if unknown:
-        where = prefix or "the top level"
         raise ConfigError(
             f"unknown key(s) {unknown} in {where}; valid keys: {names}"
         )
+    missing = [name for name in names if name not in raw]
+    if missing:
+        raise ConfigError(
+            f"missing key(s) {missing} in {where}: a params file gives every key (params.yaml is "
+            "the one place defaults live; copy the missing ones from the project's params.yaml)"
+        )
     values = {}
     for name in names:
-        if name not in raw:
-            continue
         key = f"{prefix}.{name}" if prefix else name
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
@@ -304,6 +310,26 @@ def load(path: str | Path = "params.yaml") -> Params:
 
 def to_dict(params: Params) -> dict:
     return dataclasses.asdict(params)
+
+
+def subset(params: Params, *keys: str) -> dict:
+    """The values of the dotted `keys` ("seed", "finetune", "backbone.name"), nested
+    as in params.yaml: what a stage reads, logs and writes beside its outputs. A
+    wrapped params object (`__wrapped__`, as tests use to record what a stage
+    reads) counts a whole section as read."""
+    out: dict = {}
+    for key in keys:
+        node: Any = params
+        for part in key.split("."):
+            node = getattr(node, part)
+        node = getattr(node, "__wrapped__", node)
+        value = dataclasses.asdict(node) if dataclasses.is_dataclass(node) else node
+        *parents, leaf = key.split(".")
+        target = out
+        for part in parents:
+            target = target.setdefault(part, {})
+        target[leaf] = value
+    return out
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:

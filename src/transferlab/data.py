@@ -1,6 +1,6 @@
 """Data sources -> uint8 arrays, class names and a manifest.
 
-Stage: `transferlab prepare` (dvc stage `prepare`).
+Used by the prepare stage (`transferlab.stages.prepare`).
 
 Sources, chosen by `data.source` and `data.format` in params.yaml:
 - the canonical CIFAR-10 python archive from a URL: downloaded to a temporary
@@ -15,15 +15,11 @@ only through an unpickler that admits numpy arrays and plain containers.
 
 from __future__ import annotations
 
-import contextlib
-import glob
-import hashlib
 import io
 import json
 import logging
 import os
 import pickle
-import shutil
 import tarfile
 import tempfile
 import urllib.parse
@@ -32,15 +28,14 @@ import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from transferlab.redact import redact
-
 from transferlab.config import CIFAR10_MD5, CIFAR10_URL
+from transferlab.files import atomic_dir, file_digest, tree_digest
+from transferlab.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -61,64 +56,6 @@ class Dataset:
     classes: list[str]
     skipped: list[dict] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
-
-
-@contextlib.contextmanager
-def atomic_dir(out_dir: Path) -> Iterator[Path]:
-    """Yield a temporary sibling folder to write into; when the block completes
-    it replaces `out_dir` in one rename, so a crash never leaves a half-written
-    output (and DVC never records one)."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(out_dir)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-{os.getpid()}-"))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make the output private
-    try:
-        yield tmp
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-
-
-def _remove_stale_temporaries(out_dir: Path) -> None:
-    """Temporary folders that a killed process left beside `out_dir` (their
-    names carry the writer's pid; a live writer's folder is left alone)."""
-    prefix = f".{out_dir.name}-"
-    for path in out_dir.parent.glob(f"{glob.escape(prefix)}*"):
-        pid = path.name[len(prefix):].split("-", 1)[0]
-        if not (path.is_dir() and pid.isdigit()):
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            log.info("removing %s, left by a process that was killed while writing it", path)
-            shutil.rmtree(path, ignore_errors=True)
-        except PermissionError:  # alive, another user's
-            pass
-
-
-# --------------------------------------------------------------------------- checksums
-
-
-def file_digest(path: str | Path, algo: str = "sha256") -> str:
-    h = hashlib.new(algo)
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def tree_digest(root: Path) -> str:
-    """sha256 over every file's relative path and content, in sorted order."""
-    h = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        h.update(str(path.relative_to(root)).encode())
-        h.update(file_digest(path).encode())
-    return h.hexdigest()
 
 
 def verify_checksum(path: Path, checksum: str) -> None:
@@ -351,16 +288,20 @@ def decode_image(path: Path, size: int) -> np.ndarray:
     return np.asarray(rgb, dtype=np.uint8)
 
 
-def _list_class_files(class_dir: Path, ignored: list[str]) -> list[Path]:
+def image_files(folder: Path, ignored: list[str] | None = None) -> list[Path]:
+    """The image files under `folder`, walked recursively in sorted order; hidden
+    files and folders are skipped, symbolic links to folders not followed. Files
+    that are not images are appended to `ignored`."""
     files = []
-    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=False):
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
             path = Path(dirpath) / name
             if name.startswith("."):
                 continue
             if path.suffix.lower() not in IMAGE_EXTENSIONS:
-                ignored.append(str(path))
+                if ignored is not None:
+                    ignored.append(str(path))
                 continue
             files.append(path)
     return files
@@ -402,7 +343,7 @@ def _gather(split_dir: Path, classes: list[str], ignored: list[str]) -> list[tup
         class_dir = split_dir / name
         if not class_dir.is_dir():
             continue
-        items += [(p, label) for p in _list_class_files(class_dir, ignored)]
+        items += [(p, label) for p in image_files(class_dir, ignored)]
     return items
 
 

@@ -1,4 +1,6 @@
-"""Metrics, the per-class report and the confusion matrix (scikit-learn + matplotlib)."""
+"""Metrics, the per-class report and the confusion matrix (scikit-learn +
+matplotlib). `test_model` is the one evaluation: the evaluate stage and the
+search's best trial both go through it."""
 
 from __future__ import annotations
 
@@ -62,3 +64,24 @@ def write_confusion_csv(y_true: np.ndarray, y_pred: np.ndarray, classes: list[st
         writer.writerow(["actual", "predicted"])
         writer.writerows((classes[t], classes[p]) for t, p in zip(y_true, y_pred))
     return path
+
+
+def test_model(model, x: np.ndarray, y: np.ndarray, classes: list[str], batch_size: int, tta: str,
+               desc: str = "evaluate test") -> dict:
+    """The model on the test split under test-time augmentation `tta`: the
+    summary (test accuracy and loss, per-class report, confusion matrix), the
+    single-view accuracy, the probabilities, and the model to log and register
+    (with the same test-time augmentation inside)."""
+    import time
+
+    from transferlab import tta as tta_
+
+    start = time.perf_counter()
+    probs, single = tta_.predict_tta(model, x, batch_size, tta, desc=desc)
+    seconds = time.perf_counter() - start
+    result = summarize(y, probs, classes)
+    result.update(
+        test_accuracy_single_view=round(float((single.argmax(axis=1) == y).mean()), 5),
+        probs=probs, seconds=seconds, model=tta_.with_tta(model, tta),
+    )
+    return result

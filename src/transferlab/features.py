@@ -1,6 +1,6 @@
 """Frozen feature extraction, cached on disk.
 
-Stage: `transferlab features` (dvc stage `features`).
+Used by the features stage (`transferlab.stages.features`) and the search.
 
 The stored uint8 images stream through the frozen backbone batch by batch: the
 upscale happens inside the model, one batch at a time, so the upscaled images of
@@ -20,7 +20,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from transferlab.data import atomic_dir
+from transferlab.files import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -65,19 +65,6 @@ def extract(model: keras.Model, x: np.ndarray, batch_size: int, desc: str = "ext
     out = np.empty((len(x), model.output_shape[-1]), np.float32)
     extract_into(model, x, [out], batch_size, desc)
     return out
-
-
-def predict_tta(model: keras.Model, x: np.ndarray, batch_size: int, tta: str,
-                desc: str = "predict") -> tuple[np.ndarray, np.ndarray]:
-    """Class probabilities under test-time augmentation ("flip": the mean over each
-    image and its mirror image, what backbones.with_tta's model computes; "none"),
-    and those of the plain images alone."""
-    probs = extract(model, x, batch_size, desc)
-    if tta == "none":
-        return probs, probs
-    mirrored = np.empty_like(probs)
-    extract_into(model, x, [mirrored], batch_size, f"{desc}, mirrored", flip=True)
-    return (probs + mirrored) / 2, probs
 
 
 def _memmap(path: Path, n: int, shape, dtype) -> np.ndarray:

@@ -1,6 +1,6 @@
 """Fine-tuning: unfreeze the top N registry blocks and train them with the head.
-
-Stage: `transferlab finetune` (dvc stage `finetune`).
+The finetune stage (`transferlab.stages.finetune`) and the search's trials both
+train through `prepare` and `fit`.
 
 The rules live here and only here:
 - the backbone is called with training=False and every BatchNormalization layer
@@ -32,16 +32,20 @@ import keras
 import numpy as np
 from keras import layers
 
-from transferlab import backbones
+from transferlab import backbones, files, training
 from transferlab.backbones import BackboneSpec
-from transferlab.data import file_digest
-from transferlab.head import make_optimizer
 
 log = logging.getLogger(__name__)
 
 
 def n_unfrozen(spec: BackboneSpec, unfreeze: int | str) -> int:
     return len(spec.blocks) if unfreeze == "all" else int(unfreeze)
+
+
+def uses_cache(spec: BackboneSpec, mode: str, unfreeze: int | str) -> bool:
+    """Whether fine-tuning trains on cached activations: mode "cached" and a
+    frozen part left to cache (0 < unfreeze < all blocks)."""
+    return mode == "cached" and 0 < n_unfrozen(spec, unfreeze) < len(spec.blocks)
 
 
 def set_trainable(spec: BackboneSpec, body: keras.Model, unfreeze: int | str) -> int:
@@ -123,7 +127,7 @@ def assemble_upper(split: Split, head: keras.Model) -> keras.Model:
     return keras.Model(inputs, head(x), name="upper_classifier")
 
 
-def learning_rate(
+def learning_rate_schedule(
     schedule: str, base_lr: float, epochs: int, steps_per_epoch: int, warmup_epochs: float
 ):
     if schedule == "plateau":
@@ -135,14 +139,6 @@ def learning_rate(
         decay_steps=total - warmup,
         warmup_target=base_lr if warmup else None,
         warmup_steps=warmup,
-    )
-
-
-def compile_model(model: keras.Model, optimizer: str, lr, weight_decay: float) -> None:
-    model.compile(
-        optimizer=make_optimizer(optimizer, lr, weight_decay),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
     )
 
 
@@ -209,18 +205,14 @@ class Checkpoint(keras.callbacks.Callback):
     # files
     def _write_weights(self, name: str) -> dict:
         tmp = self.dir / f".tmp-{os.getpid()}-{name}"
-        self.model.save_weights(tmp)
-        _fsync(tmp)
-        digest = file_digest(tmp)
+        self.model.save_weights(tmp)  # Keras writes the file: fsync and rename it here
+        files.fsync(tmp)
+        digest = files.file_digest(tmp)
         os.replace(tmp, self.dir / name)
         return {"file": name, "sha256": digest}
 
     def _commit(self) -> None:
-        tmp = self.dir / f".tmp-{os.getpid()}-{self.STATE}"
-        tmp.write_text(json.dumps(self.state, indent=1))
-        _fsync(tmp)
-        os.replace(tmp, self.dir / self.STATE)
-        _fsync(self.dir)
+        files.write_atomic(self.dir / self.STATE, json.dumps(self.state, indent=1), durable=True)
         keep = {self.STATE} | {self.state[k]["file"] for k in ("latest", "best") if self.state[k]}
         for path in self.dir.iterdir():
             if path.name not in keep:
@@ -228,7 +220,7 @@ class Checkpoint(keras.callbacks.Callback):
 
     def _verified(self, entry: dict | None) -> bool:
         path = self.dir / entry["file"] if entry else None
-        return entry is None or (path.is_file() and file_digest(path) == entry["sha256"])
+        return entry is None or (path.is_file() and files.file_digest(path) == entry["sha256"])
 
     def _load_state(self) -> dict | None:
         path = self.dir / self.STATE
@@ -295,24 +287,80 @@ class Checkpoint(keras.callbacks.Callback):
             model.load_weights(self.dir / entry["file"])
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def callbacks(
     backup_dir: Path, *, patience: int, schedule: str, has_val: bool, extra: list | None = None,
     baseline: float | None = None,
 ) -> tuple[list, Checkpoint]:
     """Keras callbacks for a resumable run: the Checkpoint (state and best
     weights, see there), early stopping, and ReduceLROnPlateau for that schedule."""
-    monitor = "val_accuracy" if has_val else "accuracy"
+    monitor = training.monitor(has_val)
     checkpoint = Checkpoint(backup_dir, monitor, baseline)
     cbs = [checkpoint, keras.callbacks.EarlyStopping(monitor=monitor, mode="max", patience=patience)]
     if schedule == "plateau":
         cbs.append(keras.callbacks.ReduceLROnPlateau(monitor=monitor, mode="max", factor=0.3,
                                                      patience=max(1, patience // 2)))
     return cbs + list(extra or []), checkpoint
+
+
+# --------------------------------------------------------------------------- training
+
+
+@dataclass
+class Training:
+    """One fine-tune, ready for `fit`: the model of its path and what it trains on."""
+
+    model: keras.Model
+    train: object  # a FlipCacheDataset (cached path) or the uint8 training images (full path)
+    val: tuple | None
+    fit_kwargs: dict
+    n_train: int
+    path: str  # "cached" | "full"
+
+
+def prepare(
+    spec: BackboneSpec, body: keras.Model, head: keras.Model, *, unfreeze: int | str,
+    y_train: np.ndarray, y_val: np.ndarray, batch_size: int, seed: int,
+    images: tuple[np.ndarray, np.ndarray] | None = None, image_size: int = 0, input_size: int = 0,
+    augment: dict | None = None,
+    activations: dict[str, np.ndarray] | None = None, cache_unfreeze: int | str | None = None,
+    flip: bool = True, index: np.ndarray | None = None,
+) -> Training:
+    """Unfreeze the top `unfreeze` blocks and build the model of the path:
+    - full (`images` = (train, val) uint8 arrays): augmentation (`augment`: flip,
+      shift, rotation, zoom) -> upscale -> whole backbone -> head;
+    - cached (`activations`: train, train_flip, val at the boundary of
+      `cache_unfreeze` blocks, default `unfreeze`): upper blocks -> head, on a
+      randomly flipped copy per sample and epoch (`flip`); `index` limits the
+      training rows."""
+    trainable = set_trainable(spec, body, unfreeze)
+    has_val = len(y_val) > 0
+    if activations is not None:
+        split = split_body(spec, body, unfreeze if cache_unfreeze is None else cache_unfreeze)
+        model = assemble_upper(split, head)
+        train = FlipCacheDataset(activations["train"], activations.get("train_flip") if flip else None,
+                                 y_train, batch_size, seed, index=index)
+        val = (np.asarray(activations["val"], np.float32), y_val) if has_val else None
+        fit_kwargs, path = {}, "cached"
+    else:
+        x_train, x_val = images
+        a = augment or {}
+        layers_ = augmentation(a.get("flip", False), a.get("shift", 0.0), a.get("rotation", 0.0),
+                               a.get("zoom", 0.0), seed)
+        model = assemble(spec, body, head, image_size, input_size, layers_)
+        train = np.asarray(x_train)
+        val = (np.asarray(x_val), y_val) if has_val else None
+        fit_kwargs, path = {"y": y_train, "batch_size": batch_size, "shuffle": True}, "full"
+    n_train = len(y_train) if index is None else len(index)
+    log.info("finetune: %s path, top %s block(s) of %s unfrozen (%d trainable tensors in the body)",
+             path, unfreeze, spec.name, trainable)
+    return Training(model, train, val, fit_kwargs, n_train, path)
+
+
+def fit(t: Training, *, optimizer: str, learning_rate: float, weight_decay: float, schedule: str,
+        warmup_epochs: float, epochs: int, batch_size: int, callbacks: list, verbose: int = 1):
+    """Compile with the schedule sized to the epochs and train; returns Keras' History."""
+    steps = -(-t.n_train // batch_size)
+    lr = learning_rate_schedule(schedule, learning_rate, epochs, steps, warmup_epochs)
+    training.compile_model(t.model, optimizer, lr, weight_decay)
+    return t.model.fit(t.train, validation_data=t.val, epochs=epochs, callbacks=callbacks,
+                       verbose=verbose, **t.fit_kwargs)

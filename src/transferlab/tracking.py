@@ -25,6 +25,7 @@ import keras
 import yaml
 
 from transferlab.redact import redact
+from transferlab.training import metric_name
 
 log = logging.getLogger(__name__)
 
@@ -32,16 +33,10 @@ DEFAULT_DB = "mlflow.db"
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 # Opens the experiment on its training runs rather than MLflow 3's GenAI overview.
 EXPERIMENT_KIND = "custom_model_development"
-# Keras history names -> our metric names (train_, val_, test_ prefixes everywhere).
-_KERAS_NAMES = {"loss": "train_loss", "accuracy": "train_accuracy", "learning_rate": "learning_rate"}
 
 
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / DEFAULT_DB}"
-
-
-def metric_name(keras_name: str) -> str:
-    return _KERAS_NAMES.get(keras_name, keras_name)
 
 
 def git_commit() -> str:
@@ -256,6 +251,19 @@ def register_and_promote(model_uri: str, name: str, test_accuracy: float) -> tup
     else:
         log.info("registered %s version %s without the %s alias: %s", name, version, CHAMPION, reason)
     return str(version), promote, reason
+
+
+def log_and_register(model: keras.Model, example, prediction, classes: list[str], model_name: str,
+                     test_accuracy: float) -> dict:
+    """Log `model` to the active run, register it and move the champion alias if
+    it is better (the pipeline's evaluate stage and the search's best trial)."""
+    import mlflow
+
+    uri = log_keras_model(model, example, prediction, classes)
+    version, promoted, reason = register_and_promote(uri, model_name, test_accuracy)
+    mlflow.set_tags({"registered_version": version, "champion": str(promoted).lower(),
+                     "champion_reason": reason})
+    return {"registered_version": version, "champion": promoted}
 
 
 class EpochLogger(keras.callbacks.Callback):

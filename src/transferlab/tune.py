@@ -1,5 +1,5 @@
 """Optuna search over unfreeze depth, learning rates, dropout, weight decay and
-head width. Command: `transferlab tune` (MLproject entry `tune`).
+head width. Command: `transferlab tune` (MLproject entry `tune`); `main` below.
 
 Trials are cheap because the frozen part of the backbone never runs in them:
 the features stage's forward pass is done once, up to the boundary of the
@@ -38,7 +38,8 @@ from pathlib import Path
 import numpy as np
 
 from transferlab import config
-from transferlab.redact import redact
+from transferlab.files import write_json
+from transferlab.redact import redact, redact_tree
 
 log = logging.getLogger(__name__)
 
@@ -294,52 +295,51 @@ class Objective:
             return True
         return self.sign * value >= self.sign * best
 
-    def _fit_phase(self, trial, model, train, val, epochs: int, offset: int, **kw) -> float:
-        """One phase; returns its best monitored value (the model keeps its best weights)."""
+    def _train(self, trial, hp: dict):
+        """Head on the pooled features, then fine-tune on the activation cache,
+        through the pipeline's own functions; returns the best monitored value and
+        the parts of the model it reached."""
         import keras
 
-        from transferlab import tracking
-
-        stop = keras.callbacks.EarlyStopping(monitor=self.monitor, mode="min" if self.sign < 0 else "max",
-                                             patience=self.params.head.patience, restore_best_weights=True)
-        hist = model.fit(*train, validation_data=val, epochs=epochs, verbose=0,
-                         callbacks=[stop, pruning_callback(trial, self.monitor, offset),
-                                    tracking.EpochLogger(step_offset=offset)], **kw)
-        values = hist.history[self.monitor]
-        return min(values) if self.sign < 0 else max(values)
-
-    def _train(self, trial, hp: dict):
-        from transferlab import backbones, finetune, head
+        from transferlab import backbones, finetune, head, tracking, training
 
         p, t, d = self.params, self.params.tune, self.data
         idx = d.train_index
+        metric = self.monitor.removeprefix("val_")  # tune.monitor is on the validation split
         head_model = head.build_head(d.meta["feature_dim"], len(d.classes), hp["units"], hp["dropout"])
-        head_model.compile(optimizer=head.make_optimizer(p.head.optimizer, hp["head_learning_rate"]),
-                           loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-        value = self._fit_phase(trial, head_model, (d.features["train"][idx], d.y["train"][idx]),
-                                (d.features["val"], d.y["val"]), t.head_epochs, 0,
-                                batch_size=p.head.batch_size, shuffle=True)
+        hist = head.train_head(
+            head_model, d.features["train"][idx], d.y["train"][idx], d.features["val"], d.y["val"],
+            optimizer=p.head.optimizer, learning_rate=hp["head_learning_rate"], epochs=t.head_epochs,
+            batch_size=p.head.batch_size, patience=p.head.patience, monitor=metric, verbose=0,
+            callbacks=[pruning_callback(trial, self.monitor, 0), tracking.EpochLogger()],
+        )
+        value = self._best(hist.history[self.monitor])
         spec = backbones.get(p.backbone.name)
         body = backbones.build_body(p.backbone.name, p.backbone.input_size, p.backbone.weights)
         if hp["unfreeze"] == 0 or t.finetune_epochs == 0:
             return value, (spec, body, head_model)
-        split = finetune.split_body(spec, body, max(1, t.space.unfreeze[1]))
-        finetune.set_trainable(spec, body, hp["unfreeze"])
-        model = finetune.assemble_upper(split, head_model)
-        steps = -(-len(idx) // p.finetune.batch_size)
-        lr = finetune.learning_rate(p.finetune.schedule, hp["learning_rate"], t.finetune_epochs, steps,
-                                    p.finetune.warmup_epochs)
-        finetune.compile_model(model, p.finetune.optimizer, lr, hp["weight_decay"])
-        before = model.get_weights()
-        train = finetune.FlipCacheDataset(d.acts["train"], d.acts.get("train_flip") if p.finetune.augment.flip
-                                          else None, d.y["train"], p.finetune.batch_size,
-                                          p.seed + trial.number, index=idx)
-        val = (np.asarray(d.acts["val"], np.float32), d.y["val"])
-        tuned = self._fit_phase(trial, model, (train,), val, t.finetune_epochs, t.head_epochs)
+        f = p.finetune
+        run = finetune.prepare(
+            spec, body, head_model, unfreeze=hp["unfreeze"], cache_unfreeze=max(1, t.space.unfreeze[1]),
+            activations=d.acts, flip=f.augment.flip, y_train=d.y["train"], y_val=d.y["val"],
+            batch_size=f.batch_size, seed=p.seed + trial.number, index=idx,
+        )
+        before = run.model.get_weights()
+        stop = keras.callbacks.EarlyStopping(monitor=self.monitor, mode=training.mode(self.monitor),
+                                             patience=p.head.patience, restore_best_weights=True)
+        hist = finetune.fit(run, optimizer=f.optimizer, learning_rate=hp["learning_rate"],
+                            weight_decay=hp["weight_decay"], schedule=f.schedule, warmup_epochs=f.warmup_epochs,
+                            epochs=t.finetune_epochs, batch_size=f.batch_size, verbose=0,
+                            callbacks=[stop, pruning_callback(trial, self.monitor, t.head_epochs),
+                                       tracking.EpochLogger(step_offset=t.head_epochs)])
+        tuned = self._best(hist.history[self.monitor])
         if self.sign * tuned <= self.sign * value:
-            model.set_weights(before)  # fine-tuning did not help: keep the head's result
+            run.model.set_weights(before)  # fine-tuning did not help: keep the head's result
             return value, (spec, body, head_model)
         return tuned, (spec, body, head_model)
+
+    def _best(self, values: list[float]) -> float:
+        return min(values) if self.sign < 0 else max(values)
 
     def _log_model(self, spec, body, head_model) -> None:
         """The whole classifier (uint8 images -> probabilities) as an artifact of
@@ -508,7 +508,7 @@ def finalize(params: config.Params, prepared_dir: Path, storage_url: str | None,
     import optuna
     from optuna.trial import TrialState
 
-    from transferlab import backbones, data, evaluate, features, tracking
+    from transferlab import backbones, data, evaluate, tracking  # noqa: F401 - backbones: the model's layers
 
     study = open_study(params, storage_url)
     states = {s.name.lower(): len(study.get_trials(deepcopy=False, states=(s,)))
@@ -533,10 +533,8 @@ def finalize(params: config.Params, prepared_dir: Path, storage_url: str | None,
         model = keras.saving.load_model(path, safe_mode=True)
     prepared = data.load_prepared(prepared_dir)
     x, y = prepared.x["test"], prepared.y["test"]
-    probs, _ = features.predict_tta(model, x, params.evaluate.batch_size, params.evaluate.tta,
-                                    desc="tune: best trial on test")
-    model = backbones.with_tta(model, params.evaluate.tta)  # as the pipeline registers it
-    result = evaluate.summarize(y, probs, prepared.classes)
+    result = evaluate.test_model(model, x, y, prepared.classes, params.evaluate.batch_size,
+                                 params.evaluate.tta, desc="tune: best trial on test")
     summary = {
         "best_trial": best.number, f"best_{params.tune.monitor}": round(best.value, 5),
         "best_params": best.params, "test_accuracy": result["test_accuracy"],
@@ -554,14 +552,10 @@ def finalize(params: config.Params, prepared_dir: Path, storage_url: str | None,
         for p in [*pngs, png]:
             mlflow.log_artifact(str(p), "plots")
         mlflow.log_dict(result["per_class"], "reports/test_per_class.json")
-        uri = tracking.log_keras_model(model, np.asarray(x[:2]), probs[:2], prepared.classes)
-        version, promoted, reason = tracking.register_and_promote(
-            uri, params.tracking.model_name, result["test_accuracy"])
-        mlflow.set_tags({"registered_version": version, "champion": str(promoted).lower(),
-                         "champion_reason": reason})
-        summary.update(registered_version=version, champion=promoted)
-    metrics_path.parent.mkdir(parents=True, exist_ok=True)
-    metrics_path.write_text(json.dumps(summary, indent=1) + "\n")
+        summary.update(tracking.log_and_register(
+            result["model"], np.asarray(x[:2]), result["probs"][:2], prepared.classes,
+            params.tracking.model_name, result["test_accuracy"]))
+    write_json(metrics_path, summary)
     optuna.logging.set_verbosity(optuna.logging.INFO)
     return summary
 
@@ -594,3 +588,51 @@ def _study_plots(study, out_dir: Path) -> list[Path]:
         plt.close(fig)
         out.append(path)
     return out
+
+
+# --------------------------------------------------------------------------- command
+
+
+def main(params_path: Path, overrides: list[str], storage: str | None = None, workers: int = 1,
+         worker: bool = False, worker_id: int = 0) -> int:
+    """Create or join the Optuna study, run trials (in --workers processes),
+    then evaluate and register the best trial's model. With --worker: only run
+    trials, joining a study another `transferlab tune` started."""
+    from transferlab.run import apply_overrides
+    from transferlab.stages import METRICS, PLOTS, PREPARED
+
+    changes = apply_overrides(params_path, overrides)
+    if changes:
+        log.info("params.yaml overrides: %s", redact_tree(changes))
+    params = config.load(params_path)
+    url = storage or os.environ.get(STORAGE_ENV) or params.tune.storage
+    if not (PREPARED / "manifest.json").exists():
+        raise FileNotFoundError(f"{PREPARED}: no prepared data; run `dvc repro prepare` first")
+    if worker:
+        os.environ.pop("MLFLOW_RUN_ID", None)
+        work(params, url, PREPARED, worker_id)
+        return 0
+    if workers > 1 and is_sqlite(url):
+        raise config.ConfigError(
+            f"--workers {workers} with SQLite storage ({url}): SQLite is for one worker. For several "
+            "workers, on this machine or many, use PostgreSQL: --storage "
+            "postgresql+psycopg2://user:password@host/db (README: Several workers)"
+        )
+    # Under `mlflow run -e tune` its run becomes the study's parent run; taken out of
+    # the environment so that no trial (nor worker process) resumes it as its own.
+    outer = os.environ.pop("MLFLOW_RUN_ID", None)
+    began = time.perf_counter()
+    ensure_cache(params, PREPARED)
+    start(params, PREPARED, url, outer)
+    if workers > 1:
+        procs = spawn_workers(workers, params_path, url)
+        codes = [p.wait() for p in procs]
+        if any(codes):
+            log.error("worker exit codes: %s", codes)
+    else:
+        work(params, url, PREPARED)
+    summary = finalize(params, PREPARED, url, time.perf_counter() - began, METRICS / "tune.json",
+                       PLOTS / "tune")
+    log.info("tune: best trial %d (%s), test accuracy %.4f; %s; %.1f s", summary["best_trial"],
+             summary["best_params"], summary["test_accuracy"], summary["trials"], summary["study_seconds"])
+    return 0

@@ -135,3 +135,17 @@ def _plot(rows: list[dict], path: Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def main(experiment: str, last: int | None, out: str | Path) -> int:
+    import sys
+
+    rows = collect(experiment, last)
+    if not rows:
+        log.error("no evaluated pipeline run in experiment %r yet: run `dvc repro` or `mlflow run .`",
+                  experiment)
+        return 1
+    paths = write(rows, Path(out))
+    sys.stdout.write(markdown(rows))
+    log.info("%d run(s) compared: %s", len(rows), ", ".join(str(p) for p in paths))
+    return 0

@@ -1,8 +1,7 @@
-"""Using a trained model: predict on image files, export for serving.
+"""`transferlab predict`: classify image files with a trained model.
 
     transferlab predict photos/ --top-k 3 --format csv     # the champion
     transferlab predict cat.jpg --version 4 --format json
-    transferlab export --out exports/                       # SavedModel + TFLite
 
 The model comes from the Model Registry (`models:/<name>@champion` by default,
 or a version), or from a local .keras file with --model-path. It takes uint8
@@ -16,9 +15,8 @@ import csv
 import io
 import json
 import logging
-import os
+import sys
 import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,7 +50,7 @@ def load(name: str | None = None, alias: str | None = "champion", version: str |
     class names. Keras models are loaded with safe_mode (no arbitrary code)."""
     import keras
 
-    from transferlab import tracking
+    from transferlab import backbones, tracking, tta  # noqa: F401 - registers the model's own layers
 
     if path is not None:
         path = Path(path)
@@ -95,21 +93,15 @@ def _classes_near(folder: Path, model) -> list[str]:
     return [str(i) for i in range(n)]
 
 
-# --------------------------------------------------------------------------- predict
-
-
 def image_files(inputs: list[str]) -> list[Path]:
     """Files as given; folders walked recursively for image files (hidden ones skipped)."""
-    from transferlab.data import IMAGE_EXTENSIONS
+    from transferlab import data
 
     out: list[Path] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            for dirpath, dirnames, filenames in os.walk(path):
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-                out += [Path(dirpath) / f for f in sorted(filenames)
-                        if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS]
+            out += data.image_files(path)
         elif path.is_file():
             out.append(path)
         else:
@@ -158,61 +150,30 @@ def format_rows(rows: list[dict], fmt: str) -> str:
     return buf.getvalue()
 
 
-# --------------------------------------------------------------------------- export
+def load_for(model_path: str | None, name: str | None, alias: str, version: str | None,
+             params_path: str | Path) -> LoadedModel:
+    """The model a command names: a local file, or a registered name (default:
+    tracking.model_name in the params file) by alias or version."""
+    if model_path:
+        return load(path=model_path)
+    from transferlab import config
+
+    return load(name or config.load(params_path).tracking.model_name, alias=alias, version=version)
 
 
-def export(loaded: LoadedModel, out_dir: Path, sample: np.ndarray) -> dict:
-    """SavedModel, TFLite float32 and TFLite dynamic-range int8, each checked
-    against the Keras model on `sample` (uint8 images). Float exports must agree
-    to 1e-4 in probability; the int8 one reports its top-1 agreement."""
-    import tensorflow as tf
-
-    from transferlab.data import atomic_dir
-
-    reference = np.asarray(loaded.model.predict(sample, verbose=0))
-    report: dict = {"source": loaded.source, "images_checked": int(len(sample)), "formats": {}}
-    with atomic_dir(out_dir) as tmp:
-        saved = tmp / "saved_model"
-        loaded.model.export(str(saved), format="tf_saved_model", verbose=False)
-        reloaded = tf.saved_model.load(str(saved))  # keep a reference: serve uses its variables
-        got = np.asarray(reloaded.serve(tf.constant(sample.astype(np.float32))))
-        report["formats"]["saved_model"] = _agreement(reference, got, saved.name)
-        for name, quantize in (("model_float32.tflite", False), ("model_int8_dynamic.tflite", True)):
-            converter = tf.lite.TFLiteConverter.from_saved_model(str(saved))
-            if quantize:
-                converter.optimizations = [tf.lite.Optimize.DEFAULT]
-            (tmp / name).write_bytes(converter.convert())
-            report["formats"][name] = _agreement(reference, _run_tflite(tmp / name, sample), name)
-            report["formats"][name]["bytes"] = (tmp / name).stat().st_size
-        (tmp / "classes.json").write_text(json.dumps(loaded.classes) + "\n")
-        (tmp / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-    bad = [name for name, r in report["formats"].items()
-           if "int8" not in name and r["max_abs_diff"] > 1e-4]
-    if bad:
-        raise RuntimeError(f"exported {bad} disagree with the Keras model beyond 1e-4: {report['formats']}")
-    return report
-
-
-def _run_tflite(path: Path, sample: np.ndarray) -> np.ndarray:
-    try:  # LiteRT, tf.lite.Interpreter's successor, when installed
-        from ai_edge_litert.interpreter import Interpreter
-    except ImportError:
-        import tensorflow as tf
-
-        Interpreter = tf.lite.Interpreter  # noqa: N806
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated")
-        interpreter = Interpreter(model_path=str(path))
-    inp = interpreter.get_input_details()[0]
-    interpreter.resize_tensor_input(inp["index"], [len(sample), *sample.shape[1:]])
-    interpreter.allocate_tensors()
-    interpreter.set_tensor(inp["index"], sample.astype(inp["dtype"]))
-    interpreter.invoke()
-    return np.asarray(interpreter.get_tensor(interpreter.get_output_details()[0]["index"]))
-
-
-def _agreement(reference: np.ndarray, got: np.ndarray, name: str) -> dict:
-    if got.shape != reference.shape:
-        raise RuntimeError(f"{name}: output shape {got.shape}, the Keras model's is {reference.shape}")
-    return {"max_abs_diff": float(np.abs(got - reference).max()),
-            "top1_agreement": float((got.argmax(1) == reference.argmax(1)).mean())}
+def main(inputs: list[str], loaded: LoadedModel, top_k: int, fmt: str, output: str | None,
+         batch_size: int) -> int:
+    files = image_files(inputs)
+    if not files:
+        raise FileNotFoundError(f"no image files in {inputs}")
+    log.info("predict: %d file(s) with %s", len(files), loaded.source)
+    rows, skipped = predict(loaded, files, top_k, batch_size)
+    text = format_rows(rows, fmt)
+    if output:
+        Path(output).write_text(text)
+        log.info("predictions written to %s", output)
+    else:
+        sys.stdout.write(text)
+    for item in skipped:
+        log.warning("skipped %s (%s)", item["path"], item["error"])
+    return 1 if skipped and not rows else 0

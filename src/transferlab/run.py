@@ -1,0 +1,146 @@
+"""`transferlab run`: the whole pipeline as one MLflow parent run.
+
+    transferlab run --set backbone.name=vgg16 --set finetune.epochs=3
+
+Overrides are written into params.yaml (comments kept), which stays the one
+source of truth; then `dvc repro` runs the stages, each a child run. Under
+`mlflow run` (MLproject `main`) the run MLflow started is the parent. One run per
+project folder at a time (`project_lock`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from transferlab import config
+from transferlab.redact import redact_tree
+
+log = logging.getLogger(__name__)
+
+
+def apply_overrides(path: Path, overrides: list[str]) -> dict:
+    """Write `key.sub=value` overrides into the params file, keeping its comments
+    (ruamel, as `dvc exp run -S` does), so params.yaml stays the one source of
+    truth. Empty values are skipped; an invalid result is rolled back."""
+    from ruamel.yaml import YAML
+
+    changes = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise config.ConfigError(f"--set expects key=value, received: {item!r}")
+        if value.strip() != "":
+            changes[key.strip()] = yaml.safe_load(value)
+    if not changes:
+        return {}
+    ryaml = YAML()
+    ryaml.preserve_quotes = True
+    original = path.read_text()
+    doc = ryaml.load(original)
+    for key, value in changes.items():
+        node = doc
+        *parents, leaf = key.split(".")
+        for part in parents:
+            if part not in node or node[part] is None:
+                node[part] = {}
+            node = node[part]
+        node[leaf] = value
+    with path.open("w") as fh:
+        ryaml.dump(doc, fh)
+    try:
+        config.load(path)
+    except config.ConfigError:
+        path.write_text(original)
+        raise
+    return changes
+
+
+class ProjectBusy(RuntimeError):
+    """Another pipeline run (or DVC command) holds this project folder."""
+
+
+@contextlib.contextmanager
+def project_lock(root: Path = Path(".")):
+    """One `transferlab run` (so one `mlflow run`) per project folder at a time,
+    and none while another DVC command holds the repository: a second run would
+    rewrite params.yaml under the first one's stages. Held until `dvc repro`
+    ends. Separate clones are separate folders and may share one MLflow store."""
+    import fcntl
+
+    tmp = root / ".dvc" / "tmp" if (root / ".dvc").is_dir() else root
+    tmp.mkdir(parents=True, exist_ok=True)
+    fh = open(tmp / "transferlab-run.lock", "a+")
+    try:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            raise ProjectBusy(
+                f"{root.resolve()}: another pipeline run is using this project folder "
+                f"({fh.read().strip() or 'unknown'}). Wait for it to end, or start this one in a separate "
+                "clone (`git worktree add ../other`); clones may share one MLflow store."
+            ) from None
+        dvc_lock = root / ".dvc" / "tmp" / "lock"  # DVC's own repository lock (zc.lockfile: flock)
+        if dvc_lock.exists():
+            with open(dvc_lock, "a+") as probe:
+                try:
+                    fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise ProjectBusy(
+                        f"{root.resolve()}: a DVC command (`dvc repro`?) is running in this project; "
+                        "params.yaml is left as it is. Wait for it to end, or use a separate clone."
+                    ) from None
+                fcntl.flock(probe, fcntl.LOCK_UN)
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {os.uname().nodename}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        fh.flush()
+        yield
+    finally:
+        fh.close()
+
+
+def main(params_path: Path, overrides: list[str]) -> int:
+    """The whole pipeline as one MLflow parent run: overrides -> params.yaml ->
+    `dvc repro`, each stage a child run. Under `mlflow run`, the run it started
+    is the parent. Refused while another run holds the project (project_lock)."""
+    with project_lock(Path.cwd()):
+        return _run_pipeline(params_path, overrides)
+
+
+def _run_pipeline(params_path: Path, overrides: list[str]) -> int:
+    import subprocess
+
+    from transferlab import tracking
+
+    changes = apply_overrides(params_path, overrides)
+    if changes:
+        log.info("params.yaml overrides: %s", redact_tree(changes))
+    params = config.load(params_path)
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    own_parent = None
+    if env.get("MLFLOW_RUN_ID"):
+        env[tracking.PARENT_ENV] = env.pop("MLFLOW_RUN_ID")
+    else:
+        mlflow = tracking.setup(params.tracking.experiment)
+        own_parent = mlflow.MlflowClient().create_run(
+            mlflow.get_experiment_by_name(params.tracking.experiment).experiment_id,
+            run_name=f"pipeline-{params.backbone.name}",
+            tags={"stage": "pipeline", "backbone": params.backbone.name,
+                  "git_commit": tracking.git_commit()},
+        ).info.run_id
+        env[tracking.PARENT_ENV] = own_parent
+    code = subprocess.run(["dvc", "repro"], env=env).returncode
+    if own_parent is not None:
+        import mlflow
+
+        mlflow.MlflowClient().set_terminated(own_parent, "FINISHED" if code == 0 else "FAILED")
+    return code

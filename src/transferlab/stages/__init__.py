@@ -1,0 +1,86 @@
+"""The DVC stages, one module each: prepare -> features -> head -> finetune -> evaluate.
+
+Each module's `main(params)` reads params (and only the keys dvc.yaml lists for
+it), calls the library with plain arguments, writes its outputs and logs one
+MLflow run. `python -m transferlab.stages.<name>` is the stage's dvc.yaml
+command; `transferlab <name>` runs the same function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from transferlab import config
+
+log = logging.getLogger("transferlab")
+
+PREPARED = Path("data/prepared")
+MODELS = Path("models")
+METRICS = Path("metrics")
+PLOTS = Path("plots")
+
+
+def features_dir(backbone: str, input_size: int) -> Path:
+    return Path("data/features") / f"{backbone}-{input_size}px"
+
+
+def begin(params: config.Params):
+    """How every stage after prepare starts: the device, the seeds (and
+    deterministic ops), then the prepared data (memory-mapped)."""
+    from transferlab import data, device
+
+    device.configure_device()
+    device.seed_everything(params.seed, params.deterministic)
+    return data.load_prepared(PREPARED)
+
+
+def resolved(values: dict) -> str:
+    """The params a stage read, as written beside its outputs (URL secrets masked)."""
+    from transferlab.redact import redact_tree
+
+    return yaml.safe_dump(redact_tree(values), sort_keys=False)
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def user_errors() -> tuple[type, ...]:
+    """Errors whose message says what is wrong and how to fix it: logged as they
+    are (no traceback), exit status 1."""
+    from transferlab.backbones import WeightsUnavailable
+    from transferlab.data import DataError
+    from transferlab.torch_weights import WeightsFileError
+
+    return DataError, WeightsUnavailable, WeightsFileError, FileNotFoundError
+
+
+def run(main: Callable[[config.Params], object], params_path: str | Path = "params.yaml") -> int:
+    """Load params, run one stage; the exit status: 0, 1 (a user error) or 2 (params)."""
+    try:
+        main(config.load(params_path))
+    except config.ConfigError as exc:
+        log.error("%s", exc)
+        return 2
+    except user_errors() as exc:
+        log.error("%s", exc)
+        return 1
+    return 0
+
+
+def entry(main: Callable[[config.Params], object]) -> None:
+    """`python -m transferlab.stages.<name> [--params FILE]`."""
+    parser = argparse.ArgumentParser(description=sys.modules[main.__module__].__doc__)
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    args = parser.parse_args()
+    setup_logging()
+    sys.exit(run(main, args.params))

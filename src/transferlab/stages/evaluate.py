@@ -1,0 +1,63 @@
+"""Stage evaluate: the fine-tuned model on the test split -> metrics/evaluate.json,
+metrics/per_class.json, plots/evaluate/ (confusion matrix as CSV and PNG); the
+model (with its test-time augmentation) logged to MLflow and registered, the
+alias `champion` moved to it only if it beats the current champion.
+
+    python -m transferlab.stages.evaluate    # dvc.yaml's command; `transferlab evaluate` alike
+"""
+
+from __future__ import annotations
+
+import logging
+
+import keras
+import numpy as np
+
+from transferlab import config, evaluate, tracking
+from transferlab.files import write_json
+from transferlab.stages import begin, METRICS, MODELS, PLOTS, PREPARED, entry
+
+log = logging.getLogger(__name__)
+
+KEYS = ("seed", "deterministic", "backbone.name", "evaluate", "tracking")
+
+
+def main(params: config.Params) -> dict:
+    """Returns the metrics written to metrics/evaluate.json."""
+    prepared = begin(params)
+    model = keras.saving.load_model(MODELS / "finetune" / "model.keras", safe_mode=True)
+    x, y = prepared.x["test"], prepared.y["test"]
+    result = evaluate.test_model(model, x, y, prepared.classes, params.evaluate.batch_size, params.evaluate.tta)
+    model = result["model"]  # the model that is logged and registered: test-time augmentation inside
+    seconds = result["seconds"]
+    metrics = {"test_accuracy": result["test_accuracy"], "test_loss": result["test_loss"],
+               "test_accuracy_single_view": result["test_accuracy_single_view"],
+               "evaluate_seconds": round(seconds, 2),
+               "test_images_per_second": round(len(y) / seconds, 1),
+               "parameters": int(model.count_params())}
+    write_json(METRICS / "evaluate.json", metrics)
+    y_pred = result["probs"].argmax(axis=1)
+    evaluate.write_confusion_csv(y, y_pred, prepared.classes, PLOTS / "evaluate" / "confusion.csv")
+    png = evaluate.confusion_png(result["confusion"], prepared.classes, PLOTS / "evaluate" / "confusion.png",
+                                 f"{params.backbone.name} on test: accuracy {metrics['test_accuracy']:.4f}")
+    write_json(METRICS / "per_class.json", result["per_class"])
+    values = config.subset(params, *KEYS)
+    with tracking.stage_run("evaluate", experiment=params.tracking.experiment, backbone=params.backbone.name,
+                            params=config.flatten(values), inputs=[str(PREPARED), str(MODELS / "finetune")]):
+        import mlflow
+
+        mlflow.log_metrics(metrics)
+        mlflow.log_artifact(str(png), "confusion")
+        mlflow.log_artifact(str(PLOTS / "evaluate" / "confusion.csv"), "confusion")
+        mlflow.log_dict(result["per_class"], "reports/test_per_class.json")
+        mlflow.log_dict(result["confusion"].tolist(), "confusion/confusion_test.json")
+        tracking.log_and_register(model, np.asarray(x[:2]), result["probs"][:2], prepared.classes,
+                                  params.tracking.model_name, metrics["test_accuracy"])
+    tracking.end_parent()
+    log.info("evaluate: test accuracy %.4f, loss %.4f (%d images, %.1f s)",
+             metrics["test_accuracy"], metrics["test_loss"], len(y), seconds)
+    return metrics
+
+
+if __name__ == "__main__":
+    entry(main)

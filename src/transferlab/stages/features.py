@@ -1,0 +1,53 @@
+"""Stage features: the frozen backbone once over every image ->
+data/features/<backbone>-<size>px/ (pooled features per split, meta.json; with
+finetune.mode cached, the activations at the unfreeze boundary for both flips).
+
+    python -m transferlab.stages.features    # dvc.yaml's command; `transferlab features` alike
+"""
+
+from __future__ import annotations
+
+import time
+
+from transferlab import backbones, config, features, finetune, tracking
+from transferlab.files import write_atomic, write_json
+from transferlab.stages import begin, METRICS, PREPARED, entry, features_dir, resolved
+
+KEYS = ("seed", "deterministic", "backbone", "features", "finetune.unfreeze", "finetune.mode",
+        "tracking.experiment")
+
+
+def main(params: config.Params) -> dict:
+    """Returns the throughput summary written to metrics/features.json."""
+    prepared = begin(params)
+    b, f = params.backbone, params.finetune
+    spec = backbones.get(b.name)
+    image_size = int(prepared.x["train"].shape[1])
+    meta = {"backbone": b.name, "input_size": b.input_size, "weights": b.weights, "image_size": image_size}
+    if finetune.uses_cache(spec, f.mode, f.unfreeze):
+        body = backbones.build_body(b.name, b.input_size, b.weights)
+        split = finetune.split_body(spec, body, f.unfreeze)
+        model = finetune.cache_extractor(spec, split, image_size, b.input_size)
+        meta.update(boundary=split.boundary, unfreeze=f.unfreeze)
+    else:
+        model = backbones.build_feature_extractor(b.name, image_size, b.input_size, b.weights)
+    out_dir = features_dir(b.name, b.input_size)
+    start = time.perf_counter()
+    meta = features.extract_splits(model, prepared.x, out_dir, params.features.batch_size, meta)
+    values = config.subset(params, *KEYS)
+    write_atomic(out_dir / "params.yaml", resolved(values))
+    seconds = time.perf_counter() - start
+    total = sum(t["images"] for t in meta["timings"].values())
+    summary = {"features_seconds": round(seconds, 2), "features_images_per_second": round(total / seconds, 1)}
+    write_json(METRICS / "features.json", summary)
+    with tracking.stage_run("features", experiment=params.tracking.experiment, backbone=b.name,
+                            params=config.flatten(values), inputs=[str(PREPARED)]):
+        import mlflow
+
+        mlflow.log_metrics(summary)
+        mlflow.log_artifact(str(out_dir / "meta.json"))
+    return summary
+
+
+if __name__ == "__main__":
+    entry(main)

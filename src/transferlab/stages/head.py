@@ -1,0 +1,83 @@
+"""Stage head: a Dense+Dropout head on the pooled features -> models/head/,
+metrics/head.json, plots/head/ (per-epoch history, validation confusion matrix).
+
+    python -m transferlab.stages.head        # dvc.yaml's command; `transferlab head` alike
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+
+from transferlab import config, evaluate, features, head, tracking, training
+from transferlab.files import write_atomic, write_json
+from transferlab.stages import begin, METRICS, MODELS, PLOTS, PREPARED, entry, features_dir, resolved
+
+log = logging.getLogger(__name__)
+
+KEYS = ("seed", "deterministic", "backbone.name", "backbone.input_size", "head", "tracking.experiment")
+
+
+def main(params: config.Params, callbacks: list | None = None) -> dict:
+    """Returns the metrics written to metrics/head.json. `callbacks`: extra Keras
+    callbacks for the head's fit (bench/recipes.py probes test accuracy with one)."""
+    prepared = begin(params)
+    b, h = params.backbone, params.head
+    feats_dir = features_dir(b.name, b.input_size)
+    feats, meta = features.load_features(feats_dir)
+    out_dir = MODELS / "head"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    values = config.subset(params, *KEYS)
+    with tracking.stage_run("head", experiment=params.tracking.experiment, backbone=b.name,
+                            params=config.flatten(values), inputs=[str(PREPARED), str(feats_dir)]):
+        import mlflow
+
+        model = head.build_head(meta["feature_dim"], len(prepared.classes), h.units, h.dropout)
+        start = time.perf_counter()
+        history = head.train_head(
+            model, feats["train"], prepared.y["train"], feats["val"], prepared.y["val"],
+            optimizer=h.optimizer, learning_rate=h.learning_rate, epochs=h.epochs,
+            batch_size=h.batch_size, patience=h.patience,
+            callbacks=[tracking.EpochLogger(), *(callbacks or [])],
+        )
+        seconds = time.perf_counter() - start
+        has_val = len(prepared.y["val"]) > 0
+        split = "val" if has_val else "train"
+        y_true = prepared.y[split]
+        y_pred = model.predict(feats[split], batch_size=1024, verbose=0).argmax(axis=1)
+        acc = float((y_pred == y_true).mean())
+        hist = history.history
+        best = int(np.argmax(hist[training.monitor(has_val)]))
+        # The kept (best) model's figures carry a best_ prefix, here and in MLflow, so
+        # that they add no point to the per-epoch train_*/val_* curves.
+        metrics = {
+            f"best_{split}_accuracy": round(acc, 5),
+            "best_train_accuracy": round(float(hist["accuracy"][best]), 5),
+            "best_epoch": best + 1,
+            "epochs_run": len(hist["loss"]),
+            "head_seconds": round(seconds, 2),
+        }
+        if has_val:
+            metrics["best_val_loss"] = round(float(hist["val_loss"][best]), 5)
+        model.save(out_dir / "model.keras")
+        write_atomic(out_dir / "params.yaml", resolved(values))
+        write_json(METRICS / "head.json", metrics)
+        training.write_history(PLOTS / "head" / "history.csv", hist)
+        cm = evaluate.confusion(y_true, y_pred, len(prepared.classes))
+        png = evaluate.confusion_png(cm, prepared.classes, PLOTS / "head" / f"confusion_{split}.png",
+                                     f"head on {b.name} features: {split} accuracy {acc:.3f}")
+        mlflow.log_metrics({k: v for k, v in metrics.items() if k != "best_train_accuracy"})
+        mlflow.log_artifact(str(png), "confusion")
+        mlflow.log_dict(evaluate.per_class_report(y_true, y_pred, prepared.classes),
+                        f"reports/{split}_per_class.json")
+        mlflow.log_dict(cm.tolist(), f"confusion/confusion_{split}.json")
+        mlflow.log_artifact(str(out_dir / "params.yaml"))
+        log.info("head: %s accuracy %.4f (best epoch %d of %d) in %.1f s",
+                 split, acc, best + 1, len(hist["loss"]), seconds)
+    return metrics
+
+
+if __name__ == "__main__":
+    entry(main)

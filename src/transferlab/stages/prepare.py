@@ -1,0 +1,50 @@
+"""Stage prepare: the data source -> data/prepared/ (uint8 arrays, class names,
+manifest).
+
+    python -m transferlab.stages.prepare     # dvc.yaml's command; `transferlab prepare` alike
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from transferlab import config, data, tracking
+from transferlab.files import write_atomic
+from transferlab.redact import redact
+from transferlab.stages import PREPARED, entry, resolved
+
+log = logging.getLogger(__name__)
+
+KEYS = ("seed", "data", "backbone.name", "tracking.experiment")
+
+
+def main(params: config.Params) -> dict:
+    """Returns the manifest."""
+    d = params.data
+    start = time.perf_counter()
+    ds, digest = data.load_source(
+        d.source, d.format, Path(d.cache_dir), d.checksum, d.image_size, d.test_fraction, params.seed
+    )
+    manifest = data.write_prepared(
+        ds, PREPARED, d.val_fraction, params.seed,
+        {"source": redact(d.source), "checksum": digest, "format": d.format, "seed": params.seed},
+    )
+    values = config.subset(params, *KEYS)
+    write_atomic(PREPARED / "params.yaml", resolved(values))
+    seconds = time.perf_counter() - start
+    log.info("prepare: %s in %.1f s; skipped %d file(s)", manifest["totals"], seconds, manifest["num_skipped"])
+    with tracking.stage_run("prepare", experiment=params.tracking.experiment, backbone=params.backbone.name,
+                            params=config.flatten(values), inputs=[]):
+        import mlflow
+
+        mlflow.log_metrics({f"{k}_images": v for k, v in manifest["totals"].items()})
+        mlflow.log_metrics({"num_skipped": manifest["num_skipped"], "prepare_seconds": seconds})
+        mlflow.set_tag("data.checksum", digest)
+        mlflow.log_artifact(str(PREPARED / "manifest.json"))
+    return manifest
+
+
+if __name__ == "__main__":
+    entry(main)
