@@ -173,7 +173,7 @@ def run_seeds(workdir: Path, backbone: str, weights: str, head_epochs: int, ft_e
 
     base = backbones.build_body(backbone, size, weights)
     inputs = keras.Input((size, size, 3))
-    x = backbones.Preprocess(spec.preprocess)(inputs)
+    x = backbones.preprocess(spec.preprocess)(inputs)
     x = base(x)
     x = layers.Flatten()(x)
     x = layers.Dense(256, activation="relu")(x)

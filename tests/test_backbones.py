@@ -4,11 +4,12 @@ and a block list that covers every weighted layer. Real weights behind a marker.
 import subprocess
 import sys
 
+import keras
 import numpy as np
 import pytest
 
 from transferlab import backbones
-from transferlab.backbones import BACKBONES, Preprocess
+from transferlab.backbones import BACKBONES, preprocess
 
 NAMES = sorted(BACKBONES)
 
@@ -40,18 +41,23 @@ def test_feature_extractor_shape(name):
     x = np.random.default_rng(0).integers(0, 255, (2, 16, 16, 3)).astype(np.uint8)
     out = model(x, training=False)
     assert tuple(out.shape) == (2, spec.feature_dim)
-    assert model.get_layer("preprocess").mode == spec.preprocess
+    # the model's preprocessing is the backbone's own, from Keras' layers only
+    assert all(type(layer).__module__.startswith("keras.") for layer in model.layers if layer.name != model.name)
+    upscaled = keras.Model(model.input, model.get_layer("upscale").output)(x.astype(np.float32))
+    plain = keras.Model(model.input, model.get_layer("preprocess").output)(x.astype(np.float32))
+    expected = preprocess(spec.preprocess)(upscaled)
+    np.testing.assert_allclose(np.asarray(plain), np.asarray(expected), atol=1e-5)
 
 
 def test_preprocess_modes():
     x = np.array([[[[0.0, 127.5, 255.0]]]], np.float32)
-    np.testing.assert_allclose(Preprocess("tf")(x).numpy().ravel(), [-1, 0, 1], atol=1e-6)
-    lite = Preprocess("lite")(x).numpy().ravel()
+    np.testing.assert_allclose(np.asarray(preprocess("tf")(x)).ravel(), [-1, 0, 1], atol=1e-6)
+    lite = np.asarray(preprocess("lite")(x)).ravel()
     np.testing.assert_allclose(lite, (np.array([0, 127.5, 255]) / 255 - 0.498) / 0.502, atol=1e-6)
-    caffe = Preprocess("caffe")(x).numpy().ravel()  # BGR order, mean subtracted
+    caffe = np.asarray(preprocess("caffe")(x)).ravel()  # BGR order, mean subtracted
     np.testing.assert_allclose(caffe, [255 - 103.939, 127.5 - 116.779, 0 - 123.68], atol=1e-4)
     with pytest.raises(ValueError, match="must be one of"):
-        Preprocess("bgr")
+        preprocess("bgr")
 
 
 def test_unknown_backbone_lists_registry():
@@ -114,7 +120,7 @@ def test_lite_weights_classify_real_photos(name):
     size = efficientnet_lite.VARIANTS[name][2]
     model = efficientnet_lite.build(name, (size, size, 3), include_top=True, weights="imagenet")
     for photo, expected in PHOTOS.items():
-        x = Preprocess("lite")(_photo(photo, size)[None])
+        x = preprocess("lite")(_photo(photo, size)[None])
         top5 = set(np.argsort(-model(x, training=False).numpy()[0])[:5].tolist())
         assert top5 & expected, f"{name} on {photo}: top-5 {sorted(top5)}, expected one of {sorted(expected)}"
 

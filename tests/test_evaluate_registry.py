@@ -55,25 +55,95 @@ def test_champion_alias_moves_only_to_a_better_model(in_tmp):
     assert client.get_model_version("m", "2").tags["test_accuracy"] == "0.750000"
 
 
-def test_flip_tta_model_is_the_mean_over_image_and_mirror_and_reloads_safely(tmp_path):
+def _classifier():
+    """A tiny classifier shaped like the pipeline's: images -> pool -> head."""
     import keras
 
-    from transferlab import tta
+    from transferlab import head
 
     keras.utils.set_random_seed(0)
-    inputs = keras.Input((6, 6, 3))
-    x = keras.layers.Flatten()(inputs)
-    base = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(x))
+    inputs = keras.Input((6, 6, 3), name="image")
+    x = keras.layers.Conv2D(4, 3, name="conv")(inputs)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    return keras.Model(inputs, head.build_head(4, 3, 8, 0.0)(x), name="tiny")
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_flip_tta_and_temperature_inside_the_model_match_the_numpy_views_and_reload_safely(tmp_path, temperature):
+    import keras
+
+    from transferlab import evaluate, tta
+
+    base = _classifier()
     images = np.random.default_rng(0).integers(0, 255, (5, 6, 6, 3)).astype(np.uint8)
     plain = base.predict(images, verbose=0)
     mirrored = base.predict(images[:, :, ::-1], verbose=0)
     assert not np.allclose(plain, mirrored)  # the mirror image is a different view
-    with_tta = tta.with_tta(base, "flip")
-    np.testing.assert_allclose(with_tta.predict(images, verbose=0), (plain + mirrored) / 2, rtol=1e-5, atol=1e-6)
-    probs, single = tta.predict_tta(base, images, 2, "flip")
-    np.testing.assert_allclose(probs, (plain + mirrored) / 2, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(single, plain, rtol=1e-5, atol=1e-6)
-    with_tta.save(tmp_path / "tta.keras")
+    views = tta.logit_views(tta.logits_model(base), images, 2, "flip")
+    np.testing.assert_allclose(evaluate.softmax_views(views[:1]), plain, rtol=1e-5, atol=1e-6)
+    expected = evaluate.softmax_views(views, temperature)
+    if temperature == 1.0:
+        np.testing.assert_allclose(expected, (plain + mirrored) / 2, rtol=1e-5, atol=1e-6)
+    model = tta.with_tta(base, "flip", temperature)
+    np.testing.assert_allclose(model.predict(images, verbose=0), expected, rtol=1e-5, atol=1e-6)
+    # Keras' own layers only: it loads where this package is not installed
+    assert all(type(layer).__module__.startswith("keras.") for layer in model._flatten_layers())
+    model.save(tmp_path / "tta.keras")
     loaded = keras.saving.load_model(tmp_path / "tta.keras", safe_mode=True)
-    np.testing.assert_allclose(loaded.predict(images, verbose=0), probs, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(loaded.predict(images, verbose=0), expected, rtol=1e-5, atol=1e-6)
     assert tta.with_tta(base, "none") is base
+
+
+def test_expected_calibration_error_by_hand():
+    from transferlab import evaluate
+
+    probs = np.array([[0.9, 0.1], [0.9, 0.1], [0.62, 0.38], [0.32, 0.68]])
+    y = np.array([0, 1, 0, 1])
+    # 15 bins: 0.9 (2 samples, accuracy 0.5, gap 0.4), 0.62 (1, accuracy 1, gap 0.38), 0.68 (1, accuracy 1, gap 0.32)
+    assert evaluate.expected_calibration_error(probs, y) == pytest.approx(0.5 * 0.4 + 0.25 * 0.38 + 0.25 * 0.32)
+    assert evaluate.expected_calibration_error(np.eye(3), np.arange(3)) == 0.0
+
+
+def test_fitted_temperature_recovers_the_one_that_made_the_labels():
+    from transferlab import evaluate
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(scale=4.0, size=(20000, 5))
+    truth = 2.0  # labels drawn from softmax(logits / 2): the logits are overconfident by 2x
+    probs = evaluate.softmax_views([logits], truth)
+    y = np.array([rng.choice(5, p=p) for p in probs])
+    fitted = evaluate.fit_temperature([logits], y)
+    assert fitted == pytest.approx(truth, rel=0.05)
+    assert evaluate.nll(evaluate.softmax_views([logits], fitted), y) < evaluate.nll(evaluate.softmax_views([logits]), y)
+    calibrated = evaluate.expected_calibration_error(evaluate.softmax_views([logits], fitted), y)
+    assert calibrated < 0.5 * evaluate.expected_calibration_error(evaluate.softmax_views([logits]), y)
+
+
+def test_test_model_keeps_a_temperature_only_where_it_lowers_val_nll():
+    from transferlab import evaluate
+
+    base = _classifier()
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 255, (40, 6, 6, 3)).astype(np.uint8)
+    y = rng.integers(0, 3, 40)
+    result = evaluate.test_model(base, x, y, ["a", "b", "c"], 8, "flip", x, y)
+    assert result["val_nll"] <= result["val_nll_before_calibration"]
+    if result["temperature"] != 1.0:
+        assert result["val_nll"] < result["val_nll_before_calibration"]
+    np.testing.assert_allclose(result["model"].predict(x, verbose=0), result["probs"], atol=1e-5)
+    off = evaluate.test_model(base, x, y, ["a", "b", "c"], 8, "flip", x, y, calibrate=False)
+    assert off["temperature"] == 1.0 and "val_nll" not in off
+
+
+def test_a_temperature_that_raises_val_nll_is_not_kept(monkeypatch):
+    from transferlab import evaluate
+
+    base = _classifier()
+    rng = np.random.default_rng(2)
+    x = rng.integers(0, 255, (30, 6, 6, 3)).astype(np.uint8)
+    y = base.predict(x, verbose=0).argmax(axis=1)  # labels the model gets right: a high T only hurts
+    monkeypatch.setattr(evaluate, "fit_temperature", lambda views, y: 20.0)
+    result = evaluate.test_model(base, x, y, ["a", "b", "c"], 8, "none", x, y)
+    assert result["temperature"] == 1.0
+    assert result["val_nll"] == result["val_nll_before_calibration"]
+    assert result["model"] is base

@@ -37,7 +37,7 @@ def test_load_features_names_the_missing_stage(tmp_path):
 
 def test_head_layers_are_named():
     model = head.build_head(32, 4, units=16, dropout=0.2)
-    assert [layer.name for layer in model.layers] == ["features", "head_dense", "head_dropout", "predictions"]
+    assert [layer.name for layer in model.layers] == ["features", "head_dense", "head_dropout", "predictions", "probabilities"]
     assert model.output_shape == (None, 4)
 
 

@@ -4,11 +4,14 @@ through every stage, the MLflow store as `mlflow ui` serves it, and
 
 import json
 import os
+import signal
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -58,6 +61,12 @@ def test_dvc_repro_runs_every_stage(reproduced):
     assert cache.exists() == (shipped_mode == "cached")
     evaluated = json.loads((dest / "metrics/evaluate.json").read_text())
     assert 0.0 <= evaluated["test_accuracy"] <= 1.0 and 0.0 <= evaluated["test_accuracy_single_view"] <= 1.0
+    # calibration: a temperature kept only where it lowered the validation NLL, ECE before and after
+    assert evaluated["val_nll"] <= evaluated["val_nll_before_calibration"]
+    if evaluated["temperature"] == 1.0:
+        assert evaluated["val_nll"] == evaluated["val_nll_before_calibration"]
+    assert {"test_ece", "test_ece_before_calibration"} <= set(evaluated)
+    assert (dest / "plots/evaluate/reliability.png").stat().st_size > 1000
     # the registered model is the evaluated one: flip test-time augmentation (the default) inside
     from transferlab import predict
 
@@ -77,6 +86,89 @@ def test_second_repro_does_nothing(reproduced):
     _, _, _, second = reproduced
     assert "Running stage" not in second
     assert "up to date" in second
+
+
+# --------------------------------------------------------------------------- real MLflow clients
+
+# A process where this package cannot be imported, as on a machine where it is not installed.
+NO_TRANSFERLAB = 'import sys; sys.modules["transferlab"] = None\n'
+
+
+def _client_env(dest: Path, env: dict, tmp_path: Path) -> dict:
+    (tmp_path / "block").mkdir(exist_ok=True)
+    (tmp_path / "block" / "sitecustomize.py").write_text(NO_TRANSFERLAB)
+    return {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{dest / 'mlflow.db'}", "PYTHONPATH": str(tmp_path / "block")}
+
+
+def _predicted_by_transferlab(dest: Path):
+    """`transferlab predict`'s probabilities for the test images, and those images."""
+    from transferlab import data, predict
+
+    cwd = os.getcwd()
+    os.chdir(dest)
+    try:
+        loaded = predict.load(TINY["tracking"]["model_name"], alias="champion")
+        files = sorted((dest / "tiny-images" / "test").rglob("*.png"))[:6]
+        rows, skipped = predict.predict(loaded, files, top_k=len(loaded.classes), progress=False)
+    finally:
+        os.chdir(cwd)
+    assert not skipped
+    x = np.stack([data.decode_image(f, loaded.image_size) for f in files])
+    expected = np.array([[next(p["probability"] for p in r["predictions"] if p["label"] == c)
+                          for c in loaded.classes] for r in rows])
+    return x, expected
+
+
+def test_registered_model_loads_with_pyfunc_where_transferlab_cannot_be_imported(reproduced, tmp_path):
+    dest, env, _, _ = reproduced
+    x, expected = _predicted_by_transferlab(dest)
+    np.save(tmp_path / "x.npy", x)
+    script = NO_TRANSFERLAB + f"""
+import json, numpy as np, mlflow
+model = mlflow.pyfunc.load_model("models:/{TINY['tracking']['model_name']}@champion")
+probs = np.asarray(model.predict(np.load({str(tmp_path / 'x.npy')!r})))
+np.save({str(tmp_path / 'probs.npy')!r}, probs)
+inputs = model.metadata.get_input_schema().inputs[0]
+info = {{"modules": [m for m, v in sys.modules.items() if m.startswith("transferlab") and v is not None],
+        "dtype": str(inputs.type), "shape": list(inputs.shape),
+        "example": model.metadata.saved_input_example_info is not None}}
+open({str(tmp_path / 'info.json')!r}, "w").write(json.dumps(info))
+"""
+    run([sys.executable, "-c", script], tmp_path, {**_client_env(dest, env, tmp_path), "PYTHONPATH": ""})
+    info = json.loads((tmp_path / "info.json").read_text())
+    assert info["modules"] == []
+    assert info["dtype"] == "uint8" and info["shape"][1:] == list(x.shape[1:]) and info["example"]
+    np.testing.assert_allclose(np.load(tmp_path / "probs.npy"), expected, atol=1e-5)
+
+
+def test_mlflow_models_serve_answers_invocations_over_http(reproduced, tmp_path):
+    dest, env, _, _ = reproduced
+    x, expected = _predicted_by_transferlab(dest)
+    port = pgserver.free_port()
+    proc = subprocess.Popen(
+        ["mlflow", "models", "serve", "-m", f"models:/{TINY['tracking']['model_name']}@champion",
+         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+        cwd=tmp_path, env=_client_env(dest, env, tmp_path), stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "serve.log", "w"), start_new_session=True,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{base}/ping", timeout=2)
+                break
+            except OSError:
+                if time.time() > deadline or proc.poll() is not None:
+                    pytest.fail(f"mlflow models serve did not start:\n{(tmp_path / 'serve.log').read_text()[-3000:]}")
+                time.sleep(1)
+        req = urllib.request.Request(f"{base}/invocations", data=json.dumps({"inputs": x.tolist()}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        got = np.asarray(json.load(urllib.request.urlopen(req, timeout=60))["predictions"])
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
 
 
 def test_changing_what_no_stage_imports_leaves_dvc_status_clean(reproduced):
@@ -244,7 +336,7 @@ def test_dvc_plots_metrics_diff_and_experiments(reproduced):
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "baseline"], dest, env)
     run(["dvc", "plots", "show", "-o", "dvc_plots"], dest, env)
     page = (dest / "dvc_plots" / "index.html").read_text()
-    for plot in ("confusion.csv", "head_accuracy", "finetune_accuracy", "confusion_val.png"):
+    for plot in ("confusion.csv", "head_accuracy", "finetune_accuracy", "confusion_val.png", "reliability.png"):
         assert plot in page, plot
     before = json.loads((dest / "metrics/head.json").read_text())
     run(["dvc", "exp", "run", "-S", "head.units=8", "-S", "head.dropout=0.3"], dest, env)

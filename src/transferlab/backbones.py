@@ -19,40 +19,43 @@ from typing import Callable
 
 import keras
 import numpy as np
-from keras import layers, ops
+from keras import layers
 
 from transferlab import efficientnet_lite
 
 log = logging.getLogger(__name__)
 
 
-@keras.saving.register_keras_serializable(package="transferlab")
-class Preprocess(layers.Layer):
-    """Float RGB in [0, 255] -> what a backbone expects, inside the model so that a
-    saved model carries its own preprocessing (and loads with safe_mode)."""
+PREPROCESS_MODES = ("caffe", "tf", "lite", "none")
+CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 
-    MODES = ("caffe", "tf", "lite", "none")
-    CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 
-    def __init__(self, mode: str, **kwargs):
-        super().__init__(**kwargs)
-        if mode not in self.MODES:
-            raise ValueError(f"Preprocess mode must be one of {self.MODES}, received: {mode!r}")
-        self.mode = mode
+def preprocess(mode: str, name: str = "preprocess") -> Callable:
+    """RGB in [0, 255] (any dtype) -> what a backbone expects, from Keras' own layers
+    only, so that a saved model carries its preprocessing and loads in any Keras
+    or MLflow client without this package:
+    - tf: x / 127.5 - 1; lite: (x / 255 - MEAN) / STD (each one Rescaling);
+    - caffe: RGB -> BGR and the ImageNet mean subtracted (a frozen Dense over the
+      channels: a permutation matrix and the negated mean as bias; exact);
+    - none: a cast to float32."""
+    if mode not in PREPROCESS_MODES:
+        raise ValueError(f"preprocess mode must be one of {PREPROCESS_MODES}, received: {mode!r}")
+    if mode == "tf":
+        return layers.Rescaling(1 / 127.5, offset=-1.0, dtype="float32", name=name)
+    if mode == "lite":
+        std, mean = efficientnet_lite.STD, efficientnet_lite.MEAN
+        return layers.Rescaling(1 / (255.0 * std), offset=-mean / std, dtype="float32", name=name)
+    to_float = layers.Rescaling(1.0, dtype="float32", name=f"{name}_float" if mode == "caffe" else name)
+    if mode == "none":
+        return to_float
 
-    def call(self, x):
-        x = ops.cast(x, "float32")
-        if self.mode == "caffe":  # RGB -> BGR, then subtract the ImageNet mean
-            x = ops.flip(x, axis=-1)
-            return x - ops.convert_to_tensor(np.array(self.CAFFE_MEAN_BGR, np.float32))
-        if self.mode == "tf":
-            return x / 127.5 - 1.0
-        if self.mode == "lite":
-            return (x / 255.0 - efficientnet_lite.MEAN) / efficientnet_lite.STD
-        return x
+    def caffe(x):
+        bgr = layers.Dense(3, trainable=False, dtype="float32", name=name)
+        bgr.build((None, 3))  # weights set before the first call, which may be eager
+        bgr.set_weights([np.eye(3, dtype=np.float32)[::-1], -np.array(CAFFE_MEAN_BGR, np.float32)])
+        return bgr(to_float(x))
 
-    def get_config(self):
-        return {**super().get_config(), "mode": self.mode}
+    return caffe
 
 
 @dataclass(frozen=True)
@@ -169,7 +172,7 @@ def image_input(spec: BackboneSpec, image_size: int, input_size: int, augment: l
         x = layer(x)
     if image_size != input_size:
         x = layers.Resizing(input_size, input_size, interpolation="bilinear", name="upscale")(x)
-    return inputs, Preprocess(spec.preprocess, name="preprocess")(x)
+    return inputs, preprocess(spec.preprocess)(x)
 
 
 def build_feature_extractor(

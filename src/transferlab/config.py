@@ -99,6 +99,8 @@ class FinetuneConfig:
 class EvaluateConfig:
     batch_size: int
     tta: str  # test-time augmentation: flip (mean of the image and its mirror) | none
+    # a temperature fitted on val (one scalar, minimum NLL), kept where it lowers val NLL
+    calibrate: bool
 
 
 @dataclass(frozen=True)

@@ -66,22 +66,120 @@ def write_confusion_csv(y_true: np.ndarray, y_pred: np.ndarray, classes: list[st
     return path
 
 
+# --------------------------------------------------------------------------- calibration
+
+
+def softmax_views(views: list[np.ndarray], temperature: float = 1.0) -> np.ndarray:
+    """The mean over views (image, mirror image) of softmax(logits / T)."""
+    out = np.zeros_like(views[0], dtype=np.float64)
+    for z in views:
+        z = np.asarray(z, np.float64) / temperature
+        z = z - z.max(axis=1, keepdims=True)
+        e = np.exp(z)
+        out += e / e.sum(axis=1, keepdims=True)
+    return out / len(views)
+
+
+def nll(probs: np.ndarray, y: np.ndarray) -> float:
+    return float(-np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, 1.0)).mean())
+
+
+def fit_temperature(views: list[np.ndarray], y: np.ndarray) -> float:
+    """The one scalar T > 0 that minimises the NLL of softmax(logits / T) on
+    (validation) logits; searched on log T in [1/20, 20]."""
+    from scipy.optimize import minimize_scalar
+
+    result = minimize_scalar(lambda log_t: nll(softmax_views(views, float(np.exp(log_t))), y),
+                             bounds=(-np.log(20.0), np.log(20.0)), method="bounded",
+                             options={"xatol": 1e-4})
+    return float(np.exp(result.x))
+
+
+def expected_calibration_error(probs: np.ndarray, y: np.ndarray, bins: int = 15) -> float:
+    """ECE: the gap between confidence and accuracy, averaged over `bins` equal-width
+    confidence bins weighted by their share of samples (Guo et al., 2017)."""
+    conf, correct = probs.max(axis=1), probs.argmax(axis=1) == y
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        members = which == b
+        if members.any():
+            ece += members.mean() * abs(correct[members].mean() - conf[members].mean())
+    return float(ece)
+
+
+def reliability_png(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, bins: int = 15) -> Path:
+    """Accuracy against confidence per bin, one line per {label: (probs, y)}, with the diagonal."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 5.5))
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfectly calibrated")
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    for label, (probs, y) in curves.items():
+        conf, correct = probs.max(axis=1), probs.argmax(axis=1) == y
+        which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, bins - 1)
+        xs, ys = [], []
+        for b in range(bins):
+            members = which == b
+            if members.any():
+                xs.append(conf[members].mean())
+                ys.append(correct[members].mean())
+        ece = expected_calibration_error(probs, y, bins)
+        ax.plot(xs, ys, marker="o", label=f"{label} (ECE {ece:.3f})")
+    ax.set_xlabel("confidence (top-1 probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_title(f"reliability diagram, {bins} bins")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def test_model(model, x: np.ndarray, y: np.ndarray, classes: list[str], batch_size: int, tta: str,
+               x_val: np.ndarray | None = None, y_val: np.ndarray | None = None, calibrate: bool = True,
                desc: str = "evaluate test") -> dict:
-    """The model on the test split under test-time augmentation `tta`: the
-    summary (test accuracy and loss, per-class report, confusion matrix), the
-    single-view accuracy, the probabilities, and the model to log and register
-    (with the same test-time augmentation inside)."""
+    """The classifier on the test split under test-time augmentation `tta`, with
+    temperature scaling fitted on the validation split (`calibrate`, when there is
+    one) and kept only where it lowers the validation NLL. Returns the summary
+    (test accuracy and loss, per-class report, confusion matrix), the calibration
+    figures (temperature, test ECE before and after), the single-view accuracy,
+    the probabilities and the model to log and register (test-time augmentation
+    and temperature inside)."""
     import time
 
     from transferlab import tta as tta_
 
+    logits = tta_.logits_model(model)
     start = time.perf_counter()
-    probs, single = tta_.predict_tta(model, x, batch_size, tta, desc=desc)
+    views = tta_.logit_views(logits, x, batch_size, tta, desc)
     seconds = time.perf_counter() - start
+    temperature, calibration = 1.0, {}
+    if calibrate and y_val is not None and len(y_val) > 0:
+        val_views = tta_.logit_views(logits, x_val, batch_size, tta, "calibrate on val")
+        fitted = fit_temperature(val_views, y_val)
+        before, after = nll(softmax_views(val_views), y_val), nll(softmax_views(val_views, fitted), y_val)
+        if after < before:
+            temperature = fitted
+        calibration = {"val_nll_before_calibration": round(before, 5), "val_nll": round(min(before, after), 5)}
+    raw = softmax_views(views)
+    probs = softmax_views(views, temperature)
     result = summarize(y, probs, classes)
     result.update(
-        test_accuracy_single_view=round(float((single.argmax(axis=1) == y).mean()), 5),
-        probs=probs, seconds=seconds, model=tta_.with_tta(model, tta),
+        calibration,
+        temperature=round(temperature, 5),
+        test_ece=round(expected_calibration_error(probs, y), 5),
+        test_ece_before_calibration=round(expected_calibration_error(raw, y), 5),
+        test_accuracy_before_calibration=round(float((raw.argmax(axis=1) == y).mean()), 5),
+        test_accuracy_single_view=round(float((views[0].argmax(axis=1) == y).mean()), 5),
+        probs=probs.astype(np.float32), raw_probs=raw, seconds=seconds,
+        model=tta_.with_tta(model, tta, temperature),
     )
     return result

@@ -10,14 +10,17 @@ from keras import layers
 from transferlab import training
 
 def build_head(feature_dim: int, n_classes: int, units: int, dropout: float, name: str = "head") -> keras.Model:
-    """Pooled features -> Dense(units, relu) -> Dropout -> Dense(n_classes, softmax)."""
+    """Pooled features -> Dense(units, relu) -> Dropout -> Dense(n_classes) -> softmax."""
     inputs = keras.Input((feature_dim,), name="features")
     x = inputs
     if units > 0:
         x = layers.Dense(units, activation="relu", name="head_dense")(x)
     x = layers.Dropout(dropout, name="head_dropout")(x)
-    # float32 probabilities under a mixed-precision policy too (see device.configure_device)
-    outputs = layers.Dense(n_classes, activation="softmax", dtype="float32", name="predictions")(x)
+    # float32 logits and probabilities under a mixed-precision policy too (see
+    # device.configure_device); the softmax is a layer of its own so that the
+    # logits stay reachable (temperature scaling, tta.logits_model)
+    logits = layers.Dense(n_classes, dtype="float32", name="predictions")(x)
+    outputs = layers.Activation("softmax", dtype="float32", name="probabilities")(logits)
     return keras.Model(inputs, outputs, name=name)
 
 

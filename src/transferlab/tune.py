@@ -533,12 +533,14 @@ def finalize(params: config.Params, prepared_dir: Path, storage_url: str | None,
         model = keras.saving.load_model(path, safe_mode=True)
     prepared = data.load_prepared(prepared_dir)
     x, y = prepared.x["test"], prepared.y["test"]
-    result = evaluate.test_model(model, x, y, prepared.classes, params.evaluate.batch_size,
-                                 params.evaluate.tta, desc="tune: best trial on test")
+    e = params.evaluate
+    result = evaluate.test_model(model, x, y, prepared.classes, e.batch_size, e.tta, prepared.x["val"],
+                                 prepared.y["val"], calibrate=e.calibrate, desc="tune: best trial on test")
     summary = {
         "best_trial": best.number, f"best_{params.tune.monitor}": round(best.value, 5),
         "best_params": best.params, "test_accuracy": result["test_accuracy"],
-        "test_loss": result["test_loss"], "trials": states, "study_seconds": round(seconds, 1),
+        "test_loss": result["test_loss"], "test_ece": result["test_ece"], "temperature": result["temperature"],
+        "trials": states, "study_seconds": round(seconds, 1),
     }
     plots_dir.mkdir(parents=True, exist_ok=True)
     pngs = _study_plots(study, plots_dir)

@@ -1,6 +1,8 @@
 """Stage evaluate: the fine-tuned model on the test split -> metrics/evaluate.json,
-metrics/per_class.json, plots/evaluate/ (confusion matrix as CSV and PNG); the
-model (with its test-time augmentation) logged to MLflow and registered, the
+metrics/per_class.json, plots/evaluate/ (confusion matrix as CSV and PNG, the
+reliability diagram); a temperature fitted on the validation split where it lowers
+the validation NLL; the model (test-time augmentation and temperature inside)
+logged to MLflow and registered, the
 alias `champion` moved to it only if it beats the current champion.
 
     python -m transferlab.stages.evaluate    # dvc.yaml's command; `transferlab evaluate` alike
@@ -20,6 +22,8 @@ from transferlab.stages import begin, METRICS, MODELS, PLOTS, PREPARED, entry
 log = logging.getLogger(__name__)
 
 KEYS = ("seed", "deterministic", "backbone.name", "evaluate", "tracking")
+CALIBRATION = ("test_accuracy_before_calibration", "test_accuracy_single_view", "temperature", "test_ece",
+               "test_ece_before_calibration", "val_nll", "val_nll_before_calibration")
 
 
 def main(params: config.Params) -> dict:
@@ -27,15 +31,20 @@ def main(params: config.Params) -> dict:
     prepared = begin(params)
     model = keras.saving.load_model(MODELS / "finetune" / "model.keras", safe_mode=True)
     x, y = prepared.x["test"], prepared.y["test"]
-    result = evaluate.test_model(model, x, y, prepared.classes, params.evaluate.batch_size, params.evaluate.tta)
-    model = result["model"]  # the model that is logged and registered: test-time augmentation inside
+    e = params.evaluate
+    result = evaluate.test_model(model, x, y, prepared.classes, e.batch_size, e.tta,
+                                 prepared.x["val"], prepared.y["val"], calibrate=e.calibrate)
+    parameters = int(model.count_params())
+    model = result["model"]  # what is logged and registered: test-time augmentation and temperature inside
     seconds = result["seconds"]
-    metrics = {"test_accuracy": result["test_accuracy"], "test_loss": result["test_loss"],
-               "test_accuracy_single_view": result["test_accuracy_single_view"],
-               "evaluate_seconds": round(seconds, 2),
-               "test_images_per_second": round(len(y) / seconds, 1),
-               "parameters": int(model.count_params())}
+    metrics = {key: result[key] for key in CALIBRATION if key in result}
+    metrics.update(test_accuracy=result["test_accuracy"], test_loss=result["test_loss"],
+                   evaluate_seconds=round(seconds, 2), test_images_per_second=round(len(y) / seconds, 1),
+                   parameters=parameters)
     write_json(METRICS / "evaluate.json", metrics)
+    reliability = evaluate.reliability_png(
+        {"before calibration": (result["raw_probs"], y), f"T = {result['temperature']:.3f}": (result["probs"], y)},
+        PLOTS / "evaluate" / "reliability.png")
     y_pred = result["probs"].argmax(axis=1)
     evaluate.write_confusion_csv(y, y_pred, prepared.classes, PLOTS / "evaluate" / "confusion.csv")
     png = evaluate.confusion_png(result["confusion"], prepared.classes, PLOTS / "evaluate" / "confusion.png",
@@ -49,13 +58,15 @@ def main(params: config.Params) -> dict:
         mlflow.log_metrics(metrics)
         mlflow.log_artifact(str(png), "confusion")
         mlflow.log_artifact(str(PLOTS / "evaluate" / "confusion.csv"), "confusion")
+        mlflow.log_artifact(str(reliability), "calibration")
         mlflow.log_dict(result["per_class"], "reports/test_per_class.json")
         mlflow.log_dict(result["confusion"].tolist(), "confusion/confusion_test.json")
         tracking.log_and_register(model, np.asarray(x[:2]), result["probs"][:2], prepared.classes,
                                   params.tracking.model_name, metrics["test_accuracy"])
     tracking.end_parent()
-    log.info("evaluate: test accuracy %.4f, loss %.4f (%d images, %.1f s)",
-             metrics["test_accuracy"], metrics["test_loss"], len(y), seconds)
+    log.info("evaluate: test accuracy %.4f, loss %.4f, ECE %.4f -> %.4f (T = %.3f) (%d images, %.1f s)",
+             metrics["test_accuracy"], metrics["test_loss"], metrics["test_ece_before_calibration"],
+             metrics["test_ece"], metrics["temperature"], len(y), seconds)
     return metrics
 
 
