@@ -82,6 +82,20 @@ def test_dvc_repro_runs_every_stage(reproduced):
     assert set(json.loads((dest / "metrics/per_class.json").read_text())) >= set(synth.CLASSES)
 
 
+def test_a_log_file_gets_one_line_per_epoch_not_progress_bars(reproduced):
+    """`dvc repro > log`: the stages' stdout is no terminal, so Keras prints a line per
+    epoch and tqdm stays quiet (in a terminal both show their bars)."""
+    dest, _, first, _ = reproduced
+    assert "━" not in first and "\r" not in first and "\x08" not in first
+    head = json.loads((dest / "metrics/head.json").read_text())
+    tuned = json.loads((dest / "metrics/finetune.json").read_text())
+    assert first.count("Epoch ") == head["epochs_run"] + tuned["epochs_run"]
+    # the fine-tune's loss and learning-rate curves are in its history, for `dvc plots`
+    with (dest / "plots/finetune/history.csv").open() as fh:
+        header = fh.readline().strip().split(",")
+    assert {"train_loss", "val_loss", "learning_rate"} <= set(header)
+
+
 def test_second_repro_does_nothing(reproduced):
     _, _, _, second = reproduced
     assert "Running stage" not in second
@@ -235,6 +249,23 @@ def test_mlflow_runs_hold_params_metrics_and_tags(reproduced):
     champion = client.get_model_version_by_alias("smoke-model", "champion")
     assert champion.run_id == e.info.run_id
     assert float(champion.tags["test_accuracy"]) == e.data.metrics["test_accuracy"]
+    # the parent row carries the summary: the fine-tune's knobs, the test metrics, each stage's time
+    f = runs["finetune"]
+    for key in ("backbone.name", "backbone.weights", "backbone.input_size", "finetune.unfreeze",
+                "finetune.learning_rate", "finetune.epochs", "finetune.mode"):
+        assert parent.data.params[key] == f.data.params[key], key
+    assert parent.data.params["evaluate.tta"] == e.data.params["evaluate.tta"]
+    for key in ("test_accuracy", "test_loss", "test_ece", "temperature"):
+        assert parent.data.metrics[key] == e.data.metrics[key], key
+    stage_seconds = {f"{s}_seconds": runs[s].data.metrics[f"{s}_seconds"]
+                     for s in ("prepare", "features", "head", "finetune", "evaluate")}
+    for key, value in stage_seconds.items():
+        assert parent.data.metrics[key] == value, key
+    assert parent.data.metrics["pipeline_seconds"] == pytest.approx(sum(stage_seconds.values()), abs=0.02)
+    # ... and mlflow.search_runs on parent rows alone finds it, as `transferlab compare` reads it
+    mlflow.set_tracking_uri(f"sqlite:///{dest / 'mlflow.db'}")
+    table = mlflow.search_runs([exp.experiment_id], filter_string="tags.stage = 'pipeline'")
+    assert list(table["metrics.test_accuracy"]) == [e.data.metrics["test_accuracy"]]
 
 
 def test_mlflow_ui_lists_the_runs(reproduced):
@@ -320,8 +351,16 @@ def test_compare_tabulates_every_backbone(reproduced):
     with (dest / "reports/compare.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     assert {r["backbone"] for r in rows} == set(BACKBONES)
-    for r in rows:
-        assert 0 <= float(r["test_accuracy"]) <= 1 and int(r["parameters"]) > 0
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{dest / 'mlflow.db'}")
+    for r in rows:  # each row is its pipeline's evaluate run, as MLflow holds it
+        evaluated = [c for c in client.search_runs(
+            [client.get_run(r["run_id"]).info.experiment_id],
+            filter_string=f"tags.mlflow.parentRunId = '{r['run_id']}' and tags.stage = 'evaluate'")]
+        assert len(evaluated) == 1, r["backbone"]
+        assert float(r["test_accuracy"]) == evaluated[0].data.metrics["test_accuracy"]
+        assert int(r["parameters"]) == int(evaluated[0].data.metrics["parameters"]) > 0
         assert float(r["total_seconds"]) > 0 and r["weights"] == "none"
     assert (dest / "reports/compare.png").stat().st_size > 5000
 
@@ -336,7 +375,8 @@ def test_dvc_plots_metrics_diff_and_experiments(reproduced):
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "baseline"], dest, env)
     run(["dvc", "plots", "show", "-o", "dvc_plots"], dest, env)
     page = (dest / "dvc_plots" / "index.html").read_text()
-    for plot in ("confusion.csv", "head_accuracy", "finetune_accuracy", "confusion_val.png", "reliability.png"):
+    for plot in ("confusion.csv", "head_accuracy", "finetune_accuracy", "finetune_loss", "finetune_learning_rate",
+                 "confusion_val.png", "reliability.png"):
         assert plot in page, plot
     before = json.loads((dest / "metrics/head.json").read_text())
     run(["dvc", "exp", "run", "-S", "head.units=8", "-S", "head.dropout=0.3"], dest, env)
@@ -350,3 +390,25 @@ def test_dvc_plots_metrics_diff_and_experiments(reproduced):
     assert head_diff["best_val_accuracy"]["old"] == before["best_val_accuracy"]
     assert head_diff["best_val_accuracy"]["new"] == after["best_val_accuracy"]
     assert head_diff["head_seconds"]["old"] != head_diff["head_seconds"]["new"]  # the stage re-ran
+
+
+def test_dvc_exp_run_temp_logs_to_the_project_store(reproduced):
+    """`dvc exp run --temp` runs the stages in a temporary copy under .dvc/tmp/exps/,
+    which DVC deletes afterwards: the runs and the registered model must land in
+    the project's own store."""
+    import mlflow
+
+    dest, env, _, _ = reproduced
+    run(["git", "add", "-A"], dest, env)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "before the experiment",
+         "--allow-empty"], dest, env)
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{dest / 'mlflow.db'}")
+    versions = len(client.search_model_versions(f"name = '{TINY['tracking']['model_name']}'"))
+    out = run(["dvc", "exp", "run", "--temp", "-S", "evaluate.tta=none"], dest, env)
+    assert "Running stage 'evaluate'" in out
+    exp = client.get_experiment_by_name(TINY["tracking"]["experiment"])
+    evaluated = client.search_runs([exp.experiment_id], filter_string="tags.stage = 'evaluate'",
+                                   order_by=["attributes.start_time DESC"], max_results=1)[0]
+    assert evaluated.data.params["evaluate.tta"] == "none"
+    assert len(client.search_model_versions(f"name = '{TINY['tracking']['model_name']}'")) == versions + 1
+    assert not list((dest / ".dvc" / "tmp" / "exps").rglob("mlflow.db"))

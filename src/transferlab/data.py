@@ -120,7 +120,7 @@ def download(url: str, cache_dir: Path, checksum: str | None) -> Path:
             ) from exc
         with response, os.fdopen(fd, "wb") as out:
             total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {name}") as bar:
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {name}", disable=None) as bar:
                 for chunk in iter(lambda: response.read(1 << 20), b""):
                     out.write(chunk)
                     bar.update(len(chunk))
@@ -325,7 +325,7 @@ def _decode_all(
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         results = pool.map(work, items, chunksize=64)
         for (path, _), (arr, label, error) in tqdm(
-            zip(items, results), total=len(items), desc=desc, unit="img", mininterval=2
+            zip(items, results), total=len(items), desc=desc, unit="img", mininterval=2, disable=None
         ):
             if error is not None:
                 skipped.append({"file": str(path.relative_to(root)), "reason": error})

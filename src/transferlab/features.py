@@ -49,7 +49,8 @@ def extract_into(
     flip=True feeds the horizontally flipped images."""
 
     forward = _forward(model)
-    with tqdm(total=len(x), desc=desc, unit="img", mininterval=2) as bar:
+    # disable=None: a bar in a terminal, nothing in a log file (the stage logs a line per split)
+    with tqdm(total=len(x), desc=desc, unit="img", mininterval=2, disable=None) as bar:
         for start in range(0, len(x), batch_size):
             batch = np.asarray(x[start:start + batch_size])
             if flip:

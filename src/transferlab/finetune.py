@@ -291,11 +291,13 @@ def callbacks(
     backup_dir: Path, *, patience: int, schedule: str, has_val: bool, extra: list | None = None,
     baseline: float | None = None,
 ) -> tuple[list, Checkpoint]:
-    """Keras callbacks for a resumable run: the Checkpoint (state and best
-    weights, see there), early stopping, and ReduceLROnPlateau for that schedule."""
+    """Keras callbacks for a resumable run: the learning rate into the epoch logs,
+    the Checkpoint (state and best weights, see there), early stopping, and
+    ReduceLROnPlateau for that schedule."""
     monitor = training.monitor(has_val)
     checkpoint = Checkpoint(backup_dir, monitor, baseline)
-    cbs = [checkpoint, keras.callbacks.EarlyStopping(monitor=monitor, mode="max", patience=patience)]
+    cbs = [training.LearningRateLogger(), checkpoint,
+           keras.callbacks.EarlyStopping(monitor=monitor, mode="max", patience=patience)]
     if schedule == "plateau":
         cbs.append(keras.callbacks.ReduceLROnPlateau(monitor=monitor, mode="max", factor=0.3,
                                                      patience=max(1, patience // 2)))

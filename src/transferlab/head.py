@@ -38,7 +38,7 @@ def train_head(
     patience: int,
     monitor: str = "accuracy",
     callbacks: list | None = None,
-    verbose: int = 2,
+    verbose: int | None = None,
 ) -> keras.callbacks.History:
     """Train with early stopping on the validation split's `monitor` (accuracy or
     loss; the training batches' when there is no validation split); the best
@@ -57,5 +57,5 @@ def train_head(
         batch_size=batch_size,
         callbacks=[stop, *(callbacks or [])],
         shuffle=True,
-        verbose=verbose,
+        verbose=training.verbosity() if verbose is None else verbose,
     )

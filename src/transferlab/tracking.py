@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import subprocess
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -35,8 +36,21 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 
 
+def project_root(cwd: str | Path | None = None) -> Path:
+    """The project folder: the working directory, or, where DVC runs an experiment
+    in a temporary copy of it (`dvc exp run --temp`, `--queue`: somewhere under
+    <project>/.dvc/tmp/exps/), the project it copied."""
+    parts = Path(cwd or Path.cwd()).resolve().parts
+    for i in range(len(parts) - 2):
+        if parts[i:i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return Path(*parts)
+
+
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / DEFAULT_DB}"
+    """MLFLOW_TRACKING_URI, or the project's own store (mlflow.db in its root, also
+    from DVC's temporary experiment copies, which DVC deletes afterwards)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / DEFAULT_DB}"
 
 
 def git_commit() -> str:
@@ -133,6 +147,43 @@ def stage_run(
         log.info("MLflow run %s (%s) in %s", run.info.run_id, run.info.run_name,
                  redact(mlflow.get_tracking_uri()))
         yield run
+
+
+SUMMARY_METRICS = ("_seconds", "_images_per_second")
+
+
+def summarize_parent(experiment: str, backbone: str, params: dict, metrics: dict) -> str:
+    """Put the pipeline's summary on its parent run, so that the runs table, the
+    compare view and `mlflow.search_runs` show it on the top-level row: `params`
+    (flattened), `metrics`, and each stage's seconds and images/s as its child run
+    logged them, with their sum as pipeline_seconds. Returns the parent's id."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient()
+    parent = parent_run_id(mlflow, experiment, backbone)
+    run = client.get_run(parent)
+    stages: dict[str, float] = {}
+    for child in mlflow.search_runs([run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'",
+                                    output_format="list"):
+        stages.update({k: v for k, v in child.data.metrics.items() if k.endswith(SUMMARY_METRICS)})
+    seconds = [v for k, v in stages.items() if k.endswith("_seconds")]
+    summary = {**stages, **metrics, "pipeline_seconds": round(sum(seconds), 2)}
+    now = int(time.time() * 1000)
+    client.log_batch(parent, metrics=[mlflow.entities.Metric(k, float(v), now, 0)
+                                      for k, v in summary.items() if isinstance(v, (int, float))])
+    client.set_tag(parent, "stage", "pipeline")  # the parent `mlflow run` opened has no tags of ours yet
+    client.set_tag(parent, "backbone", backbone)
+    for key, value in params.items():
+        value = str(redact(value))[:6000]
+        if run.data.params.get(key, value) != value:  # params are write-once in MLflow
+            log.warning("parent run %s already has %s=%s; %s not logged", parent, key, run.data.params[key], value)
+            continue
+        try:
+            client.log_param(parent, key, value)
+        except MlflowException as exc:  # a concurrent writer logged it first
+            log.warning("parent run %s: %s not logged: %s", parent, key, exc)
+    return parent
 
 
 def end_parent(status: str = "FINISHED") -> None:

@@ -4,6 +4,7 @@ optimizer, the compile recipe and the metric they watch."""
 from __future__ import annotations
 
 import csv
+import sys
 from pathlib import Path
 
 import keras
@@ -57,3 +58,19 @@ def write_history(path: Path, hist: dict) -> None:
         writer.writerow(["epoch", *[metric_name(n) for n in names]])
         for i in range(len(hist[names[0]])):
             writer.writerow([i + 1, *[f"{float(hist[n][i]):.6g}" for n in names]])
+
+
+def verbosity() -> int:
+    """Keras' fit verbosity: a progress bar in a terminal (1), one line per epoch
+    when stdout is a file or a pipe (2: `dvc repro > log` stays readable)."""
+    return 1 if sys.stdout.isatty() else 2
+
+
+class LearningRateLogger(keras.callbacks.Callback):
+    """Adds the optimizer's learning rate at the end of each epoch to the epoch's
+    logs, so that the history, the CSV and MLflow hold the schedule. Put it before
+    the callbacks that read the logs."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))

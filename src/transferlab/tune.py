@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from transferlab import config
 from transferlab.files import write_json
@@ -451,6 +452,9 @@ def work(params: config.Params, storage_url: str | None, prepared_dir: Path, wor
     deadline = time.monotonic() + t.timeout_minutes * 60 if t.timeout_minutes > 0 else None
     ran = failures = 0
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # the study's progress (every worker's trials), in a terminal; a log line per trial below
+    bar = tqdm(total=t.n_trials, initial=min(_counted(study)[0], t.n_trials), desc=f"study {t.study}",
+               unit="trial", disable=None)
     while True:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -476,9 +480,16 @@ def work(params: config.Params, storage_url: str | None, prepared_dir: Path, wor
         failures = failures + 1 if failed else 0
         if failures >= 3:
             raise TuneError("3 trials in a row failed in this worker; the log above has their errors")
+        held = _counted(study)[0]
+        bar.update(max(0, min(held, t.n_trials) - bar.n))
+        try:
+            bar.set_postfix({f"best {t.monitor}": f"{study.best_value:.4f}"})
+        except ValueError:  # no complete trial yet
+            pass
         log.info("worker %d: trial %s %s; study holds %d of %d", worker_id,
                  finished[-1].number if finished else "?", finished[-1].state.name if finished else "?",
-                 _counted(study)[0], t.n_trials)
+                 held, t.n_trials)
+    bar.close()
     return ran
 
 

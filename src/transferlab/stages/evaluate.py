@@ -14,6 +14,7 @@ import logging
 
 import keras
 import numpy as np
+import yaml
 
 from transferlab import config, evaluate, tracking
 from transferlab.files import write_json
@@ -63,6 +64,11 @@ def main(params: config.Params) -> dict:
         mlflow.log_dict(result["confusion"].tolist(), "confusion/confusion_test.json")
         tracking.log_and_register(model, np.asarray(x[:2]), result["probs"][:2], prepared.classes,
                                   params.tracking.model_name, metrics["test_accuracy"])
+    # the pipeline's summary on its parent run: the knobs of the model evaluated (the
+    # params its fine-tune stage wrote beside it), the test metrics, each stage's time
+    trained = yaml.safe_load((MODELS / "finetune" / "params.yaml").read_text())
+    tracking.summarize_parent(params.tracking.experiment, params.backbone.name,
+                              config.flatten({**trained, "evaluate": values["evaluate"]}), metrics)
     tracking.end_parent()
     log.info("evaluate: test accuracy %.4f, loss %.4f, ECE %.4f -> %.4f (T = %.3f) (%d images, %.1f s)",
              metrics["test_accuracy"], metrics["test_loss"], metrics["test_ece_before_calibration"],

@@ -109,10 +109,9 @@ def train(spec, body, head_model, prepared: data.Prepared, f: config.FinetuneCon
                                          has_val=t.val is not None, baseline=baseline,
                                          extra=[tracking.EpochLogger(), *(callbacks or [])])
     start = time.perf_counter()
-    # verbose=1: a progress bar per epoch (in a log file it writes its updates as lines)
     finetune.fit(t, optimizer=f.optimizer, learning_rate=f.learning_rate, weight_decay=f.weight_decay,
                  schedule=f.schedule, warmup_epochs=f.warmup_epochs, epochs=f.epochs,
-                 batch_size=f.batch_size, callbacks=cbs, verbose=1)
+                 batch_size=f.batch_size, callbacks=cbs, verbose=training.verbosity())
     seconds = time.perf_counter() - start
     checkpoint.restore_best(t.model)  # the best epoch, not the last
     hist = checkpoint.history()
