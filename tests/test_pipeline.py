@@ -102,6 +102,19 @@ def test_second_repro_does_nothing(reproduced):
     assert "up to date" in second
 
 
+def wait_for(url: str, proc: subprocess.Popen, seconds: float, log=lambda: "") -> None:
+    """Until `url` answers; fails if `proc` exits first or `seconds` pass."""
+    deadline = time.time() + seconds
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            if time.time() > deadline or proc.poll() is not None:
+                pytest.fail(f"{proc.args[:3]} did not answer at {url}:\n{log()}")
+            time.sleep(1)
+
+
 # --------------------------------------------------------------------------- real MLflow clients
 
 # A process where this package cannot be imported, as on a machine where it is not installed.
@@ -167,15 +180,7 @@ def test_mlflow_models_serve_answers_invocations_over_http(reproduced, tmp_path)
     )
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{base}/ping", timeout=2)
-                break
-            except OSError:
-                if time.time() > deadline or proc.poll() is not None:
-                    pytest.fail(f"mlflow models serve did not start:\n{(tmp_path / 'serve.log').read_text()[-3000:]}")
-                time.sleep(1)
+        wait_for(f"{base}/ping", proc, 120, lambda: (tmp_path / "serve.log").read_text()[-3000:])
         req = urllib.request.Request(f"{base}/invocations", data=json.dumps({"inputs": x.tolist()}).encode(),
                                      headers={"Content-Type": "application/json"})
         got = np.asarray(json.load(urllib.request.urlopen(req, timeout=60))["predictions"])
@@ -278,15 +283,7 @@ def test_mlflow_ui_lists_the_runs(reproduced):
     )
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 90
-        while True:
-            try:
-                urllib.request.urlopen(f"{base}/health", timeout=2)
-                break
-            except OSError:
-                if time.time() > deadline or proc.poll() is not None:
-                    pytest.fail("mlflow ui did not start")
-                time.sleep(1)
+        wait_for(f"{base}/health", proc, 90)
         req = urllib.request.Request(
             f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=smoke")
         exp_id = json.load(urllib.request.urlopen(req))["experiment"]["experiment_id"]
