@@ -25,8 +25,7 @@ def main(params: config.Params) -> dict:
     d = params.data
     start = time.perf_counter()
     ds, digest = data.load_source(
-        source_path(d.source), d.format, Path(d.cache_dir), d.checksum, d.image_size, d.test_fraction,
-        params.seed,
+        d.source, d.format, Path(d.cache_dir), d.checksum, d.image_size, d.test_fraction, params.seed
     )
     manifest = data.write_prepared(
         ds, PREPARED, d.val_fraction, params.seed,
@@ -45,16 +44,6 @@ def main(params: config.Params) -> dict:
         mlflow.set_tag("data.checksum", digest)
         mlflow.log_artifact(str(PREPARED / "manifest.json"))
     return manifest
-
-
-def source_path(source: str) -> str:
-    """A relative data.source is relative to the project folder, also when DVC
-    runs the stage in a temporary copy of it (`dvc exp run --temp`, `--queue`)."""
-    root = tracking.project_root()
-    path = Path(source)
-    if data.is_url(source) or path.is_absolute() or path.exists() or root == Path.cwd().resolve():
-        return source
-    return str(root / path)
 
 
 if __name__ == "__main__":
