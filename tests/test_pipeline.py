@@ -251,6 +251,7 @@ def test_mlflow_runs_hold_params_metrics_and_tags(reproduced):
     e = runs["evaluate"]
     assert "confusion/confusion.png" in [a.path for a in client.list_artifacts(e.info.run_id, "confusion")]
     assert "model/MLmodel" in [a.path for a in client.list_artifacts(e.info.run_id, "model")]
+    assert "calibration/reliability.png" in [a.path for a in client.list_artifacts(e.info.run_id, "calibration")]
     champion = client.get_model_version_by_alias("smoke-model", "champion")
     assert champion.run_id == e.info.run_id
     assert float(champion.tags["test_accuracy"]) == e.data.metrics["test_accuracy"]
