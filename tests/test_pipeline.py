@@ -127,28 +127,27 @@ def _client_env(dest: Path, env: dict, tmp_path: Path) -> dict:
     return {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{dest / 'mlflow.db'}", "PYTHONPATH": str(tmp_path / "block")}
 
 
-def _predicted_by_transferlab(dest: Path):
-    """`transferlab predict`'s probabilities for the test images, and those images."""
-    from transferlab import data, predict
+def _predicted_by_transferlab(dest: Path, env: dict, tmp_path: Path):
+    """What `transferlab predict` prints for some test images (its own process, as a
+    user runs it), and those images as the model takes them."""
+    from transferlab import data
 
-    cwd = os.getcwd()
-    os.chdir(dest)
-    try:
-        loaded = predict.load(TINY["tracking"]["model_name"], alias="champion")
-        files = sorted((dest / "tiny-images" / "test").rglob("*.png"))[:6]
-        rows, skipped = predict.predict(loaded, files, top_k=len(loaded.classes), progress=False)
-    finally:
-        os.chdir(cwd)
-    assert not skipped
-    x = np.stack([data.decode_image(f, loaded.image_size) for f in files])
-    expected = np.array([[next(p["probability"] for p in r["predictions"] if p["label"] == c)
-                          for c in loaded.classes] for r in rows])
-    return x, expected
+    files = sorted((dest / "tiny-images" / "test").rglob("*.png"))[:6]
+    classes = json.loads((dest / "data/prepared/classes.json").read_text())
+    out = tmp_path / "predict.json"
+    run(["transferlab", "predict", *map(str, files), "--top-k", str(len(classes)), "--format", "json",
+         "--output", str(out)], dest, env)
+    rows = json.loads(out.read_text())
+    assert [r["path"] for r in rows] == list(map(str, files))
+    expected = np.array([[next(p["probability"] for p in r["predictions"] if p["label"] == c) for c in classes]
+                         for r in rows])
+    size = yaml.safe_load((dest / "params.yaml").read_text())["data"]["image_size"]
+    return np.stack([data.decode_image(f, size) for f in files]), expected
 
 
 def test_registered_model_loads_with_pyfunc_where_transferlab_cannot_be_imported(reproduced, tmp_path):
     dest, env, _, _ = reproduced
-    x, expected = _predicted_by_transferlab(dest)
+    x, expected = _predicted_by_transferlab(dest, env, tmp_path)
     np.save(tmp_path / "x.npy", x)
     script = NO_TRANSFERLAB + f"""
 import json, numpy as np, mlflow
@@ -170,7 +169,7 @@ open({str(tmp_path / 'info.json')!r}, "w").write(json.dumps(info))
 
 def test_mlflow_models_serve_answers_invocations_over_http(reproduced, tmp_path):
     dest, env, _, _ = reproduced
-    x, expected = _predicted_by_transferlab(dest)
+    x, expected = _predicted_by_transferlab(dest, env, tmp_path)
     port = pgserver.free_port()
     proc = subprocess.Popen(
         ["mlflow", "models", "serve", "-m", f"models:/{TINY['tracking']['model_name']}@champion",
