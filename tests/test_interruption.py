@@ -31,7 +31,7 @@ PARAMS = {**tinyproject.TINY, "deterministic": True,
 
 
 def stage_process(proc: subprocess.Popen, stage: str, log: Path, timeout: float = 300) -> psutil.Process:
-    """The `transferlab <stage>` process that `dvc repro` (proc) started."""
+    """The `python -m transferlab.stages.<stage>` process that `dvc repro` (proc) started."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         for child in psutil.Process(proc.pid).children(recursive=True):
@@ -39,7 +39,7 @@ def stage_process(proc: subprocess.Popen, stage: str, log: Path, timeout: float 
                 cmd = child.cmdline()
             except psutil.Error:
                 continue
-            if stage in cmd and any(part.endswith("transferlab") for part in cmd):
+            if f"transferlab.stages.{stage}" in cmd:
                 return child
         if proc.poll() is not None:
             raise AssertionError(f"dvc repro ended before {stage} started:\n{log.read_text()[-3000:]}")
