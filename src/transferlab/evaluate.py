@@ -95,18 +95,20 @@ def fit_temperature(views: list[np.ndarray], y: np.ndarray) -> float:
     return float(np.exp(result.x))
 
 
-def expected_calibration_error(probs: np.ndarray, y: np.ndarray, bins: int = 15) -> float:
-    """ECE: the gap between confidence and accuracy, averaged over `bins` equal-width
-    confidence bins weighted by their share of samples (Guo et al., 2017)."""
+def _confidence_bins(probs: np.ndarray, y: np.ndarray, bins: int) -> list[tuple[float, float, float]]:
+    """Per non-empty equal-width bin of top-1 confidence: (share of samples,
+    accuracy, mean confidence)."""
     conf, correct = probs.max(axis=1), probs.argmax(axis=1) == y
     edges = np.linspace(0.0, 1.0, bins + 1)
     which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, bins - 1)
-    ece = 0.0
-    for b in range(bins):
-        members = which == b
-        if members.any():
-            ece += members.mean() * abs(correct[members].mean() - conf[members].mean())
-    return float(ece)
+    return [(float(m.mean()), float(correct[m].mean()), float(conf[m].mean()))
+            for m in (which == b for b in range(bins)) if m.any()]
+
+
+def expected_calibration_error(probs: np.ndarray, y: np.ndarray, bins: int = 15) -> float:
+    """ECE: the gap between confidence and accuracy, averaged over `bins` equal-width
+    confidence bins weighted by their share of samples (Guo et al., 2017)."""
+    return float(sum(share * abs(acc - conf) for share, acc, conf in _confidence_bins(probs, y, bins)))
 
 
 def reliability_png(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, bins: int = 15) -> Path:
@@ -118,18 +120,10 @@ def reliability_png(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path
 
     fig, ax = plt.subplots(figsize=(5.5, 5.5))
     ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfectly calibrated")
-    edges = np.linspace(0.0, 1.0, bins + 1)
     for label, (probs, y) in curves.items():
-        conf, correct = probs.max(axis=1), probs.argmax(axis=1) == y
-        which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, bins - 1)
-        xs, ys = [], []
-        for b in range(bins):
-            members = which == b
-            if members.any():
-                xs.append(conf[members].mean())
-                ys.append(correct[members].mean())
+        points = _confidence_bins(probs, y, bins)
         ece = expected_calibration_error(probs, y, bins)
-        ax.plot(xs, ys, marker="o", label=f"{label} (ECE {ece:.3f})")
+        ax.plot([c for _, _, c in points], [a for _, a, _ in points], marker="o", label=f"{label} (ECE {ece:.3f})")
     ax.set_xlabel("confidence (top-1 probability)")
     ax.set_ylabel("accuracy")
     ax.set_xlim(0, 1)

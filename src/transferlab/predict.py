@@ -50,7 +50,7 @@ def load(name: str | None = None, alias: str | None = "champion", version: str |
     class names. Keras models are loaded with safe_mode (no arbitrary code)."""
     import keras
 
-    from transferlab import backbones, tracking, tta  # noqa: F401 - registers the model's own layers
+    from transferlab import tracking
 
     if path is not None:
         path = Path(path)

@@ -519,7 +519,7 @@ def finalize(params: config.Params, prepared_dir: Path, storage_url: str | None,
     import optuna
     from optuna.trial import TrialState
 
-    from transferlab import backbones, data, evaluate, tracking  # noqa: F401 - backbones: the model's layers
+    from transferlab import data, evaluate, tracking
 
     study = open_study(params, storage_url)
     states = {s.name.lower(): len(study.get_trials(deepcopy=False, states=(s,)))
