@@ -39,9 +39,9 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 ROOT = Path(__file__).resolve().parents[1]
-TARGETS = ((0.90, 20 * 60), (0.95, 60 * 60))  # (test accuracy, seconds) on this CPU
+TARGETS = ((0.90, 20 * 60), (0.93, 60 * 60))  # (test accuracy, seconds) on this CPU (issue #15)
 SOONER = 5.0  # the seeds' final accuracy, reached at least this many times sooner
-RSS_LIMIT_GB = 8.0
+RSS_LIMIT_GB = 4.0
 
 
 class Clock:
@@ -85,8 +85,9 @@ def run_ours(workdir: Path, params_path: Path, overrides: list[str]) -> dict:
     import numpy as np
 
     from transferlab import backbones, config, data, finetune
+    from transferlab import features as features_lib
     from transferlab.run import apply_overrides
-    from transferlab.stages import PREPARED, evaluate, features, features_dir, head, prepare
+    from transferlab.stages import PREPARED, evaluate, features, head, prepare
     from transferlab.stages import finetune as finetune_stage
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -107,7 +108,12 @@ def run_ours(workdir: Path, params_path: Path, overrides: list[str]) -> dict:
     prepared = data.load_prepared(PREPARED)
     y_test = np.asarray(prepared.y["test"])
     b = params.backbone
-    test_features = np.load(features_dir(b.name, b.input_size) / "test.npy")  # the head's inputs
+    # the head's inputs for its test probe (the features stage skips the test split), clock stopped
+    paused = time.perf_counter()
+    extractor = backbones.build_feature_extractor(b.name, int(prepared.x["test"].shape[1]), b.input_size, b.weights)
+    test_features = features_lib.extract(extractor, prepared.x["test"], params.features.batch_size, "test probe")
+    del extractor
+    clock.paused += time.perf_counter() - paused
     stage("head", head.main, [probe(clock, points, "head", test_features, y_test)])
     x_test = np.asarray(prepared.x["test"])
     full_path = not finetune.uses_cache(backbones.get(b.name), params.finetune.mode, params.finetune.unfreeze)

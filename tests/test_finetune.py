@@ -116,13 +116,64 @@ def test_flip_cache_dataset_mixes_both_caches_reproducibly():
     assert sorted(np.concatenate([a[i][1] for i in range(len(a))]).tolist()) == list(range(40))
 
 
-def test_learning_rate_warms_up_then_decays():
-    lr = finetune.learning_rate_schedule("cosine", 1e-2, epochs=4, steps_per_epoch=10, warmup_epochs=1)
-    values = [float(lr(s)) for s in (0, 10, 39)]
+@pytest.mark.parametrize("shape", ["cosine", "linear"])
+def test_learning_rate_warms_up_then_decays_to_zero_at_the_last_step(shape):
+    lr = finetune.learning_rate_schedule(shape, 1e-2, total_steps=40, warmup_steps=10)
+    values = [float(lr(s)) for s in (0, 10, 25, 39, 40, 60)]
     assert values[0] == pytest.approx(1e-3)
     assert values[1] == pytest.approx(1e-2, rel=1e-3)
-    assert values[2] < 1e-3
-    assert finetune.learning_rate_schedule("plateau", 1e-3, 4, 10, 1) == 1e-3
+    assert values[2] == pytest.approx(5e-3, rel=1e-3)  # half way down, both shapes
+    assert 0 < values[3] < 1e-3
+    assert values[4] == values[5] == 0.0  # zero at the end, and after it
+    if shape == "linear":
+        assert float(lr(17.5)) == pytest.approx(7.5e-3, rel=1e-3)
+    else:
+        assert float(lr(17.5)) == pytest.approx(1e-2 * 0.5 * (1 + np.cos(np.pi * 0.25)), rel=1e-3)
+    assert finetune.learning_rate_schedule("plateau", 1e-3, 40, 10) == 1e-3
+
+
+def test_total_steps_floor_in_steps_for_small_data_sets():
+    assert finetune.total_steps(epochs=5, steps_per_epoch=352, min_steps=500) == 1760  # CIFAR-10: epochs rule
+    assert finetune.total_steps(epochs=5, steps_per_epoch=22, min_steps=500) == 500  # 2,800 images: the floor
+    assert finetune.total_steps(epochs=5, steps_per_epoch=22, min_steps=500, steps=77) == 77  # a replayed plan
+
+
+def test_fit_takes_exactly_the_planned_steps_and_ends_at_zero_learning_rate(tmp_path):
+    spec, body, model = _tiny_classifier()
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 255, (40, 16, 16, 3)).astype(np.uint8)
+    y = np.arange(40) % 3
+    t = finetune.Training(model, x, (x[:8], y[:8]), {"y": y, "batch_size": 8, "shuffle": True}, 40, "full")
+    hist = finetune.fit(t, optimizer="adamw", learning_rate=1e-3, weight_decay=1e-4, schedule="linear",
+                        warmup_epochs=0.2, steps=13, batch_size=8, callbacks=[training.LearningRateLogger()],
+                        verbose=0)
+    assert int(model.optimizer.iterations.numpy()) == 13  # 2 epochs of 5 steps and 3 of a third
+    assert len(hist.history["val_accuracy"]) == 3  # the partial epoch is validated too
+    assert hist.history["learning_rate"][-1] == 0.0
+
+
+def test_probe_leaves_the_model_as_it_found_it():
+    spec, body, model = _tiny_classifier()
+    aug = finetune.augmentation(True, 0.1, 0.0, 0.0, seed=3)
+    model = finetune.assemble(spec, body, head.build_head(spec.feature_dim, 3, 0, 0.2), 16, 32, aug)
+    x = np.random.default_rng(0).integers(0, 255, (48, 16, 16, 3)).astype(np.uint8)
+    t = finetune.Training(model, x, None, {"y": np.arange(48) % 3, "batch_size": 8, "shuffle": True}, 48, "full")
+    before = [np.array(v) for v in model.variables]
+    assert any("seed" in v.path for v in model.variables)  # the augmentation's random state is a variable
+    measured = finetune.probe(t, batch_size=8, steps=5)
+    assert measured.step_seconds > 0 and measured.first_step_seconds >= measured.step_seconds
+    for v, b in zip(model.variables, before):
+        np.testing.assert_array_equal(np.array(v), b, err_msg=f"the probe changed {v.path}")
+
+
+def test_label_smoothing_loss_matches_the_categorical_one():
+    y = np.array([0, 2, 1])
+    p = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8], [0.3, 0.4, 0.3]], np.float32)
+    ours = training.SmoothedSparseCrossentropy(0.1)(y, p)
+    ref = keras.losses.CategoricalCrossentropy(label_smoothing=0.1)(np.eye(3)[y], p)
+    np.testing.assert_allclose(float(ours), float(ref), rtol=1e-6)
+    assert float(training.SmoothedSparseCrossentropy(0.1)(y, p)) != pytest.approx(
+        float(keras.losses.SparseCategoricalCrossentropy()(y, p)))
 
 
 class Interrupt(keras.callbacks.Callback):

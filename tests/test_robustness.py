@@ -144,7 +144,7 @@ TINY = {
     "data": {"source": "tiny-images", "checksum": None, "image_size": 16, "val_fraction": 0.25},
     "backbone": {"name": "vgg16", "weights": "none", "input_size": 32},
     "head": {"units": 16, "epochs": 3, "batch_size": 8},
-    "finetune": {"unfreeze": 1, "mode": "full", "epochs": 2, "batch_size": 8},
+    "finetune": {"unfreeze": 1, "mode": "full", "epochs": 2, "min_steps": 0, "batch_size": 8},
     "tracking": {"experiment": "determinism"},
 }
 

@@ -36,7 +36,7 @@ TINY = {
     "backbone": {"name": "efficientnet_lite0", "weights": "none", "input_size": 32},
     "features": {"batch_size": 16},
     "head": {"units": 16, "dropout": 0.1, "epochs": 3, "batch_size": 8, "patience": 2},
-    "finetune": {"unfreeze": 2, "epochs": 2, "batch_size": 8, "patience": 2},
+    "finetune": {"unfreeze": 2, "epochs": 2, "min_steps": 0, "batch_size": 8, "patience": 2},
     "tracking": {"experiment": "smoke", "model_name": "smoke-model"},
 }
 

@@ -46,8 +46,11 @@ def _parser() -> argparse.ArgumentParser:
     overrides = argparse.ArgumentParser(add_help=False)
     overrides.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                            help="write a params.yaml override first, e.g. --set backbone.name=vgg16")
-    sub.add_parser("run", parents=[common, overrides],
-                   help="the whole pipeline (dvc repro) as one MLflow parent run")
+    run_parser = sub.add_parser("run", parents=[common, overrides],
+                                help="the whole pipeline (dvc repro) as one MLflow parent run")
+    run_parser.add_argument("--budget", metavar="DURATION",
+                            help="plan the pipeline to finish within this wall time, e.g. 20m or 1h "
+                                 "(written to params.yaml as `budget`; 0: none)")
     tune = sub.add_parser("tune", parents=[common, overrides], help="the Optuna search (params.yaml: tune)")
     tune.add_argument("--workers", type=int, default=1,
                       help="worker processes on this machine (more than 1 needs PostgreSQL storage)")
@@ -92,7 +95,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.stage == "run":
         from transferlab import run
 
-        return run.main(Path(args.params), args.set)
+        budget = [f"budget={args.budget}"] if args.budget is not None else []
+        return run.main(Path(args.params), [*args.set, *budget])
     if args.stage == "ui":
         from transferlab import ui
 

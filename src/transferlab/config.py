@@ -53,6 +53,8 @@ class BackboneConfig:
 @dataclass(frozen=True)
 class FeaturesConfig:
     batch_size: int
+    # The share of the training images the head trains on (seeded, stratified).
+    train_fraction: float
 
 
 @dataclass(frozen=True)
@@ -86,10 +88,16 @@ class FinetuneConfig:
     optimizer: str
     learning_rate: float
     weight_decay: float
-    # cosine: linear warmup then cosine decay; plateau: ReduceLROnPlateau.
+    # cosine | linear: linear warmup, then a decay to zero at the last step;
+    # plateau: ReduceLROnPlateau.
     schedule: str
     warmup_epochs: float
     epochs: int
+    # 0: `epochs` epochs, but at least `min_steps` optimizer steps (or what the
+    # budget plans); N > 0: exactly N steps (a budget's plan, replayed).
+    steps: int
+    min_steps: int
+    label_smoothing: float
     batch_size: int
     patience: int
     augment: AugmentConfig
@@ -143,6 +151,9 @@ class TuneConfig:
 @dataclass(frozen=True)
 class Params:
     seed: int
+    # The pipeline's wall-time budget ("20m", "1h30m", "900s"), or 0: none
+    # (finetune.epochs decides). See transferlab.budget.
+    budget: str | float
     # true: TensorFlow's deterministic ops too (slower), so that two runs on the
     # same machine give identical numbers; seeds are always set.
     deterministic: bool
@@ -161,7 +172,7 @@ CHOICES = {
     "head.optimizer": ("adam", "adamw", "sgd", "rmsprop"),
     "finetune.optimizer": ("adam", "adamw", "sgd", "rmsprop"),
     "finetune.mode": ("cached", "full"),
-    "finetune.schedule": ("cosine", "plateau"),
+    "finetune.schedule": ("cosine", "linear", "plateau"),
     "tune.pruner": ("median", "hyperband", "none"),
     "tune.monitor": ("val_accuracy", "val_loss"),
     "evaluate.tta": ("flip", "none"),
@@ -259,6 +270,29 @@ def _validate(params: Params) -> None:
             f"finetune.unfreeze must be 0..{n_blocks} (blocks of {params.backbone.name}) "
             f"or 'all', received: {u!r}"
         )
+    f = params.finetune
+    share = params.features.train_fraction
+    if not 0 < share <= 1:
+        raise ConfigError(f"features.train_fraction must be in (0, 1], received: {share}")
+    if share < 1 and f.mode == "cached" and 0 < (n_blocks if u == "all" else u) < n_blocks:
+        raise ConfigError("features.train_fraction < 1 needs finetune.mode: full (the cached path caches the "
+                          "activations of every training image)")
+    if f.steps < 0 or f.min_steps < 0:
+        raise ConfigError(f"finetune.steps and finetune.min_steps must be >= 0, received: {f.steps}, {f.min_steps}")
+    if not 0.0 <= f.label_smoothing < 1.0:
+        raise ConfigError(f"finetune.label_smoothing must be in [0, 1), received: {f.label_smoothing}")
+    from transferlab import budget
+
+    try:
+        seconds = budget.parse(params.budget)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if seconds and f.steps:
+        raise ConfigError(f"budget ({params.budget!r}) and finetune.steps ({f.steps}) both size the fine-tune: "
+                          "set budget: 0 to replay a plan's steps, or finetune.steps: 0 to plan to the budget")
+    if seconds and f.schedule == "plateau":
+        raise ConfigError("budget: a budgeted fine-tune decays its learning rate to zero at the budget's end; "
+                          "set finetune.schedule to cosine or linear")
     _validate_tune(params, n_blocks)
 
 

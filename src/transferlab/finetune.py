@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ import keras
 import numpy as np
 from keras import layers
 
-from transferlab import backbones, files, training
+from transferlab import backbones, budget, files, training
 from transferlab.backbones import BackboneSpec
 
 log = logging.getLogger(__name__)
@@ -127,19 +128,70 @@ def assemble_upper(split: Split, head: keras.Model) -> keras.Model:
     return keras.Model(inputs, head(x), name="upper_classifier")
 
 
-def learning_rate_schedule(
-    schedule: str, base_lr: float, epochs: int, steps_per_epoch: int, warmup_epochs: float
-):
+@keras.saving.register_keras_serializable("transferlab")
+class WarmupToZero(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warmup from peak/10 to `peak` over `warmup_steps`, then a cosine or
+    linear decay that reaches zero exactly at `total_steps` (the schedule
+    "Budgeted Training" recommends: wherever the run ends, it ends annealed)."""
+
+    def __init__(self, peak: float, warmup_steps: int, total_steps: int, shape: str = "cosine"):
+        if shape not in ("cosine", "linear"):
+            raise ValueError(f"shape must be cosine or linear, received: {shape!r}")
+        self.peak, self.shape = float(peak), shape
+        self.total_steps = max(1, int(total_steps))
+        self.warmup_steps = max(0, min(int(warmup_steps), self.total_steps - 1))
+
+    def __call__(self, step):
+        ops = keras.ops
+        step = ops.cast(step, "float32")
+        warm = float(max(1, self.warmup_steps))
+        rise = self.peak * (0.1 + 0.9 * step / warm)
+        progress = ops.clip((step - self.warmup_steps) / float(self.total_steps - self.warmup_steps), 0.0, 1.0)
+        if self.shape == "cosine":
+            fall = self.peak * 0.5 * (1.0 + ops.cos(math.pi * progress))
+        else:
+            fall = self.peak * (1.0 - progress)
+        return ops.where(step < self.warmup_steps, rise, fall)
+
+    def get_config(self):
+        return {"peak": self.peak, "warmup_steps": self.warmup_steps, "total_steps": self.total_steps,
+                "shape": self.shape}
+
+
+def learning_rate_schedule(schedule: str, base_lr: float, total_steps: int, warmup_steps: int):
+    """plateau: a constant (ReduceLROnPlateau lowers it); cosine or linear: warmup,
+    then a decay to zero at `total_steps`."""
     if schedule == "plateau":
         return base_lr
-    total = max(1, epochs * steps_per_epoch)
-    warmup = min(total - 1, int(round(warmup_epochs * steps_per_epoch)))
-    return keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=base_lr / 10 if warmup else base_lr,
-        decay_steps=total - warmup,
-        warmup_target=base_lr if warmup else None,
-        warmup_steps=warmup,
-    )
+    return WarmupToZero(base_lr, warmup_steps, total_steps, schedule)
+
+
+def total_steps(*, epochs: int, steps_per_epoch: int, min_steps: int = 0, steps: int = 0) -> int:
+    """The fine-tune's length in optimizer steps: `steps` when given (a replayed
+    budget plan), else `epochs` epochs but at least `min_steps`. A recipe written
+    in epochs gives a data set of a few hundred images per class a few dozen
+    steps; a floor in steps, as BiT's HyperRule sets by data set size, lets the
+    fine-tune move away from the head it starts from."""
+    if steps > 0:
+        return steps
+    return max(epochs * steps_per_epoch, min_steps)
+
+
+class StopAtStep(keras.callbacks.Callback):
+    """Ends training after `steps` optimizer steps, mid-epoch if need be; that
+    last, partial epoch is still validated and checkpointed."""
+
+    def __init__(self, steps: int, steps_per_epoch: int):
+        super().__init__()
+        self.steps, self.steps_per_epoch = steps, steps_per_epoch
+        self.epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.epoch * self.steps_per_epoch + batch + 1 >= self.steps:
+            self.model.stop_training = True
 
 
 class FlipCacheDataset(keras.utils.PyDataset):
@@ -358,11 +410,57 @@ def prepare(
     return Training(model, train, val, fit_kwargs, n_train, path)
 
 
+def steps_per_epoch(t: Training, batch_size: int) -> int:
+    return -(-t.n_train // batch_size)
+
+
 def fit(t: Training, *, optimizer: str, learning_rate: float, weight_decay: float, schedule: str,
-        warmup_epochs: float, epochs: int, batch_size: int, callbacks: list, verbose: int = 1):
-    """Compile with the schedule sized to the epochs and train; returns Keras' History."""
-    steps = -(-t.n_train // batch_size)
-    lr = learning_rate_schedule(schedule, learning_rate, epochs, steps, warmup_epochs)
-    training.compile_model(t.model, optimizer, lr, weight_decay)
-    return t.model.fit(t.train, validation_data=t.val, epochs=epochs, callbacks=callbacks,
+        warmup_epochs: float, steps: int, batch_size: int, callbacks: list, label_smoothing: float = 0.0,
+        verbose: int = 1):
+    """Compile with the schedule sized to `steps` optimizer steps (see
+    `total_steps`) and train; returns Keras' History. The last epoch is partial
+    when `steps` is not a whole number of epochs."""
+    per_epoch = steps_per_epoch(t, batch_size)
+    lr = learning_rate_schedule(schedule, learning_rate, steps, int(round(warmup_epochs * per_epoch)))
+    training.compile_model(t.model, optimizer, lr, weight_decay, label_smoothing)
+    epochs = math.ceil(steps / per_epoch)
+    stop = [StopAtStep(steps, per_epoch)] if steps % per_epoch else []
+    return t.model.fit(t.train, validation_data=t.val, epochs=epochs, callbacks=[*callbacks, *stop],
                        verbose=verbose, **t.fit_kwargs)
+
+
+class _StepTimer(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.seconds: list[float] = []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.seconds.append(time.perf_counter() - self._start)
+
+
+def probe(t: Training, batch_size: int, steps: int = 8) -> budget.Probe:
+    """Seconds per training step of this model on this machine: `steps` steps on
+    the first training batches at a learning rate of zero. Every variable of the
+    model (weights and the augmentation's random state) and the cached path's
+    random flips are restored afterwards, so a planned run trains exactly as its
+    replay without the probe does."""
+    if t.path == "cached":
+        rng_state = t.train.rng.bit_generator.state
+        batches = [t.train[i] for i in range(min(steps, len(t.train)))]
+        t.train.rng.bit_generator.state = rng_state
+        x = np.concatenate([b[0] for b in batches])
+        y = np.concatenate([b[1] for b in batches])
+    else:
+        x, y = t.train[:steps * batch_size], t.fit_kwargs["y"][:steps * batch_size]
+    saved = [np.array(v) for v in t.model.variables]
+    timer = _StepTimer()
+    training.compile_model(t.model, "sgd", 0.0)
+    t.model.fit(x, y, batch_size=batch_size, epochs=1, shuffle=False, callbacks=[timer], verbose=0)
+    for variable, value in zip(t.model.variables, saved):
+        variable.assign(value)
+    traced = timer.seconds[1:] or timer.seconds
+    return budget.Probe(step_seconds=float(np.median(traced)), first_step_seconds=timer.seconds[0],
+                        batch_size=batch_size)

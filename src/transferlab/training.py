@@ -28,10 +28,33 @@ def make_optimizer(name: str, learning_rate, weight_decay: float | None = None):
     raise ValueError(f"unknown optimizer {name!r}; valid: {list(OPTIMIZERS)}")
 
 
-def compile_model(model: keras.Model, optimizer: str, learning_rate, weight_decay: float | None = None) -> None:
-    """Sparse categorical cross-entropy on softmax outputs, accuracy reported."""
-    model.compile(optimizer=make_optimizer(optimizer, learning_rate, weight_decay),
-                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+def compile_model(model: keras.Model, optimizer: str, learning_rate, weight_decay: float | None = None,
+                  label_smoothing: float = 0.0) -> None:
+    """Cross-entropy on softmax outputs against integer labels (smoothed by
+    `label_smoothing`), accuracy reported."""
+    loss = SmoothedSparseCrossentropy(label_smoothing) if label_smoothing else "sparse_categorical_crossentropy"
+    model.compile(optimizer=make_optimizer(optimizer, learning_rate, weight_decay), loss=loss,
+                  metrics=["accuracy"])
+
+
+@keras.saving.register_keras_serializable("transferlab")
+class SmoothedSparseCrossentropy(keras.losses.Loss):
+    """Categorical cross-entropy with label smoothing for integer labels (Keras'
+    sparse loss has no smoothing): the target is (1 - s) on the true class plus
+    s / K on every class."""
+
+    def __init__(self, label_smoothing: float = 0.1, name: str = "smoothed_sparse_crossentropy", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.label_smoothing = float(label_smoothing)
+
+    def call(self, y_true, y_pred):
+        ops = keras.ops
+        n = ops.shape(y_pred)[-1]
+        target = ops.one_hot(ops.cast(ops.reshape(y_true, (-1,)), "int32"), n)
+        return keras.losses.categorical_crossentropy(target, y_pred, label_smoothing=self.label_smoothing)
+
+    def get_config(self):
+        return {**super().get_config(), "label_smoothing": self.label_smoothing}
 
 
 def monitor(has_val: bool, metric: str = "accuracy") -> str:

@@ -330,7 +330,8 @@ class Objective:
                                              patience=p.head.patience, restore_best_weights=True)
         hist = finetune.fit(run, optimizer=f.optimizer, learning_rate=hp["learning_rate"],
                             weight_decay=hp["weight_decay"], schedule=f.schedule, warmup_epochs=f.warmup_epochs,
-                            epochs=t.finetune_epochs, batch_size=f.batch_size, verbose=0,
+                            steps=t.finetune_epochs * finetune.steps_per_epoch(run, f.batch_size),
+                            batch_size=f.batch_size, label_smoothing=f.label_smoothing, verbose=0,
                             callbacks=[stop, pruning_callback(trial, self.monitor, t.head_epochs),
                                        tracking.EpochLogger(step_offset=t.head_epochs)])
         tuned = self._best(hist.history[self.monitor])

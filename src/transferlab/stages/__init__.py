@@ -12,6 +12,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -25,6 +26,23 @@ PREPARED = Path("data/prepared")
 MODELS = Path("models")
 METRICS = Path("metrics")
 PLOTS = Path("plots")
+
+
+# When this process imported the stages, or when the last stage run in it ended:
+# a stage's wall time (`stage_seconds`), imports and start-up included, which the
+# budget's clock sums (transferlab.budget).
+_clock = time.monotonic()
+
+
+def stage_seconds(end: bool = False) -> float:
+    """Seconds since this stage began (this process started, or the previous stage
+    run in it ended); `end=True` restarts the clock for a next stage."""
+    global _clock
+    now = time.monotonic()
+    seconds = now - _clock
+    if end:
+        _clock = now
+    return seconds
 
 
 def features_dir(backbone: str, input_size: int) -> Path:
@@ -58,10 +76,11 @@ def user_errors() -> tuple[type, ...]:
     """Errors whose message says what is wrong and how to fix it: logged as they
     are (no traceback), exit status 1."""
     from transferlab.backbones import WeightsUnavailable
+    from transferlab.budget import BudgetError
     from transferlab.data import DataError
     from transferlab.torch_weights import WeightsFileError
 
-    return DataError, WeightsUnavailable, WeightsFileError, FileNotFoundError
+    return DataError, WeightsUnavailable, WeightsFileError, BudgetError, FileNotFoundError
 
 
 def run(main: Callable[[config.Params], object], params_path: str | Path = "params.yaml") -> int:

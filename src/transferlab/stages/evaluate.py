@@ -18,7 +18,7 @@ import yaml
 
 from transferlab import config, evaluate, tracking
 from transferlab.files import write_json
-from transferlab.stages import begin, METRICS, MODELS, PLOTS, PREPARED, entry
+from transferlab.stages import begin, METRICS, MODELS, PLOTS, PREPARED, entry, stage_seconds
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def main(params: config.Params) -> dict:
     metrics = {key: result[key] for key in CALIBRATION if key in result}
     metrics.update(test_accuracy=result["test_accuracy"], test_loss=result["test_loss"],
                    evaluate_seconds=round(seconds, 2), test_images_per_second=round(len(y) / seconds, 1),
-                   parameters=parameters)
+                   parameters=parameters, stage_seconds=round(stage_seconds(end=True), 2))
     write_json(METRICS / "evaluate.json", metrics)
     reliability = evaluate.reliability_png(
         {"before calibration": (result["raw_probs"], y), f"T = {result['temperature']:.3f}": (result["probs"], y)},

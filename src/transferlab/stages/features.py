@@ -1,6 +1,9 @@
-"""Stage features: the frozen backbone once over every image ->
-data/features/<backbone>-<size>px/ (pooled features per split, meta.json; with
-finetune.mode cached, the activations at the unfreeze boundary for both flips).
+"""Stage features: the frozen backbone once over the training and validation
+images -> data/features/<backbone>-<size>px/ (pooled features per split,
+meta.json; with finetune.mode cached, the activations at the unfreeze boundary
+for both flips). `features.train_fraction` < 1: the training images of a seeded,
+stratified share only (their rows: meta.json's train_index), for the head to
+train on, which leaves a short budget more time for the fine-tune.
 
     python -m transferlab.stages.features    # dvc.yaml's command; `transferlab features` alike
 """
@@ -9,9 +12,11 @@ from __future__ import annotations
 
 import time
 
-from transferlab import backbones, config, features, finetune, tracking
+import numpy as np
+
+from transferlab import backbones, config, data, features, finetune, tracking
 from transferlab.files import write_atomic, write_json
-from transferlab.stages import begin, METRICS, PREPARED, entry, features_dir, resolved
+from transferlab.stages import begin, METRICS, PREPARED, entry, features_dir, resolved, stage_seconds
 
 KEYS = ("seed", "deterministic", "backbone", "features", "finetune.unfreeze", "finetune.mode",
         "tracking.experiment")
@@ -32,13 +37,21 @@ def main(params: config.Params) -> dict:
     else:
         model = backbones.build_feature_extractor(b.name, image_size, b.input_size, b.weights)
     out_dir = features_dir(b.name, b.input_size)
+    x = {"train": prepared.x["train"], "val": prepared.x["val"], "test": prepared.x["test"][:0]}  # test: unused
+    share = params.features.train_fraction
+    if share < 1:  # the head trains on a seeded, stratified share of the training images
+        index = np.sort(data.stratified_split(np.arange(len(prepared.y["train"])), prepared.y["train"],
+                                              1 - share, params.seed)[0])
+        x["train"] = prepared.x["train"][index]
+        meta["train_index"] = index.tolist()
     start = time.perf_counter()
-    meta = features.extract_splits(model, prepared.x, out_dir, params.features.batch_size, meta)
+    meta = features.extract_splits(model, x, out_dir, params.features.batch_size, meta)
     values = config.subset(params, *KEYS)
     write_atomic(out_dir / "params.yaml", resolved(values))
     seconds = time.perf_counter() - start
     total = sum(t["images"] for t in meta["timings"].values())
-    summary = {"features_seconds": round(seconds, 2), "features_images_per_second": round(total / seconds, 1)}
+    summary = {"features_seconds": round(seconds, 2), "features_images_per_second": round(total / seconds, 1),
+               "stage_seconds": round(stage_seconds(end=True), 2)}
     write_json(METRICS / "features.json", summary)
     with tracking.stage_run("features", experiment=params.tracking.experiment, backbone=b.name,
                             params=config.flatten(values), inputs=[str(PREPARED)]):

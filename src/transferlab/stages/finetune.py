@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import shutil
 import time
 from pathlib import Path
@@ -20,13 +21,14 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from transferlab import backbones, config, data, features, finetune, tracking, training
+from transferlab import backbones, budget, config, data, features, finetune, tracking, training
 from transferlab.files import write_atomic, write_json
-from transferlab.stages import begin, METRICS, MODELS, PLOTS, PREPARED, entry, features_dir, resolved
+from transferlab.stages import (begin, METRICS, MODELS, PLOTS, PREPARED, entry, features_dir, resolved,
+                                stage_seconds)
 
 log = logging.getLogger(__name__)
 
-KEYS = ("seed", "deterministic", "backbone", "finetune", "tracking.experiment")
+KEYS = ("seed", "deterministic", "budget", "backbone", "finetune", "tracking.experiment")
 CHECKPOINTS = Path("data/checkpoints")
 
 
@@ -59,6 +61,7 @@ def main(params: config.Params, callbacks: list | None = None) -> dict:
                 spec, body, head_model, prepared, f, seed=params.seed, image_size=image_size,
                 input_size=b.input_size, activations=features.load_activations(feats_dir) if cached else None,
                 checkpoint_dir=checkpoint_dir(resolved(values)), callbacks=callbacks,
+                budget_seconds=budget.parse(params.budget),
             ))
         else:
             log.info("finetune.unfreeze is 0: the model is the backbone with the trained head")
@@ -67,6 +70,7 @@ def main(params: config.Params, callbacks: list | None = None) -> dict:
         model = finetune.assemble(spec, body, head_model, image_size, b.input_size)
         model.save(out_dir / "model.keras")
         write_atomic(out_dir / "params.yaml", resolved(values))
+        metrics["stage_seconds"] = round(stage_seconds(end=True), 2)
         write_json(METRICS / "finetune.json", metrics)
         mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         mlflow.log_artifact(str(out_dir / "params.yaml"))
@@ -91,9 +95,10 @@ def checkpoint_dir(resolved_params: str) -> Path:
 
 def train(spec, body, head_model, prepared: data.Prepared, f: config.FinetuneConfig, *, seed: int,
           image_size: int, input_size: int, activations: dict | None, checkpoint_dir: Path,
-          callbacks: list | None = None) -> dict:
+          budget_seconds: float | None = None, callbacks: list | None = None) -> dict:
     """Fine-tune with resumable checkpoints; the model keeps its best epoch's
-    weights, or the head's if no epoch beat it. Returns the metrics."""
+    weights, or the head's if no epoch beat it. Under a budget, the length is
+    planned first (`plan_steps`). Returns the metrics."""
     y = prepared.y
     a = f.augment
     t = finetune.prepare(
@@ -103,15 +108,30 @@ def train(spec, body, head_model, prepared: data.Prepared, f: config.FinetuneCon
         image_size=image_size, input_size=input_size,
         augment={"flip": a.flip, "shift": a.shift, "rotation": a.rotation, "zoom": a.zoom},
     )
+    per_epoch = finetune.steps_per_epoch(t, f.batch_size)
+    plan = None
+    if budget_seconds:
+        # an interrupted run resumes on the plan it started with, not a new one
+        plan = resumed_plan(checkpoint_dir) or plan_steps(t, f, prepared, budget_seconds)
+        steps = plan.steps
+    else:
+        steps = finetune.total_steps(epochs=f.epochs, steps_per_epoch=per_epoch, min_steps=f.min_steps,
+                                     steps=f.steps)
+    log.info("finetune: %d steps (%.2f epochs of %d steps), %s schedule to zero at the last step",
+             steps, steps / per_epoch, per_epoch, f.schedule)
     # the head's score on the same validation images is what fine-tuning must beat
     baseline = json.loads((METRICS / "head.json").read_text()).get("best_val_accuracy") if t.val else None
+    extra = [tracking.EpochLogger(), *(callbacks or [])]
+    if plan is not None:
+        extra.append(BudgetProgress(plan))
     cbs, checkpoint = finetune.callbacks(checkpoint_dir, patience=f.patience, schedule=f.schedule,
-                                         has_val=t.val is not None, baseline=baseline,
-                                         extra=[tracking.EpochLogger(), *(callbacks or [])])
+                                         has_val=t.val is not None, baseline=baseline, extra=extra)
+    if plan is not None:
+        checkpoint.state["plan"] = plan.to_dict()
     start = time.perf_counter()
     finetune.fit(t, optimizer=f.optimizer, learning_rate=f.learning_rate, weight_decay=f.weight_decay,
-                 schedule=f.schedule, warmup_epochs=f.warmup_epochs, epochs=f.epochs,
-                 batch_size=f.batch_size, callbacks=cbs, verbose=training.verbosity())
+                 schedule=f.schedule, warmup_epochs=f.warmup_epochs, steps=steps, batch_size=f.batch_size,
+                 label_smoothing=f.label_smoothing, callbacks=cbs, verbose=training.verbosity())
     seconds = time.perf_counter() - start
     checkpoint.restore_best(t.model)  # the best epoch, not the last
     hist = checkpoint.history()
@@ -123,14 +143,90 @@ def train(spec, body, head_model, prepared: data.Prepared, f: config.FinetuneCon
         log.warning("no fine-tune epoch beat the head's %s of %.4f: keeping the weights it started from",
                     monitor, baseline)
     shutil.rmtree(checkpoint_dir)  # done: a later run starts fresh
-    return {
+    metrics = {
         "path": t.path,
         f"best_{monitor}": round(max(hist[monitor][best], baseline or 0.0), 5),
         "best_epoch": best + 1 if improved else 0,
         "epochs_run": len(hist[monitor]),
+        "steps": steps,
         "finetune_seconds": round(seconds, 2),
-        "train_images_per_second": round(t.n_train * len(hist[monitor]) / seconds, 1),
+        "train_images_per_second": round(min(steps * f.batch_size, steps * t.n_train / per_epoch) / seconds, 1),
     }
+    if plan is not None:
+        metrics["plan"] = plan.to_dict()
+    return metrics
+
+
+def resumed_plan(directory: Path) -> budget.Plan | None:
+    state = directory / finetune.Checkpoint.STATE
+    try:
+        saved = json.loads(state.read_text()).get("plan") if state.exists() else None
+    except ValueError:
+        return None
+    return budget.Plan(**saved) if saved else None
+
+
+def stage_budget_spent() -> float:
+    """Wall seconds the stages before the fine-tune took, as they recorded them
+    (`stage_seconds`), whether they ran now or DVC restored them from its cache."""
+    spent = 0.0
+    for name in ("prepare", "features", "head"):
+        path = METRICS / f"{name}.json"
+        recorded = json.loads(path.read_text()).get("stage_seconds") if path.exists() else None
+        if recorded is None:
+            raise budget.BudgetError(f"{path}: no stage_seconds recorded, so the budget cannot count the "
+                                     f"{name} stage; run `dvc repro --force {name}` (or `budget: 0`)")
+        spent += float(recorded)
+    return spent
+
+
+def plan_steps(t: finetune.Training, f: config.FinetuneConfig, prepared: data.Prepared,
+               budget_seconds: float) -> budget.Plan:
+    """Size the fine-tune to what is left of the budget (transferlab.budget)."""
+    startup = stage_seconds()
+    measured = finetune.probe(t, f.batch_size)
+    feats = json.loads((METRICS / "features.json").read_text())
+    infer = float(feats["features_images_per_second"])  # the same network and input size, forward only
+    n_val, n_test = len(prepared.y["val"]), len(prepared.y["test"])
+    plan = budget.plan(
+        budget_seconds=budget_seconds, spent_seconds=stage_budget_spent() + stage_seconds(),
+        evaluate_seconds=budget.evaluate_reserve(n_val=n_val, n_test=n_test, views=2,
+                                                 inference_images_per_second=infer, startup_seconds=startup),
+        probe=measured, inference_images_per_second=infer, n_val=n_val,
+        steps_per_epoch=finetune.steps_per_epoch(t, f.batch_size),
+    )
+    log.info("budget %s: %.0f s spent before the fine-tune, %.0f s kept for evaluate; %.0f train img/s "
+             "measured -> %d steps (%.2f epochs), about %.0f s; replay without the clock: budget: 0, "
+             "finetune.steps: %d", budget.describe(budget_seconds), plan.spent_seconds, plan.evaluate_seconds,
+             plan.train_images_per_second, plan.steps, plan.epochs, plan.finetune_seconds, plan.steps)
+    import mlflow
+
+    mlflow.log_params({f"plan.{k}": v for k, v in plan.to_dict().items()})
+    return plan
+
+
+class BudgetProgress(keras.callbacks.Callback):
+    """Under a budget: after every epoch, the time left of it, in the log and
+    (`budget_seconds_left`) on the MLflow run."""
+
+    def __init__(self, plan: budget.Plan):
+        super().__init__()
+        self.plan = plan
+        self.start = time.monotonic()
+
+    def on_train_begin(self, logs=None):
+        self.start = time.monotonic()
+
+    def on_epoch_end(self, epoch, logs=None):
+        import mlflow
+
+        p = self.plan
+        elapsed = time.monotonic() - self.start
+        left = p.budget_seconds - p.spent_seconds - elapsed
+        log.info("budget: fine-tune epoch %d of %d done, %.0f s of %.0f s planned; %.0f s of the %s budget left "
+                 "(%.0f s of them kept for evaluate)", epoch + 1, math.ceil(p.epochs), elapsed,
+                 p.finetune_seconds, left, budget.describe(p.budget_seconds), p.evaluate_seconds)
+        mlflow.log_metric("budget_seconds_left", left, step=epoch)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import numpy as np
 
 from transferlab import config, evaluate, features, head, tracking, training
 from transferlab.files import write_atomic, write_json
-from transferlab.stages import begin, METRICS, MODELS, PLOTS, PREPARED, entry, features_dir, resolved
+from transferlab.stages import begin, METRICS, MODELS, PLOTS, PREPARED, entry, features_dir, resolved, stage_seconds
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +35,11 @@ def main(params: config.Params, callbacks: list | None = None) -> dict:
         import mlflow
 
         model = head.build_head(meta["feature_dim"], len(prepared.classes), h.units, h.dropout)
+        rows = meta.get("train_index")  # the features stage's share of the training images
+        y_train = prepared.y["train"] if rows is None else prepared.y["train"][np.asarray(rows)]
         start = time.perf_counter()
         history = head.train_head(
-            model, feats["train"], prepared.y["train"], feats["val"], prepared.y["val"],
+            model, feats["train"], y_train, feats["val"], prepared.y["val"],
             optimizer=h.optimizer, learning_rate=h.learning_rate, epochs=h.epochs,
             batch_size=h.batch_size, patience=h.patience,
             callbacks=[tracking.EpochLogger(), *(callbacks or [])],
@@ -45,7 +47,7 @@ def main(params: config.Params, callbacks: list | None = None) -> dict:
         seconds = time.perf_counter() - start
         has_val = len(prepared.y["val"]) > 0
         split = "val" if has_val else "train"
-        y_true = prepared.y[split]
+        y_true = prepared.y[split] if has_val else y_train
         y_pred = model.predict(feats[split], batch_size=1024, verbose=0).argmax(axis=1)
         acc = float((y_pred == y_true).mean())
         hist = history.history
@@ -63,6 +65,7 @@ def main(params: config.Params, callbacks: list | None = None) -> dict:
             metrics["best_val_loss"] = round(float(hist["val_loss"][best]), 5)
         model.save(out_dir / "model.keras")
         write_atomic(out_dir / "params.yaml", resolved(values))
+        metrics["stage_seconds"] = round(stage_seconds(end=True), 2)
         write_json(METRICS / "head.json", metrics)
         training.write_history(PLOTS / "head" / "history.csv", hist)
         cm = evaluate.confusion(y_true, y_pred, len(prepared.classes))

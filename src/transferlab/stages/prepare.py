@@ -1,5 +1,5 @@
 """Stage prepare: the data source -> data/prepared/ (uint8 arrays, class names,
-manifest).
+manifest), metrics/prepare.json (image counts and the stage's wall time).
 
     python -m transferlab.stages.prepare     # dvc.yaml's command; `transferlab prepare` alike
 """
@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 
 from transferlab import config, data, tracking
-from transferlab.files import write_atomic
+from transferlab.files import write_atomic, write_json
 from transferlab.redact import redact
-from transferlab.stages import PREPARED, entry, resolved
+from transferlab.stages import METRICS, PREPARED, entry, resolved, stage_seconds
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,9 @@ def main(params: config.Params) -> dict:
     values = config.subset(params, *KEYS)
     write_atomic(PREPARED / "params.yaml", resolved(values))
     seconds = time.perf_counter() - start
+    write_json(METRICS / "prepare.json", {**{f"{k}_images": v for k, v in manifest["totals"].items()},
+                                          "prepare_seconds": round(seconds, 2),
+                                          "stage_seconds": round(stage_seconds(end=True), 2)})
     log.info("prepare: %s in %.1f s; skipped %d file(s)", manifest["totals"], seconds, manifest["num_skipped"])
     with tracking.stage_run("prepare", experiment=params.tracking.experiment, backbone=params.backbone.name,
                             params=config.flatten(values), inputs=[]):

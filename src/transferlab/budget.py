@@ -1,0 +1,141 @@
+"""A wall-time budget for the whole pipeline (`budget: 20m` in params.yaml,
+`transferlab run --budget 20m`, `mlflow run . -P budget=20m`).
+
+The fine-tune is the one stage whose length is free, so it is the one planned:
+- the stages before it recorded how long they took (`stage_seconds` in
+  metrics/prepare.json, features.json, head.json), so the clock counts them
+  even when DVC restored them from its cache;
+- the evaluate stage still to come is reserved for, from the inference speed
+  the features stage measured on the same network and input size;
+- a probe times a few training steps on this machine (`finetune.probe_step_seconds`);
+- the rest, less a safety margin, sizes the fine-tune in steps, and the
+  learning rate decays to zero exactly at the last one (Li et al., "Budgeted
+  Training", ICLR 2020).
+
+The plan (steps, sizes, the measured throughput) goes to metrics/finetune.json
+and the MLflow run. Replaying it needs no clock: `budget: 0` with
+`finetune.steps: <the planned steps>` trains the same schedule.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass
+
+MARGIN = 0.03  # of the budget, kept free for what the estimates miss (DVC's hashing, logging)
+FINISH_SECONDS = 10.0  # the fine-tune stage's own end: the model saved, MLflow logged
+BASELINE_SECONDS = 30.0  # the evaluate stage's raw-pixel baseline (capped in evaluate.baseline)
+MIN_USEFUL_STEPS = 50  # fewer fine-tune steps than this (or than one epoch) are not worth running
+
+_UNITS = {"h": 3600, "m": 60, "s": 1}
+
+
+class BudgetError(ValueError):
+    """A budget that cannot hold the pipeline; the message says the smallest one that can."""
+
+
+def parse(value: str | int | float | None) -> float | None:
+    """'20m', '1h30m', '90s', '1200' (seconds) -> seconds; 0, '0', 'none' or None -> no budget."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError(f"budget: must be >= 0, received: {value!r}")
+        return float(value) or None
+    text = str(value).strip().lower().replace(" ", "")
+    if text in ("", "0", "none", "off"):
+        return None
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        return float(text) or None
+    parts = re.findall(r"(\d+(?:\.\d+)?)([hms])", text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise ValueError(f"budget: expected a duration such as 20m, 1h30m, 900s or 0 (none), "
+                         f"received: {value!r}")
+    return sum(float(n) * _UNITS[u] for n, u in parts) or None
+
+
+def describe(seconds: float) -> str:
+    """Seconds -> the shortest whole-minute duration at least that long ('21m', '1h05m')."""
+    minutes = max(1, math.ceil(seconds / 60))
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m"
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What a few training steps measured on this machine."""
+
+    step_seconds: float  # the median step once traced
+    first_step_seconds: float  # the first step: tracing the training function included
+    batch_size: int
+
+    @property
+    def images_per_second(self) -> float:
+        return self.batch_size / self.step_seconds
+
+
+@dataclass(frozen=True)
+class Plan:
+    budget_seconds: float
+    spent_seconds: float  # stages before the fine-tune, and the fine-tune stage up to the plan
+    evaluate_seconds: float  # reserved for the evaluate stage
+    margin_seconds: float
+    step_seconds: float
+    train_images_per_second: float
+    inference_images_per_second: float
+    steps_per_epoch: int
+    steps: int
+    epochs: float  # steps / steps_per_epoch
+    finetune_seconds: float  # what the planned steps, validations and tracing should take
+
+    def to_dict(self) -> dict:
+        return {k: round(v, 3) if isinstance(v, float) else v for k, v in asdict(self).items()}
+
+
+def finetune_seconds(steps: int, steps_per_epoch: int, probe: Probe, val_seconds: float) -> float:
+    """The fine-tune's wall time for `steps`: tracing once, the steps, and one
+    validation pass after each (possibly partial) epoch."""
+    epochs = math.ceil(steps / steps_per_epoch)
+    trace = max(0.0, probe.first_step_seconds - probe.step_seconds)
+    return trace + steps * probe.step_seconds + epochs * val_seconds
+
+
+def plan(*, budget_seconds: float, spent_seconds: float, evaluate_seconds: float, probe: Probe,
+         inference_images_per_second: float, n_val: int, steps_per_epoch: int) -> Plan:
+    """The most fine-tune steps that fit what is left of the budget. Raises
+    BudgetError naming the smallest budget that holds one useful fine-tune."""
+    margin = MARGIN * budget_seconds
+    val_seconds = n_val / inference_images_per_second
+    left = budget_seconds - spent_seconds - evaluate_seconds - margin - FINISH_SECONDS
+    steps = max(0, int(left // probe.step_seconds))
+    while steps > 0 and finetune_seconds(steps, steps_per_epoch, probe, val_seconds) > left:
+        steps -= 1
+    useful = min(MIN_USEFUL_STEPS, steps_per_epoch)
+    if steps < useful:
+        need = (spent_seconds + evaluate_seconds + FINISH_SECONDS
+                + finetune_seconds(useful, steps_per_epoch, probe, val_seconds)) / (1 - MARGIN)
+        raise BudgetError(
+            f"budget {describe(budget_seconds)} is too small: the stages before the fine-tune took "
+            f"{spent_seconds:.0f} s, evaluate needs about {evaluate_seconds:.0f} s, and {useful} fine-tune "
+            f"steps (the fewest worth running) about "
+            f"{finetune_seconds(useful, steps_per_epoch, probe, val_seconds):.0f} s at the measured "
+            f"{probe.images_per_second:.0f} img/s. The smallest budget that fits is {describe(need)}: "
+            f"set `budget: {describe(need)}` in params.yaml (or `transferlab run --budget {describe(need)}`), "
+            "or `budget: 0` to train for finetune.epochs"
+        )
+    return Plan(
+        budget_seconds=budget_seconds, spent_seconds=spent_seconds, evaluate_seconds=evaluate_seconds,
+        margin_seconds=margin, step_seconds=probe.step_seconds,
+        train_images_per_second=probe.images_per_second,
+        inference_images_per_second=inference_images_per_second, steps_per_epoch=steps_per_epoch,
+        steps=steps, epochs=steps / steps_per_epoch,
+        finetune_seconds=finetune_seconds(steps, steps_per_epoch, probe, val_seconds),
+    )
+
+
+def evaluate_reserve(*, n_val: int, n_test: int, views: int, inference_images_per_second: float,
+                     startup_seconds: float) -> float:
+    """Seconds the evaluate stage needs: its start-up (as long as this stage's),
+    every validation and test image through the model once per view, and the
+    raw-pixel baseline."""
+    return startup_seconds + views * (n_val + n_test) / inference_images_per_second + BASELINE_SECONDS

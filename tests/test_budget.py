@@ -1,0 +1,147 @@
+"""The time budget: parsing, the plan's arithmetic, and the stages under a budget
+(planned, replayed without the clock, refused with the smallest budget that fits)."""
+
+import json
+import re
+
+import pytest
+
+import synth
+import tinyproject
+from transferlab import budget, config
+from transferlab.stages import evaluate, features, finetune, head, prepare
+
+
+def test_parse_durations():
+    assert budget.parse("20m") == 1200
+    assert budget.parse("1h30m") == 5400
+    assert budget.parse("1.5h") == 5400
+    assert budget.parse("900s") == budget.parse("900") == budget.parse(900) == 900
+    assert budget.parse(0) is budget.parse("0") is budget.parse("none") is None
+    for bad in ("20x", "m20", "-5", "20m junk"):
+        with pytest.raises(ValueError, match="duration such as 20m"):
+            budget.parse(bad)
+    assert budget.describe(1201) == "21m" and budget.describe(3900) == "1h05m"
+
+
+PROBE = budget.Probe(step_seconds=0.8, first_step_seconds=10.8, batch_size=128)
+
+
+def _plan(budget_seconds, **kw):
+    args = dict(budget_seconds=budget_seconds, spent_seconds=400.0, evaluate_seconds=100.0, probe=PROBE,
+                inference_images_per_second=500.0, n_val=5000, steps_per_epoch=352)
+    return budget.plan(**{**args, **kw})
+
+
+def test_plan_fills_what_is_left_and_no_more():
+    p = _plan(1200.0)
+    left = 1200 - 400 - 100 - budget.MARGIN * 1200 - budget.FINISH_SECONDS
+    assert p.finetune_seconds <= left
+    # one step more would not fit: the plan uses the budget
+    assert budget.finetune_seconds(p.steps + 1, 352, PROBE, 10.0) > left
+    assert p.epochs == pytest.approx(p.steps / 352)
+    assert p.train_images_per_second == pytest.approx(160.0)
+
+
+def test_a_budget_too_small_names_the_smallest_that_fits():
+    with pytest.raises(budget.BudgetError) as err:
+        _plan(500.0)
+    message = str(err.value)
+    smallest = re.search(r"smallest budget that fits is (\w+)", message).group(1)
+    assert f"budget: {smallest}" in message and "transferlab run --budget" in message
+    fits = _plan(budget.parse(smallest))  # the suggestion holds one useful fine-tune
+    assert fits.steps >= budget.MIN_USEFUL_STEPS
+    with pytest.raises(budget.BudgetError):  # and a minute less does not
+        _plan(budget.parse(smallest) - 60)
+
+
+def test_budget_and_fixed_steps_cannot_both_size_the_fine_tune():
+    with pytest.raises(config.ConfigError, match="replay a plan"):
+        config.from_dict(tinyproject.full_params({"budget": "20m", "finetune": {"steps": 100}}))
+    with pytest.raises(config.ConfigError, match="cosine or linear"):
+        config.from_dict(tinyproject.full_params({"budget": "20m", "finetune": {"schedule": "plateau"}}))
+    with pytest.raises(config.ConfigError, match="duration"):
+        config.from_dict(tinyproject.full_params({"budget": "twenty minutes"}))
+
+
+@pytest.fixture(scope="module")
+def stages_done(tmp_path_factory):
+    """prepare, features and head on the tiny images, in a scratch folder."""
+    import os
+
+    folder = tmp_path_factory.mktemp("budget")
+    synth.make_image_folder(folder / "tiny-images", per_class=12, test_per_class=2, size=16)
+    cwd, uri = os.getcwd(), os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.chdir(folder)
+    try:
+        params = config.from_dict(tinyproject.full_params(tinyproject.TINY))
+        for stage in (prepare, features, head):
+            stage.main(params)
+        yield folder
+    finally:
+        os.chdir(cwd)
+        if uri is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = uri
+
+
+def _finetune(folder, monkeypatch, **over):
+    monkeypatch.chdir(folder)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    raw = tinyproject.full_params({**tinyproject.TINY, **over})
+    return finetune.main(config.from_dict(raw))
+
+
+def test_a_budget_plans_the_fine_tune_and_its_plan_replays_without_the_clock(stages_done, monkeypatch):
+    for name in ("prepare", "features", "head"):  # each stage recorded its wall time for the clock
+        assert json.loads((stages_done / "metrics" / f"{name}.json").read_text())["stage_seconds"] > 0
+    planned = _finetune(stages_done, monkeypatch, budget="1h")
+    plan = planned["plan"]
+    assert plan["budget_seconds"] == 3600 and plan["steps"] == planned["steps"] > 0
+    assert plan["spent_seconds"] > 0 and plan["train_images_per_second"] > 0
+    recorded = json.loads((stages_done / "metrics" / "finetune.json").read_text())
+    assert recorded["plan"] == plan  # the plan goes to metrics/
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{stages_done / 'mlflow.db'}")
+    run = mlflow.search_runs(experiment_names=["smoke"], filter_string="tags.stage = 'finetune'",
+                             order_by=["attributes.start_time DESC"], max_results=1).iloc[0]
+    assert int(run["params.plan.steps"]) == plan["steps"]  # and to the MLflow run
+    assert "metrics.budget_seconds_left" in run.index
+
+    replayed = _finetune(stages_done, monkeypatch, finetune={**tinyproject.TINY["finetune"],
+                                                             "steps": plan["steps"]})
+    assert replayed["steps"] == plan["steps"] and "plan" not in replayed
+    assert replayed["epochs_run"] == planned["epochs_run"]
+
+
+def test_a_budget_spent_before_the_fine_tune_is_a_clear_error(stages_done, monkeypatch):
+    with pytest.raises(budget.BudgetError, match=r"smallest budget that fits is \d+m"):
+        _finetune(stages_done, monkeypatch, budget="1s")
+
+
+def test_evaluate_runs_after_a_planned_fine_tune(stages_done, monkeypatch):
+    _finetune(stages_done, monkeypatch, budget="1h")
+    metrics = evaluate.main(config.from_dict(tinyproject.full_params(tinyproject.TINY)))
+    assert metrics["stage_seconds"] > 0
+
+
+def test_the_head_can_train_on_a_share_of_the_training_features(stages_done, monkeypatch):
+    import numpy as np
+
+    from transferlab import data
+
+    monkeypatch.chdir(stages_done)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    params = config.from_dict(tinyproject.full_params({**tinyproject.TINY, "features": {"train_fraction": 0.5}}))
+    features.main(params)
+    meta = json.loads(next((stages_done / "data" / "features").glob("*/meta.json")).read_text())
+    y = data.load_prepared("data/prepared").y["train"]
+    rows = np.asarray(meta["train_index"])
+    assert abs(len(rows) - len(y) * 0.5) <= 1 and meta["timings"]["train"]["images"] == len(rows)
+    counts = np.bincount(y[rows], minlength=y.max() + 1)
+    assert counts.max() - counts.min() <= 1  # stratified
+    assert meta["timings"]["test"]["images"] == 0  # nothing reads test features
+    assert head.main(params)["best_val_accuracy"] >= 0
+    with pytest.raises(config.ConfigError, match="needs finetune.mode: full"):
+        config.from_dict(tinyproject.full_params({**tinyproject.TINY, "features": {"train_fraction": 0.5},
+                                                  "finetune": {"mode": "cached", "unfreeze": 2}}))
