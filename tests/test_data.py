@@ -350,3 +350,60 @@ def test_atomic_dir_removes_what_a_killed_writer_left_and_spares_a_live_one(tmp_
     assert not stale.exists() and live.exists()
     assert (tmp_path / "out" / "x").read_text() == "done"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "out"])
+
+
+def _resident_kb(path) -> int:
+    """Resident kB of this process's mappings of `path` (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        first = line.split()[0] if line.strip() else ""
+        if "-" in first and len(line.split()) >= 5:  # a mapping's header line
+            inside = line.rstrip().endswith(str(path))
+        elif inside and first == "Rss:":
+            total += int(line.split()[1])
+    return total
+
+
+def test_reading_a_prepared_array_through_keeps_it_out_of_resident_memory(tmp_path):
+    from transferlab import data, features
+
+    path = tmp_path / "x.npy"
+    np.save(path, np.random.default_rng(0).integers(0, 255, (2000, 64, 64, 3), dtype=np.uint8))  # 24 MB
+    x = np.load(path, mmap_mode="r")
+    total = 0
+    for start in range(0, len(x), 100):
+        total += int(np.asarray(x[start:start + 100]).sum() > 0)
+        data.release(x, start, start + 100)
+    assert total == 20 and _resident_kb(path) < 2048  # under 2 MB of 24 MB stay mapped in
+    y = np.load(path, mmap_mode="r")
+    np.asarray(y[:1000]).sum()  # the check sees pages that stay: without release, half the file
+    assert _resident_kb(path) > 10_000
+
+    import keras
+
+    inputs = keras.Input((64, 64, 3))
+    model = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(keras.layers.Rescaling(1 / 255)(inputs)))
+    del y
+    x = np.load(path, mmap_mode="r")
+    out = np.lib.format.open_memmap(tmp_path / "f.npy", mode="w+", dtype=np.float32, shape=(2000, 3))
+    features.extract_into(model, x, [out], 250)
+    assert _resident_kb(path) < 2048  # the features stage streams through its input
+    np.testing.assert_allclose(out[:5], np.asarray(x[:5], np.float32).mean(axis=(1, 2)) / 255, rtol=1e-5)
+
+
+def test_prepare_decodes_a_folder_into_files_not_into_memory(tmp_path):
+    from transferlab import data
+
+    synth.make_image_folder(tmp_path / "imgs", per_class=6, test_per_class=2, size=20)
+    ds = data.load_image_folder(tmp_path / "imgs", 20, 0.2, 0, tmp_path / "scratch")
+    assert isinstance(ds.x_train, np.memmap) and ds.scratch  # decoded straight into a file
+    manifest = data.write_prepared(ds, tmp_path / "prepared", 0.25, 0, {})
+    prepared = data.load_prepared(tmp_path / "prepared")
+    n = manifest["totals"]
+    assert len(prepared.y["train"]) == n["train"] and len(prepared.y["val"]) == n["val"]
+    # every prepared row is a decoded image with its label, none lost or doubled
+    decoded = {np.asarray(ds.x_train[i]).tobytes(): ds.y_train[i] for i in range(len(ds.y_train))}
+    rows = [(np.asarray(x).tobytes(), y) for s in ("train", "val") for x, y in zip(prepared.x[s], prepared.y[s])]
+    assert len(rows) == len(decoded) and all(decoded[b] == y for b, y in rows)
+    ds.close()
+    assert not any((tmp_path / "scratch").iterdir())

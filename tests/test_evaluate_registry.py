@@ -147,3 +147,69 @@ def test_a_temperature_that_raises_val_nll_is_not_kept(monkeypatch):
     assert result["temperature"] == 1.0
     assert result["val_nll"] == result["val_nll_before_calibration"]
     assert result["model"] is base
+
+
+def _fixed_linear_classifier(weight: np.ndarray, bias: np.ndarray):
+    """uint8 8x8x3 images -> pixels in [0, 1] -> a Dense "predictions" with the given
+    weights -> softmax: the layout `tta.logits_model` reads."""
+    import keras
+
+    inputs = keras.Input((8, 8, 3), name="image")
+    x = keras.layers.Flatten(name="pool")(keras.layers.Rescaling(1 / 255)(inputs))
+    h_in = keras.Input((192,))
+    dense = keras.layers.Dense(2, name="predictions")
+    h = keras.Model(h_in, keras.layers.Activation("softmax", name="probabilities")(dense(h_in)), name="head")
+    dense.set_weights([weight.astype(np.float32), bias.astype(np.float32)])
+    return keras.Model(inputs, h(x), name="fixed")
+
+
+LEFT_MINUS_RIGHT = np.concatenate([np.ones((8, 4, 3)), -np.ones((8, 4, 3))], axis=1).reshape(-1)
+
+
+def test_auto_tta_drops_flips_where_the_mirror_image_is_another_class():
+    from transferlab import evaluate
+
+    w = np.stack([LEFT_MINUS_RIGHT, -LEFT_MINUS_RIGHT], axis=1) * 0.1
+    model = _fixed_linear_classifier(w, np.zeros(2))
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 60)
+    x = rng.integers(0, 60, (60, 8, 8, 3))
+    x[y == 0, :, :4] += 150  # class 0: the bright half on the left; class 1: on the right
+    x[y == 1, :, 4:] += 150
+    x = x.astype(np.uint8)
+    result = evaluate.test_model(model, x, y, ["left", "right"], 16, "auto", x, y)
+    assert result["tta"] == "none" and result["val_nll_flip"] > result["val_nll_single_view"]
+    assert result["test_accuracy"] == 1.0
+    assert not any(layer.name.startswith("tta_flip") for layer in result["model"]._flatten_layers())
+
+
+def test_auto_tta_keeps_flips_where_they_average_out_noise():
+    from transferlab import evaluate
+
+    # brightness decides the class; a left-right term adds noise that the mirror image cancels
+    w0 = 0.1 * np.ones(192) + 0.5 * LEFT_MINUS_RIGHT
+    model = _fixed_linear_classifier(np.stack([w0, -w0], axis=1), np.array([-9.6, 9.6]))
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 400)
+    x = np.clip(np.where(y[:, None, None, None] == 0, 150, 105) + rng.normal(0, 60, (400, 8, 8, 3)), 0, 255)
+    x = x.astype(np.uint8)
+    result = evaluate.test_model(model, x, y, ["bright", "dark"], 64, "auto", x, y)
+    assert result["tta"] == "flip" and result["val_nll_flip"] < result["val_nll_single_view"]
+    assert result["test_accuracy"] > result["test_accuracy_single_view"]
+    assert any(layer.name.startswith("tta_flip") for layer in result["model"]._flatten_layers())
+
+
+def test_the_raw_pixel_baseline_learns_what_pixels_tell_and_no_more():
+    from transferlab import evaluate
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 300)
+    x = rng.integers(0, 80, (300, 48, 48, 3))
+    for c in range(3):
+        x[y == c, :, :, c] += 150  # the class is the dominant colour
+    x = x.astype(np.uint8)
+    easy = evaluate.pixel_baseline(x[:200], y[:200], x[200:], y[200:], seed=0)
+    assert easy["baseline_test_accuracy"] > 0.95 and easy["baseline_train_images"] == 200
+    noise = rng.integers(0, 255, (300, 48, 48, 3)).astype(np.uint8)  # labels pixels cannot tell
+    assert evaluate.pixel_baseline(noise[:200], y[:200], noise[200:], y[200:], seed=0)["baseline_test_accuracy"] < 0.6
+    assert evaluate._pixels(x[:2], 32).shape == (2, 32 * 32 * 3)  # larger images are shrunk first

@@ -106,9 +106,13 @@ class FinetuneConfig:
 @dataclass(frozen=True)
 class EvaluateConfig:
     batch_size: int
-    tta: str  # test-time augmentation: flip (mean of the image and its mirror) | none
+    # test-time augmentation: flip (mean of the image and its mirror) | none | auto
+    # (flip where it lowers the validation NLL)
+    tta: str
     # a temperature fitted on val (one scalar, minimum NLL), kept where it lowers val NLL
     calibrate: bool
+    # a logistic regression on the raw pixels, reported beside the model
+    baseline: bool
 
 
 @dataclass(frozen=True)
@@ -175,7 +179,7 @@ CHOICES = {
     "finetune.schedule": ("cosine", "linear", "plateau"),
     "tune.pruner": ("median", "hyperband", "none"),
     "tune.monitor": ("val_accuracy", "val_loss"),
-    "evaluate.tta": ("flip", "none"),
+    "evaluate.tta": ("auto", "flip", "none"),
 }
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import mmap
 import os
 import pickle
 import tarfile
@@ -56,6 +57,13 @@ class Dataset:
     classes: list[str]
     skipped: list[dict] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
+    scratch: list[Path] = field(default_factory=list)  # files behind memory-mapped arrays
+
+    def close(self) -> None:
+        """Remove the decoded images' scratch files (once written to data/prepared)."""
+        for path in self.scratch:
+            path.unlink(missing_ok=True)
+        self.scratch = []
 
 
 def verify_checksum(path: Path, checksum: str) -> None:
@@ -311,9 +319,52 @@ def _class_dirs(split_dir: Path) -> list[Path]:
     return sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+def release(x: np.ndarray, start: int, stop: int) -> None:
+    """Drop rows [start, stop) of a memory map from this process's resident
+    memory (the data stays in the file and the page cache; written rows are
+    flushed first), so reading or writing a large array from start to end keeps
+    the peak RSS flat. Anything else (an array, a view) is left alone."""
+    mm = x.base if isinstance(x, np.memmap) else None  # a view's base is its parent array, not a mapping
+    if not isinstance(mm, mmap.mmap) or stop <= start:
+        return
+    row = int(np.prod(x.shape[1:])) * x.itemsize
+    lead = x.offset % mmap.ALLOCATIONGRANULARITY  # where the array starts inside the mapping
+    first = lead + start * row
+    first -= first % mmap.PAGESIZE
+    last = min(lead + stop * row, len(mm))
+    if last > first:
+        if x.mode != "r":
+            mm.flush(first, last - first)  # written rows to the file first
+        mm.madvise(mmap.MADV_DONTNEED, first, last - first)
+
+
+def _scratch(folder: Path, name: str) -> Path:
+    """A file for decoded rows under `folder`, named by this process; files that
+    a killed process left there are removed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob("*.u8"):
+        pid = stale.name.split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            stale.unlink(missing_ok=True)
+    return folder / f"{os.getpid()}-{name}.u8"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _decode_all(
-    items: list[tuple[Path, int]], size: int, desc: str, skipped: list[dict], root: Path
+    items: list[tuple[Path, int]], size: int, desc: str, skipped: list[dict], root: Path, scratch: Path,
 ) -> tuple[np.ndarray, np.ndarray]:
+    """Decode `items` into a file of rows at `scratch` as they come (a few images
+    in memory at a time, never the data set), and return it as a read-only
+    memory map with the labels of the images that decoded."""
     def work(item: tuple[Path, int]):
         path, label = item
         try:
@@ -321,20 +372,21 @@ def _decode_all(
         except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             return None, label, f"{type(exc).__name__}: {exc}"
 
-    xs, ys = [], []
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        results = pool.map(work, items, chunksize=64)
+    ys = []
+    with open(scratch, "wb") as fh, ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        results = pool.map(work, items, chunksize=64)  # in order, a bounded number ahead
         for (path, _), (arr, label, error) in tqdm(
             zip(items, results), total=len(items), desc=desc, unit="img", mininterval=2, disable=None
         ):
             if error is not None:
                 skipped.append({"file": str(path.relative_to(root)), "reason": error})
                 continue
-            xs.append(arr)
+            fh.write(arr.tobytes())
             ys.append(label)
-    if not xs:
+    if not ys:
+        scratch.unlink(missing_ok=True)
         return np.zeros((0, size, size, 3), np.uint8), np.zeros((0,), np.int64)
-    return np.stack(xs), np.asarray(ys, dtype=np.int64)
+    return np.memmap(scratch, dtype=np.uint8, mode="r", shape=(len(ys), size, size, 3)), np.asarray(ys, np.int64)
 
 
 def _gather(split_dir: Path, classes: list[str], ignored: list[str]) -> list[tuple[Path, int]]:
@@ -357,7 +409,12 @@ def _descend_single_wrapper(root: Path) -> Path:
         root = entries[0]
 
 
-def load_image_folder(root: Path, image_size: int, test_fraction: float, seed: int) -> Dataset:
+def load_image_folder(root: Path, image_size: int, test_fraction: float, seed: int,
+                      scratch_dir: Path | None = None) -> Dataset:
+    """The images of a folder, decoded into memory-mapped files under
+    `scratch_dir` (default: a temporary folder; `Dataset.close` removes them)."""
+    if scratch_dir is None:
+        scratch_dir = Path(tempfile.mkdtemp(prefix="transferlab-decoded-"))
     root = _descend_single_wrapper(root)
     ignored: list[str] = []
     skipped: list[dict] = []
@@ -387,12 +444,17 @@ def load_image_folder(root: Path, image_size: int, test_fraction: float, seed: i
             f"{train_root}: class folder(s) {empty} hold no images. Add images or remove "
             "the folder(s); an empty class would add an output unit that can never be learned."
         )
-    x_train, y_train = _decode_all(train_items, image_size, "decode train", skipped, root)
+    scratch = [_scratch(scratch_dir, "train")]
+    x_train, y_train = _decode_all(train_items, image_size, "decode train", skipped, root, scratch[0])
     if has_split:
         test_items = _gather(root / "test", classes, ignored)
-        x_test, y_test = _decode_all(test_items, image_size, "decode test", skipped, root)
+        scratch.append(_scratch(scratch_dir, "test"))
+        x_test, y_test = _decode_all(test_items, image_size, "decode test", skipped, root, scratch[1])
     else:
-        x_train, x_test, y_train, y_test = stratified_split(x_train, y_train, test_fraction, seed)
+        x_test, y_test = x_train, y_train  # the rows split off below, without copying them
+        train_rows, test_rows = split_rows(y_train, test_fraction, seed)
+        y_train, y_test = y_train[train_rows], y_test[test_rows]
+        x_train, x_test = Rows(x_train, train_rows), Rows(x_test, test_rows)
     decoded = np.bincount(y_train, minlength=len(classes))
     lost = [classes[i] for i, n in enumerate(decoded) if n == 0]
     if lost:
@@ -405,7 +467,7 @@ def load_image_folder(root: Path, image_size: int, test_fraction: float, seed: i
             log.warning("class %r has only %d training images; results for it will be noisy", name, n)
     if skipped:
         log.warning("skipped %d file(s) that could not be decoded; listed in the manifest", len(skipped))
-    return Dataset(x_train, y_train, x_test, y_test, classes, skipped, ignored)
+    return Dataset(x_train, y_train, x_test, y_test, classes, skipped, ignored, scratch)
 
 
 # --------------------------------------------------------------------------- splits and outputs
@@ -419,6 +481,56 @@ def stratified_split(x: np.ndarray, y: np.ndarray, fraction: float, seed: int):
     n_held = int(round(len(y) * fraction))
     stratify = y if counts[counts > 0].min() >= 2 and n_held >= len(counts[counts > 0]) else None
     return train_test_split(x, y, test_size=fraction, random_state=seed, stratify=stratify)
+
+
+def split_rows(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """`stratified_split` of the row numbers: (kept rows, held-out rows), each sorted."""
+    kept, held, _, _ = stratified_split(np.arange(len(y)), y, fraction, seed)
+    return np.sort(kept), np.sort(held)
+
+
+class Rows:
+    """Some rows of an array or memory map, read only when indexed (a split of
+    a data set that is not copied)."""
+
+    def __init__(self, x: np.ndarray, rows: np.ndarray):
+        self.base = x.base if isinstance(x, Rows) else x
+        self.rows = x.rows[rows] if isinstance(x, Rows) else np.asarray(rows)
+        self.shape = (len(self.rows), *self.base.shape[1:])
+        self.dtype = self.base.dtype
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index):
+        return self.base[self.rows[index]]
+
+    def __array__(self, dtype=None, copy=None):
+        out = self.base[self.rows]
+        return out if dtype is None else out.astype(dtype)
+
+
+def _write_npy(path: Path, x, rows: np.ndarray | None = None, chunk_bytes: int = 64 << 20) -> None:
+    """Rows of `x` (all by default) into a .npy file, a chunk at a time: the file
+    is written with plain writes and the source memory map's pages are released
+    as they are read, so neither side grows the resident memory."""
+    base, rows = (x.base, x.rows if rows is None else x.rows[rows]) if isinstance(x, Rows) else (x, rows)
+    n = len(base) if rows is None else len(rows)
+    shape = (n, *base.shape[1:])
+    step = max(1, chunk_bytes // max(1, int(np.prod(shape[1:])) * base.dtype.itemsize))
+    with open(path, "wb") as fh:
+        np.lib.format.write_array_header_1_0(
+            fh, {"descr": np.lib.format.dtype_to_descr(base.dtype), "fortran_order": False, "shape": shape})
+        for start in range(0, n, step):
+            if rows is None:
+                block = base[start:start + step]
+                lo, hi = start, start + len(block)
+            else:
+                index = rows[start:start + step]
+                block = base[index]
+                lo, hi = int(index.min()), int(index.max()) + 1
+            fh.write(np.ascontiguousarray(block).tobytes())
+            release(base, lo, hi)
 
 
 def resize_array(x: np.ndarray, size: int) -> np.ndarray:
@@ -479,7 +591,7 @@ def load_source(
             ds.x_train = resize_array(ds.x_train, image_size)
             ds.x_test = resize_array(ds.x_test, image_size)
         return ds, digest
-    return load_image_folder(root, image_size, test_fraction, seed), digest
+    return load_image_folder(root, image_size, test_fraction, seed, cache_dir / "decoded"), digest
 
 
 def _counts(y: np.ndarray, classes: list[str]) -> dict[str, int]:
@@ -490,17 +602,18 @@ def _counts(y: np.ndarray, classes: list[str]) -> dict[str, int]:
 def write_prepared(ds: Dataset, out_dir: Path, val_fraction: float, seed: int, manifest: dict) -> dict:
     """Carve val from train (seeded) and write arrays + classes + manifest atomically."""
     if val_fraction > 0:
-        x_train, x_val, y_train, y_val = stratified_split(ds.x_train, ds.y_train, val_fraction, seed)
+        train_rows, val_rows = split_rows(ds.y_train, val_fraction, seed)
     else:
-        x_train, y_train = ds.x_train, ds.y_train
-        x_val, y_val = ds.x_train[:0], ds.y_train[:0]
-    splits = {"train": (x_train, y_train), "val": (x_val, y_val), "test": (ds.x_test, ds.y_test)}
+        train_rows, val_rows = np.arange(len(ds.y_train)), np.arange(0)
+    splits = {"train": (Rows(ds.x_train, train_rows), ds.y_train[train_rows]),
+              "val": (Rows(ds.x_train, val_rows), ds.y_train[val_rows]),
+              "test": (ds.x_test, ds.y_test)}
     manifest = dict(manifest)
     manifest.update(
         classes=ds.classes,
         counts={name: _counts(y, ds.classes) for name, (_, y) in splits.items()},
         totals={name: int(len(y)) for name, (_, y) in splits.items()},
-        image_shape=list(x_train.shape[1:]),
+        image_shape=list(ds.x_train.shape[1:]),
         skipped=ds.skipped,
         num_skipped=len(ds.skipped),
         ignored=ds.ignored[:1000],
@@ -508,7 +621,7 @@ def write_prepared(ds: Dataset, out_dir: Path, val_fraction: float, seed: int, m
     )
     with atomic_dir(out_dir) as tmp:
         for name, (x, y) in splits.items():
-            np.save(tmp / f"x_{name}.npy", np.ascontiguousarray(x))
+            _write_npy(tmp / f"x_{name}.npy", x)
             np.save(tmp / f"y_{name}.npy", y.astype(np.int64))
         (tmp / "classes.json").write_text(json.dumps(ds.classes, indent=1) + "\n")
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")

@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
+from transferlab import data
 from transferlab.files import atomic_dir
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,8 @@ def extract_into(
             for sink, out in zip(sinks, forward(tf.convert_to_tensor(batch))):
                 if sink is not None:
                     sink[start:start + len(batch)] = out.numpy()
+                    data.release(sink, start, start + len(batch))
+            data.release(x, start, start + len(batch))  # read once: out of resident memory
             bar.update(len(batch))
 
 

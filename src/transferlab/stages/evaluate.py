@@ -1,7 +1,9 @@
 """Stage evaluate: the fine-tuned model on the test split -> metrics/evaluate.json,
 metrics/per_class.json, plots/evaluate/ (confusion matrix as CSV and PNG, the
 reliability diagram); a temperature fitted on the validation split where it lowers
-the validation NLL; the model (test-time augmentation and temperature inside)
+the validation NLL; test-time flips where they lower it too (evaluate.tta: auto);
+a raw-pixel logistic regression baseline beside the model (evaluate.baseline); the
+model (test-time augmentation and temperature inside)
 logged to MLflow and registered, the
 alias `champion` moved to it only if it beats the current champion.
 
@@ -24,7 +26,8 @@ log = logging.getLogger(__name__)
 
 KEYS = ("seed", "deterministic", "backbone.name", "evaluate", "tracking")
 CALIBRATION = ("test_accuracy_before_calibration", "test_accuracy_single_view", "temperature", "test_ece",
-               "test_ece_before_calibration", "val_nll", "val_nll_before_calibration")
+               "test_ece_before_calibration", "val_nll", "val_nll_before_calibration", "val_nll_single_view",
+               "val_nll_flip")
 
 
 def main(params: config.Params) -> dict:
@@ -40,8 +43,12 @@ def main(params: config.Params) -> dict:
     seconds = result["seconds"]
     metrics = {key: result[key] for key in CALIBRATION if key in result}
     metrics.update(test_accuracy=result["test_accuracy"], test_loss=result["test_loss"],
+                   tta_flip=int(result["tta"] == "flip"),
                    evaluate_seconds=round(seconds, 2), test_images_per_second=round(len(y) / seconds, 1),
-                   parameters=parameters, stage_seconds=round(stage_seconds(end=True), 2))
+                   parameters=parameters)
+    if e.baseline:  # did transfer pay off? the trivial model beside ours
+        metrics.update(evaluate.pixel_baseline(prepared.x["train"], prepared.y["train"], x, y, params.seed))
+    metrics["stage_seconds"] = round(stage_seconds(end=True), 2)
     write_json(METRICS / "evaluate.json", metrics)
     reliability = evaluate.reliability_png(
         {"before calibration": (result["raw_probs"], y), f"T = {result['temperature']:.3f}": (result["probs"], y)},
@@ -70,9 +77,13 @@ def main(params: config.Params) -> dict:
     tracking.summarize_parent(params.tracking.experiment, params.backbone.name,
                               config.flatten({**trained, "evaluate": values["evaluate"]}), metrics)
     tracking.end_parent()
-    log.info("evaluate: test accuracy %.4f, loss %.4f, ECE %.4f -> %.4f (T = %.3f) (%d images, %.1f s)",
-             metrics["test_accuracy"], metrics["test_loss"], metrics["test_ece_before_calibration"],
-             metrics["test_ece"], metrics["temperature"], len(y), seconds)
+    log.info("evaluate: test accuracy %.4f, loss %.4f, ECE %.4f -> %.4f (T = %.3f, test-time flips %s) "
+             "(%d images, %.1f s)", metrics["test_accuracy"], metrics["test_loss"],
+             metrics["test_ece_before_calibration"], metrics["test_ece"], metrics["temperature"],
+             "on" if metrics["tta_flip"] else "off", len(y), seconds)
+    if "baseline_test_accuracy" in metrics:
+        log.info("evaluate: the raw-pixel logistic regression baseline scores %.4f on test (%d training images)",
+                 metrics["baseline_test_accuracy"], metrics["baseline_train_images"])
     return metrics
 
 

@@ -27,10 +27,13 @@ def main(params: config.Params) -> dict:
     ds, digest = data.load_source(
         d.source, d.format, Path(d.cache_dir), d.checksum, d.image_size, d.test_fraction, params.seed
     )
-    manifest = data.write_prepared(
-        ds, PREPARED, d.val_fraction, params.seed,
-        {"source": redact(d.source), "checksum": digest, "format": d.format, "seed": params.seed},
-    )
+    try:
+        manifest = data.write_prepared(
+            ds, PREPARED, d.val_fraction, params.seed,
+            {"source": redact(d.source), "checksum": digest, "format": d.format, "seed": params.seed},
+        )
+    finally:
+        ds.close()
     values = config.subset(params, *KEYS)
     write_atomic(PREPARED / "params.yaml", resolved(values))
     seconds = time.perf_counter() - start
