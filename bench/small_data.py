@@ -47,15 +47,18 @@ def cifar_subset(archive: Path, dest: Path, train_per_class: int, test_per_class
         by_key: dict[tuple[str, str], list[tarfile.TarInfo]] = {}
         for m in members:
             parts = Path(m.name).parts
-            split, cls = parts[-3], parts[-2]
-            by_key.setdefault((split, cls), []).append(m)
-        for (split, cls), group in sorted(by_key.items()):
+            by_key.setdefault((parts[-3], parts[-2]), []).append(m)
+        chosen = set()
+        for (split, _), group in sorted(by_key.items()):
             want = train_per_class if split == "train" else test_per_class
             group = sorted(group, key=lambda m: m.name)
-            for i in rng.choice(len(group), size=min(want, len(group)), replace=False):
-                out = dest / split / cls / Path(group[i].name).name
+            chosen.update(group[i].name for i in rng.choice(len(group), size=min(want, len(group)), replace=False))
+        for m in members:  # in archive order: a compressed tar reads forwards only
+            if m.name in chosen:
+                parts = Path(m.name).parts
+                out = dest / parts[-3] / parts[-2] / parts[-1]
                 out.parent.mkdir(parents=True, exist_ok=True)
-                out.write_bytes(tar.extractfile(group[i]).read())
+                out.write_bytes(tar.extractfile(m).read())
 
 
 def render_shapes(dest: Path, train_per_class: int, test_per_class: int, seed: int, size: int = 32) -> None:
@@ -69,11 +72,14 @@ def render_shapes(dest: Path, train_per_class: int, test_per_class: int, seed: i
 
     def draw(kind: str) -> Image.Image:
         bg = rng.integers(0, 256, 3)
-        noise = rng.normal(0, 20, (big, big, 3))
+        noise = rng.normal(0, 45, (big, big, 3))
         img = Image.fromarray(np.clip(bg + noise, 0, 255).astype(np.uint8))
         d = ImageDraw.Draw(img)
-        colour = tuple(int(v) for v in (bg + rng.integers(80, 176, 3)) % 256)
-        r = rng.uniform(0.2, 0.4) * big
+        for _ in range(3):  # clutter: strokes of other colours across the image
+            ends = [tuple(rng.uniform(0, big, 2)) for _ in range(2)]
+            d.line(ends, fill=tuple(int(v) for v in rng.integers(0, 256, 3)), width=int(rng.integers(2, 8)))
+        colour = tuple(int(v) for v in (bg + rng.integers(60, 196, 3)) % 256)
+        r = rng.uniform(0.12, 0.3) * big
         cx, cy = rng.uniform(r, big - r, 2)
         angle = rng.uniform(0, 2 * np.pi)
         width = max(3, int(r / 4))

@@ -114,6 +114,16 @@ def test_a_budget_plans_the_fine_tune_and_its_plan_replays_without_the_clock(sta
     assert replayed["epochs_run"] == planned["epochs_run"]
 
 
+def test_min_steps_stretches_early_stopping_with_the_schedule(stages_done, monkeypatch):
+    """A learning rate of zero never improves on the first epoch: early stopping
+    would end the run after `patience` epochs, but the schedule that min_steps
+    stretched to 10x the recipe's length waits 10x as long, and runs to its end."""
+    tiny = {**tinyproject.TINY["finetune"], "epochs": 1, "patience": 1, "learning_rate": 0.0}
+    per_epoch = _finetune(stages_done, monkeypatch, finetune=tiny)["steps"]  # one epoch
+    ran = _finetune(stages_done, monkeypatch, finetune={**tiny, "min_steps": 10 * per_epoch})
+    assert ran["steps"] == 10 * per_epoch and ran["steps_run"] == ran["steps"] and ran["epochs_run"] == 10
+
+
 def test_a_budget_spent_before_the_fine_tune_is_a_clear_error(stages_done, monkeypatch):
     with pytest.raises(budget.BudgetError, match=r"smallest budget that fits is \d+m"):
         _finetune(stages_done, monkeypatch, budget="1s")

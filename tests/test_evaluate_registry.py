@@ -181,6 +181,8 @@ def test_auto_tta_drops_flips_where_the_mirror_image_is_another_class():
     assert result["tta"] == "none" and result["val_nll_flip"] > result["val_nll_single_view"]
     assert result["test_accuracy"] == 1.0
     assert not any(layer.name.startswith("tta_flip") for layer in result["model"]._flatten_layers())
+    # every validation image right: no temperature is fitted to sharpen it further
+    assert result["temperature"] == 1.0 and result["val_nll"] == result["val_nll_before_calibration"]
 
 
 def test_auto_tta_keeps_flips_where_they_average_out_noise():

@@ -124,7 +124,10 @@ def train(spec, body, head_model, prepared: data.Prepared, f: config.FinetuneCon
     extra = [tracking.EpochLogger(), *(callbacks or [])]
     if plan is not None:
         extra.append(BudgetProgress(plan))
-    cbs, checkpoint = finetune.callbacks(checkpoint_dir, patience=f.patience, schedule=f.schedule,
+    # patience counts epochs of the recipe's length: a schedule that min_steps stretched
+    # over more (shorter) epochs waits as many more, so it can reach its low-rate end
+    patience = math.ceil(f.patience * max(1.0, steps / max(1, f.epochs * per_epoch)))
+    cbs, checkpoint = finetune.callbacks(checkpoint_dir, patience=patience, schedule=f.schedule,
                                          has_val=t.val is not None, baseline=baseline, extra=extra)
     if plan is not None:
         checkpoint.state["plan"] = plan.to_dict()
@@ -133,6 +136,7 @@ def train(spec, body, head_model, prepared: data.Prepared, f: config.FinetuneCon
                  schedule=f.schedule, warmup_epochs=f.warmup_epochs, steps=steps, batch_size=f.batch_size,
                  label_smoothing=f.label_smoothing, callbacks=cbs, verbose=training.verbosity())
     seconds = time.perf_counter() - start
+    ran = int(keras.ops.convert_to_numpy(t.model.optimizer.iterations))  # early stopping may end it sooner
     checkpoint.restore_best(t.model)  # the best epoch, not the last
     hist = checkpoint.history()
     training.write_history(PLOTS / "finetune" / "history.csv", hist)
@@ -149,8 +153,9 @@ def train(spec, body, head_model, prepared: data.Prepared, f: config.FinetuneCon
         "best_epoch": best + 1 if improved else 0,
         "epochs_run": len(hist[monitor]),
         "steps": steps,
+        "steps_run": ran,
         "finetune_seconds": round(seconds, 2),
-        "train_images_per_second": round(min(steps * f.batch_size, steps * t.n_train / per_epoch) / seconds, 1),
+        "train_images_per_second": round(ran * t.n_train / per_epoch / seconds, 1),
     }
     if plan is not None:
         metrics["plan"] = plan.to_dict()
