@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -25,6 +24,8 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import cpu_description, write_report  # noqa: E402
 CLASSES = 10
 SIZE = 224
 
@@ -96,9 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(folder)
         shutil.rmtree(work / f"run-{n}")
     ratio = rows[-1]["peak_rss_gb"] / rows[0]["peak_rss_gb"]
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
-    lines = [f"Measured {time.strftime('%Y-%m-%d')} on {cpu}, {os.cpu_count()} cores: prepare + features at "
+    cpu = cpu_description()
+    lines = [f"Measured {time.strftime('%Y-%m-%d')} on {cpu}: prepare + features at "
              f"{SIZE} px, efficientnet_lite0, weights {args.weights}.", "",
              "| images | decoded | prepare s | features s | peak RSS |", "| --- | --- | --- | --- | --- |"]
     lines += [f"| {r['images']:,} | {r['decoded_gb']} GB | {r['seconds']['prepare']} | {r['seconds']['features']} | "
@@ -106,11 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     lines += ["", f"Peak RSS of the largest run / the smallest: {ratio:.2f}x (target <= 1.5x: "
                   f"{'met' if ratio <= 1.5 else 'NOT met'})."]
     text = "\n".join(lines) + "\n"
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "memory.md").write_text(text)
-    (out_dir / "memory.json").write_text(json.dumps(rows, indent=1) + "\n")
-    print(text)
+    write_report(args.out, "memory", text, rows)
     return 0
 
 

@@ -27,7 +27,6 @@ import argparse
 import csv
 import json
 import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -39,6 +38,9 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import cpu_description  # noqa: E402
+
 TARGETS = ((0.90, 20 * 60), (0.93, 60 * 60))  # (test accuracy, seconds) on this CPU (issue #15)
 SOONER = 5.0  # the seeds' final accuracy, reached at least this many times sooner
 RSS_LIMIT_GB = 4.0
@@ -339,24 +341,7 @@ def machine_name() -> str:
         gpus = [d.name for d in tf.config.list_physical_devices("GPU")]
     except Exception:  # noqa: BLE001 - a description only
         gpus = []
-    cores = os.cpu_count()
-    return f"{cpu_description()}, {cores} CPU cores" + (f", GPU {', '.join(gpus)}" if gpus else ", no GPU")
-
-
-def cpu_description() -> str:
-    """The CPU's model name, family/model numbers and the flags that decide its
-    speed here (AVX-512, native bf16, AMX), as /proc/cpuinfo gives them."""
-    info: dict[str, str] = {}
-    try:
-        for line in open("/proc/cpuinfo"):
-            key, _, value = line.partition(":")
-            info.setdefault(key.strip(), value.strip())
-    except OSError:
-        return platform.machine()
-    flags = set(info.get("flags", "").split())
-    wanted = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    return (f"{info.get('model name', platform.machine())} (family {info.get('cpu family', '?')}, model "
-            f"{info.get('model', '?')}; {' '.join(wanted) or 'no AVX2'})")
+    return cpu_description() + (f", GPU {', '.join(gpus)}" if gpus else ", no GPU")
 
 
 # --------------------------------------------------------------------------- main

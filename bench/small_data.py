@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -32,6 +31,8 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import cpu_description, write_report  # noqa: E402
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "bar")
 
 
@@ -175,9 +176,8 @@ def main(argv: list[str] | None = None) -> int:
             return proc.returncode
         results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
         print(f"[small] {name}: {results[name]}", flush=True)
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
-    lines = [f"Measured {time.strftime('%Y-%m-%d')} on {cpu}, {os.cpu_count()} cores; default params"
+    cpu = cpu_description()
+    lines = [f"Measured {time.strftime('%Y-%m-%d')} on {cpu}; default params"
              + (f" with {' '.join(args.set)}" if args.set else "") + ".", "",
              "| set | train/val/test images | test acc. | raw-pixel baseline | head best val | fine-tune best val "
              "| fine-tune steps | test-time flips | wall |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -188,11 +188,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"(best epoch {r['finetune_best_epoch']}) | {r['finetune_steps']} | "
                      f"{'kept' if r['tta_flip'] else 'dropped'} | {r['wall_seconds'] / 60:.1f} min |")
     text = "\n".join(lines) + "\n"
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "small_data.md").write_text(text)
-    (out / "small_data.json").write_text(json.dumps(results, indent=1) + "\n")
-    print(text)
+    write_report(args.out, "small_data", text, results)
     return 0
 
 

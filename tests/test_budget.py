@@ -84,7 +84,14 @@ def stages_done(tmp_path_factory):
             os.environ["MLFLOW_TRACKING_URI"] = uri
 
 
-def _finetune(folder, monkeypatch, **over):
+SLOW = budget.Probe(step_seconds=10.0, first_step_seconds=12.0, batch_size=8)
+
+
+def _finetune(folder, monkeypatch, probe=None, **over):
+    """The fine-tune stage; `probe`: a step time to plan with instead of the one
+    measured, so that a budget of minutes plans a few dozen tiny steps, not thousands."""
+    if probe is not None:
+        monkeypatch.setattr("transferlab.finetune.probe", lambda t, batch_size: probe)
     monkeypatch.chdir(folder)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     raw = tinyproject.full_params({**tinyproject.TINY, **over})
@@ -94,9 +101,11 @@ def _finetune(folder, monkeypatch, **over):
 def test_a_budget_plans_the_fine_tune_and_its_plan_replays_without_the_clock(stages_done, monkeypatch):
     for name in ("prepare", "features", "head"):  # each stage recorded its wall time for the clock
         assert json.loads((stages_done / "metrics" / f"{name}.json").read_text())["stage_seconds"] > 0
-    planned = _finetune(stages_done, monkeypatch, budget="1h")
+    planned = _finetune(stages_done, monkeypatch, probe=SLOW, budget="10m")
     plan = planned["plan"]
-    assert plan["budget_seconds"] == 3600 and plan["steps"] == planned["steps"] > 0
+    assert plan["budget_seconds"] == 600 and plan["steps"] == planned["steps"] > 0
+    assert plan["step_seconds"] == 10.0 and plan["steps"] * 10.0 <= 600 - plan["spent_seconds"]
+    assert 0 < planned["steps_run"] <= plan["steps"]
     assert plan["spent_seconds"] > 0 and plan["train_images_per_second"] > 0
     recorded = json.loads((stages_done / "metrics" / "finetune.json").read_text())
     assert recorded["plan"] == plan  # the plan goes to metrics/
@@ -130,7 +139,7 @@ def test_a_budget_spent_before_the_fine_tune_is_a_clear_error(stages_done, monke
 
 
 def test_evaluate_runs_after_a_planned_fine_tune(stages_done, monkeypatch):
-    _finetune(stages_done, monkeypatch, budget="1h")
+    _finetune(stages_done, monkeypatch, probe=SLOW, budget="10m")
     metrics = evaluate.main(config.from_dict(tinyproject.full_params(tinyproject.TINY)))
     assert metrics["stage_seconds"] > 0
 

@@ -156,7 +156,8 @@ def summarize_parent(experiment: str, backbone: str, params: dict, metrics: dict
     """Put the pipeline's summary on its parent run, so that the runs table, the
     compare view and `mlflow.search_runs` show it on the top-level row: `params`
     (flattened), `metrics`, and each stage's seconds and images/s as its child run
-    logged them, with their sum as pipeline_seconds. Returns the parent's id."""
+    logged them; pipeline_seconds is the sum of the stages' wall times
+    (`stage_seconds`: start-up included). Returns the parent's id."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -164,11 +165,13 @@ def summarize_parent(experiment: str, backbone: str, params: dict, metrics: dict
     parent = parent_run_id(mlflow, experiment, backbone)
     run = client.get_run(parent)
     stages: dict[str, float] = {}
+    wall = 0.0
     for child in mlflow.search_runs([run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'",
                                     output_format="list"):
-        stages.update({k: v for k, v in child.data.metrics.items() if k.endswith(SUMMARY_METRICS)})
-    seconds = [v for k, v in stages.items() if k.endswith("_seconds")]
-    summary = {**stages, **metrics, "pipeline_seconds": round(sum(seconds), 2)}
+        wall += child.data.metrics.get("stage_seconds", 0.0)
+        stages.update({k: v for k, v in child.data.metrics.items()
+                       if k.endswith(SUMMARY_METRICS) and k != "stage_seconds"})
+    summary = {**stages, **metrics, "pipeline_seconds": round(wall, 2)}
     now = int(time.time() * 1000)
     client.log_batch(parent, metrics=[mlflow.entities.Metric(k, float(v), now, 0)
                                       for k, v in summary.items() if isinstance(v, (int, float))])

@@ -126,7 +126,9 @@ def train(spec, body, head_model, prepared: data.Prepared, f: config.FinetuneCon
         extra.append(BudgetProgress(plan))
     # patience counts epochs of the recipe's length: a schedule that min_steps stretched
     # over more (shorter) epochs waits as many more, so it can reach its low-rate end
-    patience = math.ceil(f.patience * max(1.0, steps / max(1, f.epochs * per_epoch)))
+    # (a budget's plan does not stretch it: a long budget on a small set still stops)
+    recipe = finetune.total_steps(epochs=f.epochs, steps_per_epoch=per_epoch, min_steps=f.min_steps)
+    patience = math.ceil(f.patience * recipe / max(1, f.epochs * per_epoch))
     cbs, checkpoint = finetune.callbacks(checkpoint_dir, patience=patience, schedule=f.schedule,
                                          has_val=t.val is not None, baseline=baseline, extra=extra)
     if plan is not None:

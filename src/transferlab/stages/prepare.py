@@ -37,16 +37,15 @@ def main(params: config.Params) -> dict:
     values = config.subset(params, *KEYS)
     write_atomic(PREPARED / "params.yaml", resolved(values))
     seconds = time.perf_counter() - start
-    write_json(METRICS / "prepare.json", {**{f"{k}_images": v for k, v in manifest["totals"].items()},
-                                          "prepare_seconds": round(seconds, 2),
-                                          "stage_seconds": round(stage_seconds(end=True), 2)})
+    summary = {**{f"{k}_images": v for k, v in manifest["totals"].items()}, "num_skipped": manifest["num_skipped"],
+               "prepare_seconds": round(seconds, 2), "stage_seconds": round(stage_seconds(end=True), 2)}
+    write_json(METRICS / "prepare.json", summary)
     log.info("prepare: %s in %.1f s; skipped %d file(s)", manifest["totals"], seconds, manifest["num_skipped"])
     with tracking.stage_run("prepare", experiment=params.tracking.experiment, backbone=params.backbone.name,
                             params=config.flatten(values), inputs=[]):
         import mlflow
 
-        mlflow.log_metrics({f"{k}_images": v for k, v in manifest["totals"].items()})
-        mlflow.log_metrics({"num_skipped": manifest["num_skipped"], "prepare_seconds": seconds})
+        mlflow.log_metrics(summary)
         mlflow.set_tag("data.checksum", digest)
         mlflow.log_artifact(str(PREPARED / "manifest.json"))
     return manifest
