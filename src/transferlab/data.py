@@ -510,11 +510,11 @@ class Rows:
         return out if dtype is None else out.astype(dtype)
 
 
-def _write_npy(path: Path, x, rows: np.ndarray | None = None, chunk_bytes: int = 64 << 20) -> None:
-    """Rows of `x` (all by default) into a .npy file, a chunk at a time: the file
-    is written with plain writes and the source memory map's pages are released
-    as they are read, so neither side grows the resident memory."""
-    base, rows = (x.base, x.rows if rows is None else x.rows[rows]) if isinstance(x, Rows) else (x, rows)
+def _write_npy(path: Path, x, chunk_bytes: int = 64 << 20) -> None:
+    """`x` (an array, a memory map or `Rows` of one) into a .npy file, a chunk at
+    a time: the file is written with plain writes and the source memory map's
+    pages are released as they are read, so neither side grows the resident memory."""
+    base, rows = (x.base, x.rows) if isinstance(x, Rows) else (x, None)
     n = len(base) if rows is None else len(rows)
     shape = (n, *base.shape[1:])
     step = max(1, chunk_bytes // max(1, int(np.prod(shape[1:])) * base.dtype.itemsize))
