@@ -91,3 +91,18 @@ def test_load_names_the_file(tmp_path):
 
 def test_flatten():
     assert config.flatten({"a": {"b": 1, "c": {"d": 2}}, "e": 3}) == {"a.b": 1, "a.c.d": 2, "e": 3}
+
+
+def test_set_writes_exponent_floats_that_yaml_1_1_reads_back_as_floats(tmp_path):
+    """`--set finetune.weight_decay=1e-5` (and `tune --apply`): PyYAML, which
+    config.load and DVC use, reads 1e-05 as a string; the value written must
+    stay a float, with the file's comments kept."""
+    from transferlab.run import apply_overrides
+
+    path = tmp_path / "params.yaml"
+    path.write_text(ROOT_PARAMS.read_text())
+    changes = apply_overrides(path, ["finetune.weight_decay=1e-5", "finetune.learning_rate=3.5e-4"])
+    assert changes == {"finetune.weight_decay": 1e-5, "finetune.learning_rate": 3.5e-4}
+    loaded = config.load(path)
+    assert loaded.finetune.weight_decay == 1e-5 and loaded.finetune.learning_rate == 3.5e-4
+    assert "# low: pretrained weights" in path.read_text()

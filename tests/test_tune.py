@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import optuna
 import pytest
 import yaml
@@ -34,21 +35,23 @@ TINY = {
     "backbone": {"name": "vgg16", "weights": "none", "input_size": 32},
     "features": {"batch_size": 32},
     "head": {"units": 32, "batch_size": 8, "patience": 10},
-    "finetune": {"batch_size": 8},
+    "finetune": {"unfreeze": 1, "batch_size": 8},
     "tracking": {"experiment": "tune-test", "model_name": "tune-test-model"},
     "tune": {
         "n_trials": 4, "head_epochs": 6, "finetune_epochs": 2, "heartbeat_seconds": 1,
-        "storage": "sqlite:///optuna.db",
+        "storage": "sqlite:///optuna.db", "train_fraction": 0.5, "input_size": 0,
         "space": {"unfreeze": [0, 2], "head_learning_rate": [1e-3, 1e-2], "units": [32, 64]},
     },
 }
 GOOD = {"unfreeze": 1, "learning_rate": 1e-4, "head_learning_rate": 1e-2, "dropout": 0.1,
-        "weight_decay": 1e-5, "units": 64}
+        "weight_decay": 1e-5, "label_smoothing": 0.0, "units": 64}
 
 
-def write_params(root: Path, **tune_overrides) -> Path:
+def write_params(root: Path, sections: dict | None = None, **tune_overrides) -> Path:
     raw = yaml.safe_load(yaml.safe_dump(TINY))
     raw["tune"].update(tune_overrides)
+    for name, values in (sections or {}).items():
+        raw.setdefault(name, {}).update(values)
     path = root / "params.yaml"
     path.write_text(yaml.safe_dump(config.to_dict(config.from_dict(tinyproject.full_params(raw))),
                                    sort_keys=False))
@@ -98,57 +101,167 @@ def test_tiny_study_nests_trials_and_registers_the_best(project):
     trials = study.get_trials()
     assert [t.number for t in trials] == [0, 1, 2, 3]
     assert all(t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) for t in trials)
+    # the first trial is params.yaml's own configuration
+    params = config.load("params.yaml")
+    assert trials[0].user_attrs[tune.DEFAULT_ATTR] and trials[0].params == tune.defaults(params)
+    assert trials[0].params["head_learning_rate"] == params.head.learning_rate
 
     client = mlflow.MlflowClient()
     parent = client.get_run(study.user_attrs[tune.PARENT_ATTR])
     assert parent.data.tags["stage"] == "tune" and parent.info.status == "FINISHED"
     assert parent.data.params["best.units"] == str(study.best_params["units"])
-    assert "test_accuracy" in parent.data.metrics
+    assert "test_accuracy" in parent.data.metrics and parent.data.tags["verdict"]
     plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
-    assert {"plots/optimization_history.png", "plots/param_importances.png"} <= plots
+    assert {"plots/optimization_history.png", "plots/param_importances.png", "plots/intermediate_values.png",
+            "plots/parallel_coordinate.png"} <= plots
 
     children = {int(r.data.tags["trial_number"]): r for r in runs_of(parent.info.run_id)}
     assert sorted(children) == [0, 1, 2, 3]
+    assert children[0].data.tags["params_yaml"] == "true"
+    share = len(tune.load_trial_data(params, PREPARED, tune.cache_dir(params)).y["train"])
     for t in trials:
         run = children[t.number]
         assert run.data.tags["state"] == t.state.name
         assert run.data.params["unfreeze"] == str(t.params["unfreeze"])
+        assert run.data.params["train_images"] == str(share)
+        head_curve = client.get_metric_history(run.info.run_id, "head_val_accuracy")
+        assert head_curve, "the head's epochs are logged as head_*"
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")]
-        assert len(steps) == len(set(steps)), "global steps repeat"
         assert steps == sorted(t.intermediate_values), "MLflow and Optuna disagree on the steps"
-    finetuned = [t for t in trials if t.params["unfreeze"] > 0 and t.state.name == "COMPLETE"]
-    for t in finetuned:  # the fine-tune phase continues the head's step counter
-        assert max(t.intermediate_values) >= TINY["tune"]["head_epochs"]
+        if t.params["unfreeze"] > 0 and t.state.name == "COMPLETE":  # fine-tune epochs, as steps 1, 2
+            assert sorted(t.intermediate_values) == [1, 2]
 
     version = client.get_model_version_by_alias(TINY["tracking"]["model_name"], "champion")
     assert version.run_id == parent.info.run_id
     summary = yaml.safe_load(Path("metrics/tune.json").read_text())
     assert summary["best_trial"] == study.best_trial.number
     assert summary["trials"]["complete"] + summary["trials"]["pruned"] == 4
+    assert summary["default_trial"] == 0 and isinstance(summary["default_wins"], bool)
 
 
-def test_median_pruner_prunes_a_bad_trial(project):
-    write_params(project, space={"unfreeze": [0, 2], "head_learning_rate": [1e-7, 1e-2],
-                                 "learning_rate": [1e-7, 1e-3], "units": [32, 64]})
+def test_trials_train_on_the_proxy_share_at_the_proxy_size(project):
+    """The proxy: a stratified share of the training images (tune.train_fraction),
+    the whole validation split, the backbone at tune.input_size."""
+    write_params(project, input_size=48)
     params = config.load("params.yaml")
-    study = tune.start(params, PREPARED)
+    cache = tune.ensure_cache(params, PREPARED)
+    d = tune.load_trial_data(params, PREPARED, cache)
+    prepared = __import__("transferlab.data", fromlist=["load_prepared"]).load_prepared(PREPARED)
+    n_train, n_classes = len(prepared.y["train"]), len(prepared.classes)
+    assert len(d.y["train"]) == round(n_train * 0.5)
+    assert sorted(set(np.bincount(d.y["train"]))) == sorted(set(np.bincount(prepared.y["train"]) // 2)) \
+        or max(np.bincount(d.y["train"])) - min(np.bincount(d.y["train"])) <= 1  # stratified
+    assert len(d.y["val"]) == len(prepared.y["val"]) and len(np.unique(d.y["train"])) == n_classes
+    assert d.meta["input_size"] == 48 and d.features["train"].shape[0] == len(d.y["train"])
+    index = np.asarray(d.meta["train_index"])
+    assert np.array_equal(d.x["train"], prepared.x["train"][index])
+    assert np.array_equal(d.y["train"], prepared.y["train"][index])
+
+
+def test_median_pruner_prunes_a_bad_trial_after_its_first_full_epoch(project):
+    write_params(project, n_trials=5, pruner="median", space={
+        "unfreeze": [0, 2], "head_learning_rate": [1e-7, 1e-2], "learning_rate": [1e-7, 1e-3], "units": [32, 64]})
+    params = config.load("params.yaml")
+    study = tune.start(params, PREPARED)  # trial 0: params.yaml
     for _ in range(3):
         study.enqueue_trial(GOOD)
     # cannot learn in 6 head epochs, nor fine-tune far from there
     study.enqueue_trial({**GOOD, "head_learning_rate": 1e-7, "learning_rate": 1e-7})
     tune.work(params, None, PREPARED)
     states = [t.state.name for t in load().get_trials()]
-    assert states == ["COMPLETE", "COMPLETE", "COMPLETE", "PRUNED"]
-    pruned = load().trials[3]
-    head_epochs = TINY["tune"]["head_epochs"]  # pruned at the first fine-tune epoch, not before
-    assert max(pruned.intermediate_values) == head_epochs
+    assert states == ["COMPLETE", "COMPLETE", "COMPLETE", "COMPLETE", "PRUNED"]
+    pruned = load().trials[4]
+    assert sorted(pruned.intermediate_values) == [1]  # after its first full fine-tune epoch, not before
     run = mlflow.MlflowClient().get_run(pruned.user_attrs[tune.RUN_ATTR])
     assert run.data.tags["state"] == "PRUNED" and run.info.status == "FINISHED"
 
 
+def test_the_params_yaml_trial_is_never_pruned(project):
+    """Even when it is the worst, the trial that stands for params.yaml runs to
+    the end: it is the value the search has to beat."""
+    bad = {"head": {"learning_rate": 1e-7}, "finetune": {"learning_rate": 1e-7}}
+    space = {"unfreeze": [0, 2], "head_learning_rate": [1e-7, 1e-2], "learning_rate": [1e-7, 1e-3],
+             "units": [32, 64]}
+    write_params(project, bad, n_trials=4, pruner="median", space=space)
+    params = config.load("params.yaml")
+    study = tune.open_study(params)
+    for _ in range(3):
+        study.enqueue_trial(GOOD)
+    study = tune.start(params, PREPARED)  # enqueues params.yaml's configuration: trial 3
+    tune.work(params, None, PREPARED)
+    trial = load().trials[3]
+    assert trial.user_attrs[tune.DEFAULT_ATTR] and trial.params["learning_rate"] == 1e-7
+    assert trial.state.name == "COMPLETE" and sorted(trial.intermediate_values) == [1, 2]
+    assert load().best_trial.number != 3
+
+
+def test_a_space_without_the_params_yaml_configuration_is_an_error(project):
+    write_params(project, {"head": {"units": 48}})
+    with pytest.raises(config.ConfigError, match=r"head.units is 48, outside tune.space.units \[32, 64\]"):
+        tune.defaults(config.load("params.yaml"))
+    assert cli.main(["tune"]) == 2  # refused before any work
+    assert not Path("optuna.db").exists()
+
+
+def _study_with(values: dict[int, float], default: int) -> optuna.Study:
+    study = optuna.create_study(direction="maximize")
+    for number, value in sorted(values.items()):
+        trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+        if number == default:
+            trial.set_user_attr(tune.DEFAULT_ATTR, True)
+        study.tell(trial, value)
+    return study
+
+
+def test_the_verdict_says_whether_the_search_beat_params_yaml():
+    study = _study_with({0: 0.80, 1: 0.85, 2: 0.70}, default=0)
+    v = tune.verdict(study, study.best_trial, "val_accuracy")
+    assert not v["default_wins"] and v["default_val_accuracy"] == 0.8 and "+0.0500" in v["verdict"]
+    study = _study_with({0: 0.80, 1: 0.75}, default=0)
+    v = tune.verdict(study, study.best_trial, "val_accuracy")
+    assert v["default_wins"] and "nothing to apply" in v["verdict"]
+    study = _study_with({0: 0.80, 1: 0.80}, default=1)  # a tie is no improvement
+    assert tune.verdict(study, study.trials[0], "val_accuracy")["default_wins"]
+
+
+def test_apply_writes_the_winner_into_params_yaml_keeping_comments(project):
+    text = Path("params.yaml").read_text().replace("seed: 3", "seed: 3  # kept comment")
+    Path("params.yaml").write_text(text)
+    params = config.load("params.yaml")
+    best = {"unfreeze": 2, "learning_rate": 3.3333333e-4, "weight_decay": 1e-5, "label_smoothing": 0.1234567,
+            "head_learning_rate": 5e-3, "dropout": 0.2, "units": 64}
+    assert tune.apply_best(Path("params.yaml"), params, {"default_wins": True, "verdict": "x",
+                                                          "best_params": best}, "run1") == {}
+    assert Path("params.yaml").read_text() == text
+    changes = tune.apply_best(Path("params.yaml"), params, {"default_wins": False, "best_params": best}, "run1")
+    after = config.load("params.yaml")
+    assert "# kept comment" in Path("params.yaml").read_text()
+    assert after.finetune.learning_rate == 3.333e-4 and after.finetune.label_smoothing == 0.1235
+    assert after.finetune.unfreeze == 2 and after.head.units == 64 and after.head.dropout == 0.2
+    assert after.head.learning_rate == 5e-3 and after.tracking.tuned_by == "run1"
+    assert changes["finetune.unfreeze"] == 2
+    # every block unfrozen is written as "all"
+    tune.apply_best(Path("params.yaml"), params, {"default_wins": False, "best_params": {"unfreeze": 5}}, "r")
+    assert config.load("params.yaml").finetune.unfreeze == "all"
+
+
+def test_the_pipeline_run_and_the_study_run_link_to_each_other(project, caplog):
+    from transferlab import tracking
+
+    exp = mlflow.create_experiment("links")
+    client = mlflow.MlflowClient()
+    study_run = client.create_run(exp).info.run_id
+    pipeline_run = client.create_run(exp).info.run_id
+    tracking.link_study(pipeline_run, study_run)
+    assert client.get_run(pipeline_run).data.tags["tuned_by"] == study_run
+    assert client.get_run(study_run).data.tags["pipeline_run"] == pipeline_run
+    tracking.link_study(pipeline_run, "0" * 32)  # a study run this store does not hold: a warning
+    assert "tracking.tuned_by" in caplog.text
+
+
 def test_a_misnamed_monitor_is_an_error_not_a_silent_no_prune():
     trial = optuna.create_study(direction="maximize").ask()
-    callback = tune.pruning_callback(trial, "val_acc", step_offset=0)
+    callback = tune.pruning_callback(trial, "val_acc")
     with pytest.raises(tune.TuneError, match="val_accuracy"):
         callback.on_epoch_end(0, {"val_accuracy": 0.5, "val_loss": 1.0})
     with pytest.raises(config.ConfigError, match="tune.monitor"):

@@ -59,6 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("--worker", action="store_true",
                       help="only run trials, joining a study that `transferlab tune` started")
     tune.add_argument("--worker-id", type=int, default=0, help="varies the sampler seed per worker")
+    tune.add_argument("--apply", action="store_true",
+                      help="write the best trial's params into params.yaml (unless params.yaml's own won)")
     model = argparse.ArgumentParser(add_help=False)
     model.add_argument("--model", help="registered model name (default: tracking.model_name)")
     model.add_argument("--alias", default="champion", help="registry alias (default: champion)")
@@ -109,7 +111,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.stage == "tune":
         from transferlab import tune
 
-        return tune.main(Path(args.params), args.set, args.storage, args.workers, args.worker, args.worker_id)
+        return tune.main(Path(args.params), args.set, args.storage, args.workers, args.worker, args.worker_id,
+                         args.apply)
     from transferlab import predict
 
     loaded = predict.load_for(args.model_path, args.model, args.alias, args.version, args.params)

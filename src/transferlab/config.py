@@ -120,17 +120,21 @@ class TrackingConfig:
     experiment: str
     # Registered model name; the alias "champion" marks the best test accuracy.
     model_name: str
+    # Set by `transferlab tune --apply`: the study's MLflow run these params came
+    # from; the pipeline's run and that run are linked by tags.
+    tuned_by: str | None
 
 
 @dataclass(frozen=True)
 class SpaceConfig:
     """The Optuna search space: [low, high] ranges, or a list of choices."""
 
-    unfreeze: list[int]  # registry blocks
+    unfreeze: list[int | str]  # registry blocks; "all" = every block
     learning_rate: list[float]  # fine-tune, log scale
     head_learning_rate: list[float]  # log scale
     dropout: list[float]
     weight_decay: list[float]  # log scale
+    label_smoothing: list[float]
     units: list[int]  # choices
 
 
@@ -143,10 +147,14 @@ class TuneConfig:
     timeout_minutes: float  # 0: no limit
     pruner: str  # median | hyperband | none
     monitor: str
+    # The proxy a trial trains: the pipeline's recipe (full path, augmentation) on a
+    # seeded, stratified share of the training images, at a smaller input size
+    # (0: backbone.input_size), for a few fine-tune epochs with the schedule sized
+    # to them. Validation is the whole validation split, the same for every trial.
+    train_fraction: float
+    input_size: int
     head_epochs: int
     finetune_epochs: int
-    # A seeded, stratified share of the training images each trial trains on.
-    train_fraction: float
     # A worker silent this long x3 has died: its trial is marked failed and retried.
     heartbeat_seconds: int
     space: SpaceConfig
@@ -302,16 +310,22 @@ def _validate(params: Params) -> None:
 
 def _validate_tune(params: Params, n_blocks: int) -> None:
     t, s = params.tune, params.tune.space
-    ranges = {"unfreeze": s.unfreeze, "learning_rate": s.learning_rate, "dropout": s.dropout,
-              "weight_decay": s.weight_decay, "head_learning_rate": s.head_learning_rate}
+    unfreeze = [n_blocks if u == "all" else u for u in s.unfreeze]
+    if any(isinstance(u, str) for u in unfreeze):
+        raise ConfigError(f"tune.space.unfreeze holds block counts or 'all', received: {s.unfreeze}")
+    ranges = {"unfreeze": unfreeze, "learning_rate": s.learning_rate, "dropout": s.dropout,
+              "weight_decay": s.weight_decay, "head_learning_rate": s.head_learning_rate,
+              "label_smoothing": s.label_smoothing}
     for name, pair in ranges.items():
         if len(pair) != 2 or pair[0] > pair[1]:
             raise ConfigError(f"tune.space.{name} must be [low, high] with low <= high, received: {pair}")
-    if not 0 <= s.unfreeze[0] <= s.unfreeze[1] < n_blocks:
-        raise ConfigError(
-            f"tune.space.unfreeze must lie in 0..{n_blocks - 1} (fewer than the {n_blocks} blocks of "
-            f"{params.backbone.name}, so that a frozen part is left to cache), received: {s.unfreeze}"
-        )
+    if not 0 <= unfreeze[0] <= unfreeze[1] <= n_blocks:
+        raise ConfigError(f"tune.space.unfreeze must lie in 0..{n_blocks} or 'all' (the {n_blocks} blocks of "
+                          f"{params.backbone.name}), received: {s.unfreeze}")
+    if not (0 <= s.label_smoothing[0] and s.label_smoothing[1] < 1):
+        raise ConfigError(f"tune.space.label_smoothing must lie in [0, 1), received: {s.label_smoothing}")
+    if t.input_size < 0:
+        raise ConfigError(f"tune.input_size must be >= 0 (0: backbone.input_size), received: {t.input_size}")
     if min(s.learning_rate[0], s.head_learning_rate[0], s.weight_decay[0]) <= 0:
         raise ConfigError("tune.space.learning_rate, head_learning_rate and weight_decay are searched "
                           "on a log scale: their lows must be > 0")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -23,6 +24,27 @@ from transferlab import config
 from transferlab.redact import redact_tree
 
 log = logging.getLogger(__name__)
+
+
+_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _parse_value(text: str):
+    """A --set value as YAML, with 1e-5 a float (YAML 1.1 wants 1.0e-5)."""
+    value = yaml.safe_load(text)
+    return float(value) if isinstance(value, str) and _EXPONENT.fullmatch(value.strip()) else value
+
+
+def _yaml11_float(value: float):
+    """The float as ruamel will write it, readable as a float by YAML 1.1 readers
+    (PyYAML: config.load and DVC): ruamel writes 1e-05, which they read as a string."""
+    from ruamel.yaml import YAML
+
+    text = repr(value)
+    mantissa, e, exponent = text.partition("e")
+    if e and "." not in mantissa:
+        text = f"{mantissa}.0e{exponent}"
+    return YAML().load(text)
 
 
 def apply_overrides(path: Path, overrides: list[str]) -> dict:
@@ -37,7 +59,7 @@ def apply_overrides(path: Path, overrides: list[str]) -> dict:
         if not sep:
             raise config.ConfigError(f"--set expects key=value, received: {item!r}")
         if value.strip() != "":
-            changes[key.strip()] = yaml.safe_load(value)
+            changes[key.strip()] = _parse_value(value)
     if not changes:
         return {}
     ryaml = YAML()
@@ -45,6 +67,8 @@ def apply_overrides(path: Path, overrides: list[str]) -> dict:
     original = path.read_text()
     doc = ryaml.load(original)
     for key, value in changes.items():
+        if isinstance(value, float):
+            value = _yaml11_float(value)
         node = doc
         *parents, leaf = key.split(".")
         for part in parents:

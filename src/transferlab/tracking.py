@@ -189,6 +189,23 @@ def summarize_parent(experiment: str, backbone: str, params: dict, metrics: dict
     return parent
 
 
+def link_study(pipeline_run: str, study_run: str) -> None:
+    """Tags both ways between a pipeline's parent run and the tune study whose
+    params it trained (`tracking.tuned_by`, written by `transferlab tune --apply`):
+    `tuned_by` on the pipeline run, `pipeline_run` (the latest) on the study's."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient()
+    client.set_tag(pipeline_run, "tuned_by", study_run)
+    try:
+        client.set_tag(study_run, "pipeline_run", pipeline_run)
+    except MlflowException as exc:
+        log.warning("tracking.tuned_by in params.yaml names MLflow run %s, which this tracking store does not "
+                    "hold (%s); set tracking.tuned_by: null if these params no longer come from that study",
+                    study_run, exc)
+
+
 def end_parent(status: str = "FINISHED") -> None:
     """Close a parent run that the first stage of a plain `dvc repro` created.
     A parent passed down in the environment is closed by whoever started it."""
@@ -321,14 +338,15 @@ def log_and_register(model: keras.Model, example, prediction, classes: list[str]
 
 
 class EpochLogger(keras.callbacks.Callback):
-    """Per-epoch metrics to the active MLflow run, named train_*/val_*."""
+    """Per-epoch metrics to the active MLflow run, named train_*/val_* (after
+    `prefix`), at step `step_offset` + epoch."""
 
-    def __init__(self, step_offset: int = 0):
+    def __init__(self, step_offset: int = 0, prefix: str = ""):
         super().__init__()
-        self.step_offset = step_offset
+        self.step_offset, self.prefix = step_offset, prefix
 
     def on_epoch_end(self, epoch, logs=None):
         import mlflow
 
-        metrics = {metric_name(k): float(v) for k, v in (logs or {}).items()}
+        metrics = {self.prefix + metric_name(k): float(v) for k, v in (logs or {}).items()}
         mlflow.log_metrics(metrics, step=self.step_offset + epoch)

@@ -1,24 +1,31 @@
-"""Optuna search over unfreeze depth, learning rates, dropout, weight decay and
-head width. Command: `transferlab tune` (MLproject entry `tune`); `main` below.
+"""Optuna search over the recipe's knobs: unfreeze depth, fine-tune and head
+learning rates, dropout, weight decay, label smoothing and head width. Command:
+`transferlab tune [--apply]` (MLproject entry `tune`); `main` below.
 
-Trials are cheap because the frozen part of the backbone never runs in them:
-the features stage's forward pass is done once, up to the boundary of the
-deepest unfreeze the space allows, and cached (pooled features + boundary
-activations of both horizontal flips). A trial trains the head on the pooled
-features, then fine-tunes its top `unfreeze` blocks on the cached activations;
-blocks between the cache boundary and the trial's own boundary run frozen.
+A trial is a cheap, faithful proxy of the pipeline (params.yaml `tune`): the
+same recipe, on the full path (augmentation, upscale, backbone, head; the
+learning rate decaying to zero at the proxy's last step), on a seeded, stratified
+share of the training images, at a smaller input size, for a few fine-tune
+epochs. Its head trains on pooled features of that share at the proxy's input
+size, extracted once per study and reused by every trial and worker. Every
+trial is validated on the whole validation split.
 
-Each trial reports its monitored validation metric every epoch on one global
-step counter (head epochs 0..H-1, fine-tune epochs H..H+F-1) to the pruner.
+The study's first trial is the params.yaml configuration itself (never pruned),
+so the search can only improve on it, and the report says when it did not.
+`--apply` writes the winner into params.yaml (comments kept, as `--set` does)
+unless the default won. Pruning (Hyperband by default, beside a seeded
+multivariate TPE sampler) acts on the fine-tune epochs, each reported after a
+full proxy epoch as step 1, 2, ...
 
 Storage is Optuna's: an SQLite file for one worker; an RDB URL (PostgreSQL)
 for several workers on one or many machines. Heartbeats mark a killed worker's
 trial failed, and RetryHeartbeatStaleTrialCallback enqueues it again.
 
 MLflow: one parent run per study (its id is a study user attribute, so every
-worker nests under it), one nested run per trial with params, per-epoch curves,
-state and number. After the search the best trial's model is evaluated on the
-test set and registered under the pipeline's champion rule.
+worker nests under it), one nested run per trial with params, per-epoch curves
+(the head's as head_*), state and number. After the search the best trial's
+model is evaluated on the test set and registered under the pipeline's champion
+rule, and Optuna's plots go to the parent run.
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from transferlab import config
+from transferlab import backbones, config
 from transferlab.files import write_json
 from transferlab.redact import redact, redact_tree
 
@@ -98,18 +105,19 @@ def make_sampler(seed: int, n_trials: int):
         )
 
 
-def make_pruner(name: str, head_epochs: int, finetune_epochs: int):
-    """Pruning starts at the first fine-tune epoch when trials fine-tune: the head
-    phase ranks trials poorly (a head that learns slowly often fine-tunes best;
-    measured on CIFAR-10), and it is the cheap part of a trial anyway."""
+def make_pruner(name: str, finetune_epochs: int):
+    """Pruning on the fine-tune epochs only, each reported after a full proxy
+    epoch as step 1..finetune_epochs: the head phase ranks trials poorly (a head
+    that learns slowly often fine-tunes best; measured on CIFAR-10) and is cheap.
+    Hyperband runs successive halving over those epochs (reduction factor 3)."""
     import optuna
 
-    first = head_epochs if finetune_epochs > 0 else min(2, head_epochs - 1)
+    if finetune_epochs < 1:
+        return optuna.pruners.NopPruner()
     if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=first)
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0)
     if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=first + 1, max_resource=head_epochs + finetune_epochs,
-                                              reduction_factor=3)
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=finetune_epochs, reduction_factor=3)
     return optuna.pruners.NopPruner()
 
 
@@ -117,21 +125,67 @@ def direction(monitor: str) -> str:
     return "minimize" if monitor.endswith("loss") else "maximize"
 
 
-def suggest(trial, space: config.SpaceConfig) -> dict:
+# search parameter -> the params.yaml key it stands for (`--apply` writes them there)
+PARAM_KEYS = {
+    "unfreeze": "finetune.unfreeze",
+    "learning_rate": "finetune.learning_rate",
+    "weight_decay": "finetune.weight_decay",
+    "label_smoothing": "finetune.label_smoothing",
+    "head_learning_rate": "head.learning_rate",
+    "dropout": "head.dropout",
+    "units": "head.units",
+}
+DEFAULT_ATTR = "params_yaml"  # user attribute of the enqueued trial that is params.yaml itself
+
+
+def unfreeze_range(params: config.Params) -> tuple[int, int]:
+    n = len(backbones.get(params.backbone.name).blocks)
+    low, high = (n if u == "all" else int(u) for u in params.tune.space.unfreeze)
+    return low, high
+
+
+def suggest(trial, params: config.Params) -> dict:
+    s = params.tune.space
     return {
-        "unfreeze": trial.suggest_int("unfreeze", *space.unfreeze),
-        "learning_rate": trial.suggest_float("learning_rate", *space.learning_rate, log=True),
-        "head_learning_rate": trial.suggest_float("head_learning_rate", *space.head_learning_rate, log=True),
-        "dropout": trial.suggest_float("dropout", *space.dropout),
-        "weight_decay": trial.suggest_float("weight_decay", *space.weight_decay, log=True),
-        "units": trial.suggest_categorical("units", list(space.units)),
+        "unfreeze": trial.suggest_int("unfreeze", *unfreeze_range(params)),
+        "learning_rate": trial.suggest_float("learning_rate", *s.learning_rate, log=True),
+        "weight_decay": trial.suggest_float("weight_decay", *s.weight_decay, log=True),
+        "label_smoothing": trial.suggest_float("label_smoothing", *s.label_smoothing),
+        "head_learning_rate": trial.suggest_float("head_learning_rate", *s.head_learning_rate, log=True),
+        "dropout": trial.suggest_float("dropout", *s.dropout),
+        "units": trial.suggest_categorical("units", list(s.units)),
     }
 
 
-def pruning_callback(trial, monitor: str, step_offset: int):
-    """optuna-integration's KerasPruningCallback on the study's global step; a
-    monitored metric missing from the epoch logs is an error (the library only
-    warns, which would silently never prune)."""
+def defaults(params: config.Params) -> dict:
+    """params.yaml's configuration as a point of the space: the study's first
+    trial. A value outside its range is an error, not a silent clip: the search
+    must contain the configuration it is meant to beat."""
+    f, h, s = params.finetune, params.head, params.tune.space
+    from transferlab import finetune
+
+    point = {"unfreeze": finetune.n_unfrozen(backbones.get(params.backbone.name), f.unfreeze),
+             "learning_rate": f.learning_rate, "weight_decay": f.weight_decay,
+             "label_smoothing": f.label_smoothing, "head_learning_rate": h.learning_rate,
+             "dropout": h.dropout, "units": h.units}
+    ranges = {"unfreeze": unfreeze_range(params), "learning_rate": s.learning_rate,
+              "weight_decay": s.weight_decay, "label_smoothing": s.label_smoothing,
+              "head_learning_rate": s.head_learning_rate, "dropout": s.dropout}
+    for name, value in point.items():
+        inside = value in s.units if name == "units" else ranges[name][0] <= value <= ranges[name][1]
+        if not inside:
+            held = list(s.units) if name == "units" else list(ranges[name])
+            raise config.ConfigError(f"params.yaml: {PARAM_KEYS[name]} is {value}, outside tune.space.{name} {held}: "
+                            f"widen tune.space.{name} (or change {PARAM_KEYS[name]}) so that the study's "
+                            "first trial is the configuration it must beat")
+    return point
+
+
+def pruning_callback(trial, monitor: str, step_offset: int = 1, prune: bool = True):
+    """optuna-integration's KerasPruningCallback, reporting epoch e as step
+    e + step_offset; a monitored metric missing from the epoch logs is an error
+    (the library only warns, which would silently never prune). prune=False
+    reports without ever pruning (the params.yaml trial)."""
     from optuna_integration.keras import KerasPruningCallback
 
     class GlobalStepPruning(KerasPruningCallback):
@@ -141,7 +195,10 @@ def pruning_callback(trial, monitor: str, step_offset: int):
                     f"tune.monitor is {monitor!r}, but the epoch logs hold {sorted(logs or {})}: "
                     "set tune.monitor in params.yaml to one of those"
                 )
-            super().on_epoch_end(epoch + step_offset, logs)
+            if prune:
+                super().on_epoch_end(epoch + step_offset, logs)
+            else:
+                trial.report(float(logs[monitor]), step=epoch + step_offset)
 
     return GlobalStepPruning(trial, monitor)
 
@@ -151,30 +208,48 @@ def pruning_callback(trial, monitor: str, step_offset: int):
 
 @dataclass
 class TrialData:
-    features: dict[str, np.ndarray]  # pooled: train, val
-    acts: dict[str, np.ndarray]  # boundary activations: train, train_flip, val (memory maps)
+    """What every trial trains on: the proxy's share of the training images and
+    the whole validation split, with their pooled features at the proxy's size."""
+
+    features: dict[str, np.ndarray]  # pooled: train (the share), val
+    x: dict[str, np.ndarray]  # uint8 images: train (the share), val
     y: dict[str, np.ndarray]
     classes: list[str]
-    train_index: np.ndarray  # the rows trials train on (tune.train_fraction)
     meta: dict
 
 
+def proxy_size(params: config.Params) -> int:
+    return params.tune.input_size or params.backbone.input_size
+
+
 def cache_dir(params: config.Params) -> Path:
-    b = params.backbone
-    return TUNE_DIR / "cache" / f"{b.name}-{b.input_size}px-u{params.tune.space.unfreeze[1]}"
+    b, t = params.backbone, params.tune
+    return TUNE_DIR / "cache" / f"{b.name}-{proxy_size(params)}px-share{t.train_fraction:g}-seed{params.seed}"
+
+
+def _share(params: config.Params, y_train: np.ndarray) -> np.ndarray:
+    from transferlab import data
+
+    if params.tune.train_fraction >= 1:
+        return np.arange(len(y_train))
+    return data.split_rows(y_train, 1 - params.tune.train_fraction, params.seed)[0]
 
 
 def ensure_cache(params: config.Params, prepared_dir: Path) -> Path:
-    """The activation cache at the deepest boundary the space allows; made once
-    (atomically) and reused by every trial and worker."""
+    """Pooled features of the proxy's training share and of the validation split,
+    at the proxy's input size: made once (atomically) and reused by every trial
+    and worker; made again when the data, backbone, size or share change."""
+    import hashlib
+
     import keras
 
-    from transferlab import backbones, data, features, finetune
+    from transferlab import data, features
 
     out = cache_dir(params)
     b = params.backbone
-    want = {"backbone": b.name, "input_size": b.input_size, "weights": b.weights,
-            "unfreeze": params.tune.space.unfreeze[1]}
+    want = {"backbone": b.name, "input_size": proxy_size(params), "weights": b.weights,
+            "train_fraction": params.tune.train_fraction, "seed": params.seed,
+            "prepared": hashlib.sha256((prepared_dir / "manifest.json").read_bytes()).hexdigest()[:16]}
     if (out / "meta.json").exists():
         meta = json.loads((out / "meta.json").read_text())
         if all(meta.get(k) == v for k, v in want.items()):
@@ -182,16 +257,13 @@ def ensure_cache(params: config.Params, prepared_dir: Path) -> Path:
         log.info("%s was made for %s: rebuilding", out, {k: meta.get(k) for k in want})
     keras.utils.set_random_seed(params.seed)
     prepared = data.load_prepared(prepared_dir)
-    spec = backbones.get(b.name)
-    body = backbones.build_body(b.name, b.input_size, b.weights)
-    deepest = max(1, params.tune.space.unfreeze[1])
-    split = finetune.split_body(spec, body, deepest)
+    index = _share(params, np.asarray(prepared.y["train"]))
     image_size = int(prepared.x["train"].shape[1])
-    model = finetune.cache_extractor(spec, split, image_size, b.input_size)
-    x = {s: prepared.x[s] for s in ("train", "val")}
-    x["test"] = prepared.x["test"][:0]  # trials never see the test set
+    model = backbones.build_feature_extractor(b.name, image_size, proxy_size(params), b.weights)
+    x = {"train": data.Rows(prepared.x["train"], index), "val": prepared.x["val"],
+         "test": prepared.x["test"][:0]}  # trials never see the test set
     features.extract_splits(model, x, out, params.features.batch_size,
-                            {**want, "boundary": split.boundary, "image_size": image_size})
+                            {**want, "image_size": image_size, "train_index": index.tolist()})
     keras.backend.clear_session()
     return out
 
@@ -201,16 +273,13 @@ def load_trial_data(params: config.Params, prepared_dir: Path, cache: Path) -> T
 
     prepared = data.load_prepared(prepared_dir)
     feats, meta = features.load_features(cache)
-    acts = features.load_activations(cache)
-    y = {s: np.asarray(prepared.y[s]) for s in ("train", "val")}
+    index = np.asarray(meta["train_index"])
+    y = {"train": np.asarray(prepared.y["train"])[index], "val": np.asarray(prepared.y["val"])}
     if len(y["val"]) == 0:
         raise TuneError("tune needs validation images: set data.val_fraction > 0 in params.yaml")
-    index = np.arange(len(y["train"]))
-    if params.tune.train_fraction < 1:
-        index, _, _, _ = data.stratified_split(index, y["train"], 1 - params.tune.train_fraction, params.seed)
-        index = np.sort(index)
-    return TrialData({s: np.asarray(feats[s], np.float32) for s in ("train", "val")}, acts, y,
-                     prepared.classes, index, meta)
+    x = {"train": np.asarray(prepared.x["train"][index]), "val": np.asarray(prepared.x["val"])}
+    return TrialData({s: np.asarray(feats[s], np.float32) for s in ("train", "val")}, x, y,
+                     prepared.classes, meta)
 
 
 # --------------------------------------------------------------------------- one trial
@@ -229,7 +298,7 @@ def _close_trial_run(trial, state: str) -> None:
 
 
 class Objective:
-    """The trial function: head on pooled features, then fine-tune on the cache."""
+    """The trial function: the proxy of the pipeline (head, then full-path fine-tune)."""
 
     def __init__(self, params: config.Params, data: TrialData, parent_run_id: str, experiment_id: str):
         self.params, self.data = params, data
@@ -248,7 +317,7 @@ class Objective:
         keras.backend.clear_session()  # each trial starts from an empty graph: memory stays flat
         gc.collect()
         keras.utils.set_random_seed(self.params.seed + trial.number)
-        hp = suggest(trial, self.params.tune.space)
+        hp = suggest(trial, self.params)
         t, b = self.params.tune, self.params.backbone
         tags = {"stage": "tune-trial", "backbone": b.name, "study": t.study,
                 "trial_number": str(trial.number), "git_commit": tracking.git_commit()}
@@ -256,17 +325,20 @@ class Objective:
         retried = frozen.system_attrs.get("failed_trial")  # set by the heartbeat retry
         if retried is not None:
             tags["retry_of_trial"] = str(retried)
+        is_default = bool(frozen.user_attrs.get(DEFAULT_ATTR))
+        if is_default:
+            tags["params_yaml"] = "true"  # the configuration the search must beat
         with mlflow.start_run(run_name=f"trial-{trial.number}-{b.name}-u{hp['unfreeze']}",
                               experiment_id=self.experiment_id, parent_run_id=self.parent_run_id,
                               tags=tags) as run:
             trial.set_user_attr(RUN_ATTR, run.info.run_id)
             trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
             mlflow.log_params({**hp, "head_epochs": t.head_epochs, "finetune_epochs": t.finetune_epochs,
-                               "train_images": len(self.data.train_index)})
+                               "input_size": proxy_size(self.params), "train_images": len(self.data.y["train"])})
             start = time.perf_counter()
             pruned = None
             try:
-                value, model_parts = self._train(trial, hp)
+                value, model_parts = self._train(trial, hp, prune=not is_default)
             except optuna.TrialPruned as exc:  # a normal end: the run finishes, tagged PRUNED
                 mlflow.set_tag(STATE_TAG, "PRUNED")
                 mlflow.log_metric("trial_seconds", time.perf_counter() - start)
@@ -296,44 +368,45 @@ class Objective:
             return True
         return self.sign * value >= self.sign * best
 
-    def _train(self, trial, hp: dict):
-        """Head on the pooled features, then fine-tune on the activation cache,
-        through the pipeline's own functions; returns the best monitored value and
-        the parts of the model it reached."""
+    def _train(self, trial, hp: dict, prune: bool = True):
+        """The head on the share's pooled features, then the pipeline's full-path
+        fine-tune (augmentation, schedule to zero at the last proxy step), through
+        the pipeline's own functions; returns the best monitored value and the
+        parts of the model that reached it."""
         import keras
 
-        from transferlab import backbones, finetune, head, tracking, training
+        from transferlab import finetune, head, tracking, training
 
         p, t, d = self.params, self.params.tune, self.data
-        idx = d.train_index
         metric = self.monitor.removeprefix("val_")  # tune.monitor is on the validation split
         head_model = head.build_head(d.meta["feature_dim"], len(d.classes), hp["units"], hp["dropout"])
         hist = head.train_head(
-            head_model, d.features["train"][idx], d.y["train"][idx], d.features["val"], d.y["val"],
+            head_model, d.features["train"], d.y["train"], d.features["val"], d.y["val"],
             optimizer=p.head.optimizer, learning_rate=hp["head_learning_rate"], epochs=t.head_epochs,
             batch_size=p.head.batch_size, patience=p.head.patience, monitor=metric, verbose=0,
-            callbacks=[pruning_callback(trial, self.monitor, 0), tracking.EpochLogger()],
+            callbacks=[tracking.EpochLogger(prefix="head_")],
         )
         value = self._best(hist.history[self.monitor])
         spec = backbones.get(p.backbone.name)
-        body = backbones.build_body(p.backbone.name, p.backbone.input_size, p.backbone.weights)
+        body = backbones.build_body(p.backbone.name, proxy_size(p), p.backbone.weights)
         if hp["unfreeze"] == 0 or t.finetune_epochs == 0:
             return value, (spec, body, head_model)
-        f = p.finetune
+        f, a = p.finetune, p.finetune.augment
         run = finetune.prepare(
-            spec, body, head_model, unfreeze=hp["unfreeze"], cache_unfreeze=max(1, t.space.unfreeze[1]),
-            activations=d.acts, flip=f.augment.flip, y_train=d.y["train"], y_val=d.y["val"],
-            batch_size=f.batch_size, seed=p.seed + trial.number, index=idx,
+            spec, body, head_model, unfreeze=hp["unfreeze"], y_train=d.y["train"], y_val=d.y["val"],
+            batch_size=f.batch_size, seed=p.seed + trial.number, images=(d.x["train"], d.x["val"]),
+            image_size=int(d.meta["image_size"]), input_size=proxy_size(p),
+            augment={"flip": a.flip, "shift": a.shift, "rotation": a.rotation, "zoom": a.zoom},
         )
         before = run.model.get_weights()
-        stop = keras.callbacks.EarlyStopping(monitor=self.monitor, mode=training.mode(self.monitor),
-                                             patience=p.head.patience, restore_best_weights=True)
+        keep_best = keras.callbacks.EarlyStopping(monitor=self.monitor, mode=training.mode(self.monitor),
+                                                  patience=t.finetune_epochs, restore_best_weights=True)
         hist = finetune.fit(run, optimizer=f.optimizer, learning_rate=hp["learning_rate"],
                             weight_decay=hp["weight_decay"], schedule=f.schedule, warmup_epochs=f.warmup_epochs,
                             steps=t.finetune_epochs * finetune.steps_per_epoch(run, f.batch_size),
-                            batch_size=f.batch_size, label_smoothing=f.label_smoothing, verbose=0,
-                            callbacks=[stop, pruning_callback(trial, self.monitor, t.head_epochs),
-                                       tracking.EpochLogger(step_offset=t.head_epochs)])
+                            batch_size=f.batch_size, label_smoothing=hp["label_smoothing"], verbose=0,
+                            callbacks=[keep_best, pruning_callback(trial, self.monitor, step_offset=1, prune=prune),
+                                       tracking.EpochLogger(step_offset=1)])
         tuned = self._best(hist.history[self.monitor])
         if self.sign * tuned <= self.sign * value:
             run.model.set_weights(before)  # fine-tuning did not help: keep the head's result
@@ -352,8 +425,8 @@ class Objective:
 
         from transferlab import finetune
 
-        b = self.params.backbone
-        model = finetune.assemble(spec, body, head_model, int(self.data.meta["image_size"]), b.input_size)
+        model = finetune.assemble(spec, body, head_model, int(self.data.meta["image_size"]),
+                                  proxy_size(self.params))
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "model.keras"
             model.save(path)
@@ -371,7 +444,7 @@ def open_study(params: config.Params, storage_url: str | None = None, seed_offse
     return optuna.create_study(
         study_name=t.study, storage=storage, load_if_exists=True, direction=direction(t.monitor),
         sampler=make_sampler(params.seed + seed_offset, t.n_trials),
-        pruner=make_pruner(t.pruner, t.head_epochs, t.finetune_epochs),
+        pruner=make_pruner(t.pruner, t.finetune_epochs),
     )
 
 
@@ -407,8 +480,10 @@ def start(params: config.Params, prepared_dir: Path, storage_url: str | None = N
     from transferlab import tracking
 
     t, b = params.tune, params.backbone
+    first = defaults(params)  # before anything is created: a space without it is an error
     study = open_study(params, storage_url)
     if PARENT_ATTR not in study.user_attrs:
+        study.enqueue_trial(first, user_attrs={DEFAULT_ATTR: True})
         tracking.setup(params.tracking.experiment)
         client = mlflow.MlflowClient()
         exp = mlflow.get_experiment_by_name(params.tracking.experiment)
@@ -552,14 +627,16 @@ def finalize(params: config.Params, prepared_dir: Path, storage_url: str | None,
         "best_trial": best.number, f"best_{params.tune.monitor}": round(best.value, 5),
         "best_params": best.params, "test_accuracy": result["test_accuracy"],
         "test_loss": result["test_loss"], "test_ece": result["test_ece"], "temperature": result["temperature"],
-        "trials": states, "study_seconds": round(seconds, 1),
+        "trials": states, "study_seconds": round(seconds, 1), "parent_run_id": parent, **verdict(study, best, params.tune.monitor),
     }
+    log.info("tune: %s", summary["verdict"])
     plots_dir.mkdir(parents=True, exist_ok=True)
     pngs = _study_plots(study, plots_dir)
     png = evaluate.confusion_png(result["confusion"], prepared.classes, plots_dir / "confusion_test.png",
                                  f"tune best trial {best.number}: test accuracy {result['test_accuracy']:.4f}")
     with mlflow.start_run(run_id=parent):
         mlflow.log_params({f"best.{k}": v for k, v in best.params.items()})
+        mlflow.set_tag("verdict", summary["verdict"])
         mlflow.log_metrics({f"best_{params.tune.monitor}": best.value, "best_trial": best.number,
                             "test_accuracy": result["test_accuracy"], "test_loss": result["test_loss"],
                             "study_seconds": seconds, **{f"trials_{k}": v for k, v in states.items()}})
@@ -574,9 +651,53 @@ def finalize(params: config.Params, prepared_dir: Path, storage_url: str | None,
     return summary
 
 
+def verdict(study, best, monitor: str) -> dict:
+    """Whether the search beat params.yaml's configuration (the study's first
+    trial), on the proxy's validation metric: `default_wins` and a sentence."""
+    sign = -1.0 if direction(monitor) == "minimize" else 1.0
+    default = next((t for t in study.get_trials(deepcopy=False) if t.user_attrs.get(DEFAULT_ATTR)), None)
+    if default is None or default.value is None:
+        state = "missing" if default is None else default.state.name.lower()
+        return {"default_trial": None if default is None else default.number, "default_wins": False,
+                "verdict": f"the params.yaml trial is {state}: no comparison with it"}
+    wins = best.number == default.number or sign * default.value >= sign * best.value
+    margin = sign * (best.value - default.value)
+    text = (f"params.yaml's configuration (trial {default.number}, {monitor} {default.value:.4f}) is the best "
+            "found: nothing to apply" if wins else
+            f"trial {best.number} beats params.yaml's configuration (trial {default.number}) by "
+            f"{margin:+.4f} {monitor} ({best.value:.4f} vs {default.value:.4f}) on the proxy")
+    return {"default_trial": default.number, f"default_{monitor}": round(default.value, 5),
+            "default_wins": wins, "verdict": text}
+
+
+def apply_best(params_path: Path, params: config.Params, summary: dict, parent_run_id: str) -> dict:
+    """`tune --apply`: the best trial's params into params.yaml (comments kept),
+    with tracking.tuned_by naming the study's MLflow run, so that the pipeline run
+    that trains them links back to it. Nothing changes when params.yaml's own
+    configuration won. Returns the changes written."""
+    from transferlab.run import apply_overrides
+
+    if summary.get("default_wins"):
+        log.info("tune --apply: %s; params.yaml unchanged", summary["verdict"])
+        return {}
+    n_blocks = len(backbones.get(params.backbone.name).blocks)
+    values = dict(summary["best_params"])
+    for key, value in values.items():
+        if isinstance(value, float):
+            values[key] = float(f"{value:.4g}")  # readable in params.yaml; the proxy cannot tell the rest
+    if values.get("unfreeze") == n_blocks:
+        values["unfreeze"] = "all"
+    overrides = [f"{PARAM_KEYS[k]}={v}" for k, v in values.items()] + [f"tracking.tuned_by={parent_run_id}"]
+    changes = apply_overrides(params_path, overrides)
+    log.info("tune --apply: %s -> %s; train it at full fidelity with `dvc repro` (or `dvc exp run`)",
+             params_path, changes)
+    return changes
+
+
 def _study_plots(study, out_dir: Path) -> list[Path]:
-    """Optimization history and parameter importances, from Optuna's own
-    visualization module (matplotlib backend)."""
+    """Optimization history, intermediate values (the pruner's view), parallel
+    coordinates and parameter importances, from Optuna's own visualization
+    module (matplotlib backend)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -586,6 +707,8 @@ def _study_plots(study, out_dir: Path) -> list[Path]:
 
     out = []
     for name, fn in (("optimization_history", vis.plot_optimization_history),
+                     ("intermediate_values", vis.plot_intermediate_values),
+                     ("parallel_coordinate", vis.plot_parallel_coordinate),
                      ("param_importances", vis.plot_param_importances)):
         try:
             with warnings.catch_warnings():
@@ -608,10 +731,11 @@ def _study_plots(study, out_dir: Path) -> list[Path]:
 
 
 def main(params_path: Path, overrides: list[str], storage: str | None = None, workers: int = 1,
-         worker: bool = False, worker_id: int = 0) -> int:
+         worker: bool = False, worker_id: int = 0, apply: bool = False) -> int:
     """Create or join the Optuna study, run trials (in --workers processes),
-    then evaluate and register the best trial's model. With --worker: only run
-    trials, joining a study another `transferlab tune` started."""
+    then evaluate and register the best trial's model; with --apply, write the
+    winner into params.yaml. With --worker: only run trials, joining a study
+    another `transferlab tune` started."""
     from transferlab.run import apply_overrides
     from transferlab.stages import METRICS, PLOTS, PREPARED
 
@@ -636,6 +760,7 @@ def main(params_path: Path, overrides: list[str], storage: str | None = None, wo
     # the environment so that no trial (nor worker process) resumes it as its own.
     outer = os.environ.pop("MLFLOW_RUN_ID", None)
     began = time.perf_counter()
+    defaults(params)  # a space that leaves out params.yaml's configuration: an error before any work
     ensure_cache(params, PREPARED)
     start(params, PREPARED, url, outer)
     if workers > 1:
@@ -649,4 +774,6 @@ def main(params_path: Path, overrides: list[str], storage: str | None = None, wo
                        PLOTS / "tune")
     log.info("tune: best trial %d (%s), test accuracy %.4f; %s; %.1f s", summary["best_trial"],
              summary["best_params"], summary["test_accuracy"], summary["trials"], summary["study_seconds"])
+    if apply:
+        apply_best(params_path, params, summary, summary["parent_run_id"])
     return 0

@@ -74,8 +74,10 @@ def main(params: config.Params) -> dict:
     # the pipeline's summary on its parent run: the knobs of the model evaluated (the
     # params its fine-tune stage wrote beside it), the test metrics, each stage's time
     trained = yaml.safe_load((MODELS / "finetune" / "params.yaml").read_text())
-    tracking.summarize_parent(params.tracking.experiment, params.backbone.name,
-                              config.flatten({**trained, "evaluate": values["evaluate"]}), metrics)
+    parent = tracking.summarize_parent(params.tracking.experiment, params.backbone.name,
+                                       config.flatten({**trained, "evaluate": values["evaluate"]}), metrics)
+    if params.tracking.tuned_by:
+        tracking.link_study(parent, params.tracking.tuned_by)
     tracking.end_parent()
     log.info("evaluate: test accuracy %.4f, loss %.4f, ECE %.4f -> %.4f (T = %.3f, test-time flips %s) "
              "(%d images, %.1f s)", metrics["test_accuracy"], metrics["test_loss"],
