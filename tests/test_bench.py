@@ -45,3 +45,21 @@ def test_recipes_bench_runs_both_recipes_and_writes_the_table(tmp_path):
     evaluated = json.loads((work / "metrics/evaluate.json").read_text())
     assert float(final[0]["test_accuracy"]) == evaluated["test_accuracy"]
     assert (out / "time_to_accuracy.png").stat().st_size > 5000
+
+
+def test_study_table_lists_every_trial_with_its_epochs(tmp_path):
+    import optuna
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    study.enqueue_trial({"x": 0.5}, user_attrs={"params_yaml": True})
+    for _ in range(2):
+        trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+        for step, value in ((1, 0.25), (2, 0.5)):
+            trial.report(value, step)
+        study.tell(trial, 0.5)
+    subprocess.run([sys.executable, str(ROOT / "bench/study_table.py"), "--storage", storage, "--study", "s",
+                    "--out", str(tmp_path)], check=True, capture_output=True)
+    table = list(csv.DictReader((tmp_path / "trials.csv").open()))
+    assert [r["trial"] for r in table] == ["0", "1"] and table[0]["params_yaml"] == "True"
+    assert table[1]["per_epoch"] == "0.2500 0.5000" and table[0]["x"] == "0.5"

@@ -259,6 +259,21 @@ def test_the_pipeline_run_and_the_study_run_link_to_each_other(project, caplog):
     assert "tracking.tuned_by" in caplog.text
 
 
+def test_a_trial_is_never_pruned_at_its_last_epoch_nor_when_it_is_params_yaml():
+    """Hyperband's top rung is the proxy's last epoch: pruning there saves nothing
+    and would throw away a finished result, so the value is only reported."""
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.ThresholdPruner(lower=2.0))
+    logs = {"val_accuracy": 0.5}
+    with pytest.raises(optuna.TrialPruned):  # the pruner prunes every value below 2
+        tune.pruning_callback(study.ask(), "val_accuracy", last_step=2).on_epoch_end(0, logs)
+    last = study.ask()
+    tune.pruning_callback(last, "val_accuracy", last_step=2).on_epoch_end(1, logs)  # step 2: the last
+    default = study.ask()
+    tune.pruning_callback(default, "val_accuracy", prune=False, last_step=2).on_epoch_end(0, logs)
+    reported = {t.number: t.intermediate_values for t in study.get_trials()}
+    assert reported[1] == {2: 0.5} and reported[2] == {1: 0.5}
+
+
 def test_a_misnamed_monitor_is_an_error_not_a_silent_no_prune():
     trial = optuna.create_study(direction="maximize").ask()
     callback = tune.pruning_callback(trial, "val_acc")

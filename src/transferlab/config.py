@@ -169,6 +169,9 @@ class Params:
     # true: TensorFlow's deterministic ops too (slower), so that two runs on the
     # same machine give identical numbers; seeds are always set.
     deterministic: bool
+    # The tf.distribute strategy of the head and the fine-tune (transferlab.device):
+    # auto | mirrored | none. Batch sizes are per replica.
+    distribute: str
     data: DataConfig
     backbone: BackboneConfig
     features: FeaturesConfig
@@ -180,6 +183,7 @@ class Params:
 
 
 CHOICES = {
+    "distribute": ("auto", "mirrored", "none"),
     "data.format": ("auto", "cifar10", "image_folder"),
     "head.optimizer": ("adam", "adamw", "sgd", "rmsprop"),
     "finetune.optimizer": ("adam", "adamw", "sgd", "rmsprop"),

@@ -1,11 +1,15 @@
-"""The device and the run's randomness, set once at the start of every stage.
+"""The device, the distribution strategy and the run's randomness, set once at
+the start of every stage.
 
-Nothing else in the code assumes a CPU or a GPU.
+Nothing else in the code assumes a CPU or a GPU, or one device: the head and
+the fine-tune build and train their models under `strategy(...).scope()`, with
+`global_batch` (the params' batch sizes are per replica).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 
 import keras
 
@@ -39,3 +43,56 @@ def configure_device() -> str:
     keras.mixed_precision.set_global_policy("mixed_float16")
     log.info("%d GPU(s) visible: mixed_float16 policy, float32 outputs", len(gpus))
     return "gpu"
+
+
+_strategies: dict = {}
+
+# Keras 3 cannot fit under MultiWorkerMirroredStrategy yet: model.fit fails even for a
+# two-layer model (Keras 3.15, TF 2.21); tests/test_distribute.py checks that this is
+# still so, and fails once it is fixed upstream.
+MULTI_WORKER_ISSUE = "https://github.com/keras-team/keras/issues/20585"
+
+
+class DistributeError(RuntimeError):
+    """A distribution setting this code cannot train under."""
+
+
+def strategy(mode: str = "auto"):
+    """The tf.distribute strategy the head and the fine-tune train under (params
+    key `distribute`), made once per process:
+    - more than one GPU (mode "auto" or "mirrored"): MirroredStrategy over them;
+    - mode "mirrored" without GPUs: MirroredStrategy over every logical CPU device
+      (`tf.config.set_logical_device_configuration` makes several; the tests do);
+    - otherwise: TensorFlow's default strategy, one device.
+    TF_CONFIG (several machines) is refused unless mode is "none": Keras 3's
+    model.fit fails under MultiWorkerMirroredStrategy (MULTI_WORKER_ISSUE)."""
+    import tensorflow as tf
+
+    if mode != "none" and os.environ.get("TF_CONFIG"):
+        raise DistributeError(
+            "TF_CONFIG is set, but Keras 3 cannot train under MultiWorkerMirroredStrategy yet (model.fit fails "
+            f"upstream: {MULTI_WORKER_ISSUE}). Unset TF_CONFIG (or set distribute: none in params.yaml); for "
+            "several GPUs use one machine (MirroredStrategy), for several machines an Optuna study's workers "
+            "(README: Several workers)")
+    if mode in _strategies:
+        return _strategies[mode]
+    gpus = [d.name for d in tf.config.list_logical_devices("GPU")]
+    devices = gpus if (mode == "auto" and len(gpus) > 1) or (mode == "mirrored" and gpus) else \
+        [d.name for d in tf.config.list_logical_devices("CPU")] if mode == "mirrored" else []
+    if devices:
+        made = tf.distribute.MirroredStrategy(devices)
+        log.info("MirroredStrategy over %s", ", ".join(devices))
+    else:
+        made = tf.distribute.get_strategy()
+    _strategies[mode] = made
+    return made
+
+
+def replicas(mode: str = "auto") -> int:
+    return int(strategy(mode).num_replicas_in_sync)
+
+
+def global_batch(per_replica: int, mode: str = "auto") -> int:
+    """The batch size of one optimizer step: the params' (per replica) times the
+    replicas in sync, so each device keeps the batch the params give it."""
+    return per_replica * replicas(mode)

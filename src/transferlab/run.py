@@ -64,6 +64,7 @@ def apply_overrides(path: Path, overrides: list[str]) -> dict:
         return {}
     ryaml = YAML()
     ryaml.preserve_quotes = True
+    ryaml.width = 4096  # long values (a checksum, a URL) stay on their line
     original = path.read_text()
     doc = ryaml.load(original)
     for key, value in changes.items():

@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from transferlab import backbones, config
+from transferlab import backbones, config, device
 from transferlab.files import write_json
 from transferlab.redact import redact, redact_tree
 
@@ -175,17 +175,21 @@ def defaults(params: config.Params) -> dict:
         inside = value in s.units if name == "units" else ranges[name][0] <= value <= ranges[name][1]
         if not inside:
             held = list(s.units) if name == "units" else list(ranges[name])
-            raise config.ConfigError(f"params.yaml: {PARAM_KEYS[name]} is {value}, outside tune.space.{name} {held}: "
-                            f"widen tune.space.{name} (or change {PARAM_KEYS[name]}) so that the study's "
-                            "first trial is the configuration it must beat")
+            raise config.ConfigError(
+                f"params.yaml: {PARAM_KEYS[name]} is {value}, outside tune.space.{name} {held}: widen "
+                f"tune.space.{name} (or change {PARAM_KEYS[name]}) so that the study's first trial is the "
+                "configuration it must beat")
     return point
 
 
-def pruning_callback(trial, monitor: str, step_offset: int = 1, prune: bool = True):
+def pruning_callback(trial, monitor: str, step_offset: int = 1, prune: bool = True, last_step: int | None = None):
     """optuna-integration's KerasPruningCallback, reporting epoch e as step
     e + step_offset; a monitored metric missing from the epoch logs is an error
     (the library only warns, which would silently never prune). prune=False
-    reports without ever pruning (the params.yaml trial)."""
+    reports without ever pruning (the params.yaml trial). At `last_step` the
+    trial has run its whole proxy: it is reported, never pruned (Hyperband's top
+    rung sits there; pruning then would save nothing and discard a finished
+    result)."""
     from optuna_integration.keras import KerasPruningCallback
 
     class GlobalStepPruning(KerasPruningCallback):
@@ -195,7 +199,7 @@ def pruning_callback(trial, monitor: str, step_offset: int = 1, prune: bool = Tr
                     f"tune.monitor is {monitor!r}, but the epoch logs hold {sorted(logs or {})}: "
                     "set tune.monitor in params.yaml to one of those"
                 )
-            if prune:
+            if prune and (last_step is None or epoch + step_offset < last_step):
                 super().on_epoch_end(epoch + step_offset, logs)
             else:
                 trial.report(float(logs[monitor]), step=epoch + step_offset)
@@ -338,7 +342,8 @@ class Objective:
             start = time.perf_counter()
             pruned = None
             try:
-                value, model_parts = self._train(trial, hp, prune=not is_default)
+                with device.strategy(self.params.distribute).scope():  # several GPUs: MirroredStrategy
+                    value, model_parts = self._train(trial, hp, prune=not is_default)
             except optuna.TrialPruned as exc:  # a normal end: the run finishes, tagged PRUNED
                 mlflow.set_tag(STATE_TAG, "PRUNED")
                 mlflow.log_metric("trial_seconds", time.perf_counter() - start)
@@ -378,12 +383,16 @@ class Objective:
         from transferlab import finetune, head, tracking, training
 
         p, t, d = self.params, self.params.tune, self.data
+
+        def batch(per_replica: int) -> int:
+            return device.global_batch(per_replica, p.distribute)
+
         metric = self.monitor.removeprefix("val_")  # tune.monitor is on the validation split
         head_model = head.build_head(d.meta["feature_dim"], len(d.classes), hp["units"], hp["dropout"])
         hist = head.train_head(
             head_model, d.features["train"], d.y["train"], d.features["val"], d.y["val"],
             optimizer=p.head.optimizer, learning_rate=hp["head_learning_rate"], epochs=t.head_epochs,
-            batch_size=p.head.batch_size, patience=p.head.patience, monitor=metric, verbose=0,
+            batch_size=batch(p.head.batch_size), patience=p.head.patience, monitor=metric, verbose=0,
             callbacks=[tracking.EpochLogger(prefix="head_")],
         )
         value = self._best(hist.history[self.monitor])
@@ -394,7 +403,7 @@ class Objective:
         f, a = p.finetune, p.finetune.augment
         run = finetune.prepare(
             spec, body, head_model, unfreeze=hp["unfreeze"], y_train=d.y["train"], y_val=d.y["val"],
-            batch_size=f.batch_size, seed=p.seed + trial.number, images=(d.x["train"], d.x["val"]),
+            batch_size=batch(f.batch_size), seed=p.seed + trial.number, images=(d.x["train"], d.x["val"]),
             image_size=int(d.meta["image_size"]), input_size=proxy_size(p),
             augment={"flip": a.flip, "shift": a.shift, "rotation": a.rotation, "zoom": a.zoom},
         )
@@ -403,9 +412,10 @@ class Objective:
                                                   patience=t.finetune_epochs, restore_best_weights=True)
         hist = finetune.fit(run, optimizer=f.optimizer, learning_rate=hp["learning_rate"],
                             weight_decay=hp["weight_decay"], schedule=f.schedule, warmup_epochs=f.warmup_epochs,
-                            steps=t.finetune_epochs * finetune.steps_per_epoch(run, f.batch_size),
-                            batch_size=f.batch_size, label_smoothing=hp["label_smoothing"], verbose=0,
-                            callbacks=[keep_best, pruning_callback(trial, self.monitor, step_offset=1, prune=prune),
+                            steps=t.finetune_epochs * finetune.steps_per_epoch(run, batch(f.batch_size)),
+                            batch_size=batch(f.batch_size), label_smoothing=hp["label_smoothing"], verbose=0,
+                            callbacks=[keep_best, pruning_callback(trial, self.monitor, step_offset=1, prune=prune,
+                                                                        last_step=t.finetune_epochs),
                                        tracking.EpochLogger(step_offset=1)])
         tuned = self._best(hist.history[self.monitor])
         if self.sign * tuned <= self.sign * value:
@@ -483,7 +493,7 @@ def start(params: config.Params, prepared_dir: Path, storage_url: str | None = N
     first = defaults(params)  # before anything is created: a space without it is an error
     study = open_study(params, storage_url)
     if PARENT_ATTR not in study.user_attrs:
-        study.enqueue_trial(first, user_attrs={DEFAULT_ATTR: True})
+        study.enqueue_trial(first, user_attrs={DEFAULT_ATTR: True}, skip_if_exists=True)
         tracking.setup(params.tracking.experiment)
         client = mlflow.MlflowClient()
         exp = mlflow.get_experiment_by_name(params.tracking.experiment)
@@ -627,7 +637,8 @@ def finalize(params: config.Params, prepared_dir: Path, storage_url: str | None,
         "best_trial": best.number, f"best_{params.tune.monitor}": round(best.value, 5),
         "best_params": best.params, "test_accuracy": result["test_accuracy"],
         "test_loss": result["test_loss"], "test_ece": result["test_ece"], "temperature": result["temperature"],
-        "trials": states, "study_seconds": round(seconds, 1), "parent_run_id": parent, **verdict(study, best, params.tune.monitor),
+        "trials": states, "study_seconds": round(seconds, 1), "parent_run_id": parent,
+        **verdict(study, best, params.tune.monitor),
     }
     log.info("tune: %s", summary["verdict"])
     plots_dir.mkdir(parents=True, exist_ok=True)

@@ -78,9 +78,10 @@ def user_errors() -> tuple[type, ...]:
     from transferlab.backbones import WeightsUnavailable
     from transferlab.budget import BudgetError
     from transferlab.data import DataError
+    from transferlab.device import DistributeError
     from transferlab.torch_weights import WeightsFileError
 
-    return DataError, WeightsUnavailable, WeightsFileError, BudgetError, FileNotFoundError
+    return DataError, WeightsUnavailable, WeightsFileError, BudgetError, DistributeError, FileNotFoundError
 
 
 def run(main: Callable[[config.Params], object], params_path: str | Path = "params.yaml") -> int:

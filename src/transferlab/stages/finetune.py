@@ -21,14 +21,14 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from transferlab import backbones, budget, config, data, features, finetune, tracking, training
+from transferlab import backbones, budget, config, data, device, features, finetune, tracking, training
 from transferlab.files import write_atomic, write_json
 from transferlab.stages import (begin, METRICS, MODELS, PLOTS, PREPARED, entry, features_dir, resolved,
                                 stage_seconds)
 
 log = logging.getLogger(__name__)
 
-KEYS = ("seed", "deterministic", "budget", "backbone", "finetune", "tracking.experiment")
+KEYS = ("seed", "deterministic", "distribute", "budget", "backbone", "finetune", "tracking.experiment")
 CHECKPOINTS = Path("data/checkpoints")
 
 
@@ -36,6 +36,12 @@ def main(params: config.Params, callbacks: list | None = None) -> dict:
     """Returns the metrics written to metrics/finetune.json. `callbacks`: extra
     Keras callbacks for the fit (bench/recipes.py probes test accuracy with one)."""
     prepared = begin(params)
+    strategy = device.strategy(params.distribute)
+    with strategy.scope():  # every variable, the optimizer's too, made and trained under it
+        return _main(params, prepared, callbacks)
+
+
+def _main(params: config.Params, prepared: data.Prepared, callbacks: list | None) -> dict:
     b, f = params.backbone, params.finetune
     spec = backbones.get(b.name)
     image_size = int(prepared.x["train"].shape[1])
@@ -51,7 +57,8 @@ def main(params: config.Params, callbacks: list | None = None) -> dict:
                             inputs=[str(PREPARED), str(feats_dir), str(MODELS / "head")]):
         import mlflow
 
-        metrics = {"unfrozen_blocks": n_blocks}
+        metrics = {"unfrozen_blocks": n_blocks,
+                   "replicas": device.replicas(params.distribute)}
         if n_blocks > 0:
             cached = finetune.uses_cache(spec, f.mode, f.unfreeze)
             if f.mode == "cached" and not cached:
@@ -62,6 +69,7 @@ def main(params: config.Params, callbacks: list | None = None) -> dict:
                 input_size=b.input_size, activations=features.load_activations(feats_dir) if cached else None,
                 checkpoint_dir=checkpoint_dir(resolved(values)), callbacks=callbacks,
                 budget_seconds=budget.parse(params.budget),
+                batch_size=device.global_batch(f.batch_size, params.distribute),  # per replica in params
             ))
         else:
             log.info("finetune.unfreeze is 0: the model is the backbone with the trained head")
@@ -95,24 +103,26 @@ def checkpoint_dir(resolved_params: str) -> Path:
 
 def train(spec, body, head_model, prepared: data.Prepared, f: config.FinetuneConfig, *, seed: int,
           image_size: int, input_size: int, activations: dict | None, checkpoint_dir: Path,
-          budget_seconds: float | None = None, callbacks: list | None = None) -> dict:
+          budget_seconds: float | None = None, callbacks: list | None = None, batch_size: int = 0) -> dict:
     """Fine-tune with resumable checkpoints; the model keeps its best epoch's
     weights, or the head's if no epoch beat it. Under a budget, the length is
-    planned first (`plan_steps`). Returns the metrics."""
+    planned first (`plan_steps`). `batch_size`: of one step, over every replica
+    (default finetune.batch_size). Returns the metrics."""
+    batch_size = batch_size or f.batch_size
     y = prepared.y
     a = f.augment
     t = finetune.prepare(
         spec, body, head_model, unfreeze=f.unfreeze, y_train=y["train"], y_val=y["val"],
-        batch_size=f.batch_size, seed=seed, activations=activations, flip=a.flip,
+        batch_size=batch_size, seed=seed, activations=activations, flip=a.flip,
         images=None if activations is not None else (prepared.x["train"], prepared.x["val"]),
         image_size=image_size, input_size=input_size,
         augment={"flip": a.flip, "shift": a.shift, "rotation": a.rotation, "zoom": a.zoom},
     )
-    per_epoch = finetune.steps_per_epoch(t, f.batch_size)
+    per_epoch = finetune.steps_per_epoch(t, batch_size)
     plan = None
     if budget_seconds:
         # an interrupted run resumes on the plan it started with, not a new one
-        plan = resumed_plan(checkpoint_dir) or plan_steps(t, f, prepared, budget_seconds)
+        plan = resumed_plan(checkpoint_dir) or plan_steps(t, f, prepared, budget_seconds, batch_size)
         steps = plan.steps
     else:
         steps = finetune.total_steps(epochs=f.epochs, steps_per_epoch=per_epoch, min_steps=f.min_steps,
@@ -135,7 +145,7 @@ def train(spec, body, head_model, prepared: data.Prepared, f: config.FinetuneCon
         checkpoint.state["plan"] = plan.to_dict()
     start = time.perf_counter()
     finetune.fit(t, optimizer=f.optimizer, learning_rate=f.learning_rate, weight_decay=f.weight_decay,
-                 schedule=f.schedule, warmup_epochs=f.warmup_epochs, steps=steps, batch_size=f.batch_size,
+                 schedule=f.schedule, warmup_epochs=f.warmup_epochs, steps=steps, batch_size=batch_size,
                  label_smoothing=f.label_smoothing, callbacks=cbs, verbose=training.verbosity())
     seconds = time.perf_counter() - start
     ran = int(keras.ops.convert_to_numpy(t.model.optimizer.iterations))  # early stopping may end it sooner
@@ -188,10 +198,11 @@ def stage_budget_spent() -> float:
 
 
 def plan_steps(t: finetune.Training, f: config.FinetuneConfig, prepared: data.Prepared,
-               budget_seconds: float) -> budget.Plan:
+               budget_seconds: float, batch_size: int = 0) -> budget.Plan:
     """Size the fine-tune to what is left of the budget (transferlab.budget)."""
+    batch_size = batch_size or f.batch_size
     startup = stage_seconds()
-    measured = finetune.probe(t, f.batch_size)
+    measured = finetune.probe(t, batch_size)
     feats = json.loads((METRICS / "features.json").read_text())
     infer = float(feats["features_images_per_second"])  # the same network and input size, forward only
     n_val, n_test = len(prepared.y["val"]), len(prepared.y["test"])
@@ -200,7 +211,7 @@ def plan_steps(t: finetune.Training, f: config.FinetuneConfig, prepared: data.Pr
         evaluate_seconds=budget.evaluate_reserve(n_val=n_val, n_test=n_test, views=2,
                                                  inference_images_per_second=infer, startup_seconds=startup),
         probe=measured, inference_images_per_second=infer, n_val=n_val,
-        steps_per_epoch=finetune.steps_per_epoch(t, f.batch_size),
+        steps_per_epoch=finetune.steps_per_epoch(t, batch_size),
     )
     log.info("budget %s: %.0f s spent before the fine-tune, %.0f s kept for evaluate; %.0f train img/s "
              "measured -> %d steps (%.2f epochs), about %.0f s; replay without the clock: budget: 0, "

@@ -11,19 +11,21 @@ import time
 
 import numpy as np
 
-from transferlab import config, evaluate, features, head, tracking, training
+from transferlab import config, device, evaluate, features, head, tracking, training
 from transferlab.files import write_atomic, write_json
 from transferlab.stages import begin, METRICS, MODELS, PLOTS, PREPARED, entry, features_dir, resolved, stage_seconds
 
 log = logging.getLogger(__name__)
 
-KEYS = ("seed", "deterministic", "backbone.name", "backbone.input_size", "head", "tracking.experiment")
+KEYS = ("seed", "deterministic", "distribute", "backbone.name", "backbone.input_size", "head",
+        "tracking.experiment")
 
 
 def main(params: config.Params, callbacks: list | None = None) -> dict:
     """Returns the metrics written to metrics/head.json. `callbacks`: extra Keras
     callbacks for the head's fit (bench/recipes.py probes test accuracy with one)."""
     prepared = begin(params)
+    strategy = device.strategy(params.distribute)
     b, h = params.backbone, params.head
     feats_dir = features_dir(b.name, b.input_size)
     feats, meta = features.load_features(feats_dir)
@@ -34,16 +36,17 @@ def main(params: config.Params, callbacks: list | None = None) -> dict:
                             params=config.flatten(values), inputs=[str(PREPARED), str(feats_dir)]):
         import mlflow
 
-        model = head.build_head(meta["feature_dim"], len(prepared.classes), h.units, h.dropout)
         rows = meta.get("train_index")  # the features stage's share of the training images
         y_train = prepared.y["train"] if rows is None else prepared.y["train"][np.asarray(rows)]
         start = time.perf_counter()
-        history = head.train_head(
-            model, feats["train"], y_train, feats["val"], prepared.y["val"],
-            optimizer=h.optimizer, learning_rate=h.learning_rate, epochs=h.epochs,
-            batch_size=h.batch_size, patience=h.patience,
-            callbacks=[tracking.EpochLogger(), *(callbacks or [])],
-        )
+        with strategy.scope():  # head.batch_size is per replica
+            model = head.build_head(meta["feature_dim"], len(prepared.classes), h.units, h.dropout)
+            history = head.train_head(
+                model, feats["train"], y_train, feats["val"], prepared.y["val"],
+                optimizer=h.optimizer, learning_rate=h.learning_rate, epochs=h.epochs,
+                batch_size=device.global_batch(h.batch_size, params.distribute), patience=h.patience,
+                callbacks=[tracking.EpochLogger(), *(callbacks or [])],
+            )
         seconds = time.perf_counter() - start
         has_val = len(prepared.y["val"]) > 0
         split = "val" if has_val else "train"
@@ -60,6 +63,7 @@ def main(params: config.Params, callbacks: list | None = None) -> dict:
             "best_epoch": best + 1,
             "epochs_run": len(hist["loss"]),
             "head_seconds": round(seconds, 2),
+            "replicas": int(strategy.num_replicas_in_sync),
         }
         if has_val:
             metrics["best_val_loss"] = round(float(hist["val_loss"][best]), 5)
