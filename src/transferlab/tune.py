@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from transferlab import backbones, config, device
+from transferlab import config
 from transferlab.files import write_json
 from transferlab.redact import redact, redact_tree
 
@@ -139,6 +139,8 @@ DEFAULT_ATTR = "params_yaml"  # user attribute of the enqueued trial that is par
 
 
 def unfreeze_range(params: config.Params) -> tuple[int, int]:
+    from transferlab import backbones
+
     n = len(backbones.get(params.backbone.name).blocks)
     low, high = (n if u == "all" else int(u) for u in params.tune.space.unfreeze)
     return low, high
@@ -161,9 +163,9 @@ def defaults(params: config.Params) -> dict:
     """params.yaml's configuration as a point of the space: the study's first
     trial. A value outside its range is an error, not a silent clip: the search
     must contain the configuration it is meant to beat."""
-    f, h, s = params.finetune, params.head, params.tune.space
-    from transferlab import finetune
+    from transferlab import backbones, finetune
 
+    f, h, s = params.finetune, params.head, params.tune.space
     point = {"unfreeze": finetune.n_unfrozen(backbones.get(params.backbone.name), f.unfreeze),
              "learning_rate": f.learning_rate, "weight_decay": f.weight_decay,
              "label_smoothing": f.label_smoothing, "head_learning_rate": h.learning_rate,
@@ -247,7 +249,7 @@ def ensure_cache(params: config.Params, prepared_dir: Path) -> Path:
 
     import keras
 
-    from transferlab import data, features
+    from transferlab import backbones, data, features
 
     out = cache_dir(params)
     b = params.backbone
@@ -316,7 +318,7 @@ class Objective:
         import mlflow
         import optuna
 
-        from transferlab import tracking
+        from transferlab import device, tracking
 
         keras.backend.clear_session()  # each trial starts from an empty graph: memory stays flat
         gc.collect()
@@ -380,7 +382,7 @@ class Objective:
         parts of the model that reached it."""
         import keras
 
-        from transferlab import finetune, head, tracking, training
+        from transferlab import backbones, device, finetune, head, tracking, training
 
         p, t, d = self.params, self.params.tune, self.data
 
@@ -686,6 +688,7 @@ def apply_best(params_path: Path, params: config.Params, summary: dict, parent_r
     with tracking.tuned_by naming the study's MLflow run, so that the pipeline run
     that trains them links back to it. Nothing changes when params.yaml's own
     configuration won. Returns the changes written."""
+    from transferlab import backbones
     from transferlab.run import apply_overrides
 
     if summary.get("default_wins"):
