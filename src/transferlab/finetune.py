@@ -196,14 +196,13 @@ class StopAtStep(keras.callbacks.Callback):
 
 class FlipCacheDataset(keras.utils.PyDataset):
     """Batches of cached activations; each sample comes from the plain or the
-    flipped cache at random, reshuffled every epoch (seeded). `index` limits the
-    samples to those rows (a subset), all rows by default."""
+    flipped cache at random, reshuffled every epoch (seeded)."""
 
     def __init__(self, plain: np.ndarray, flipped: np.ndarray | None, y: np.ndarray,
-                 batch_size: int, seed: int, index: np.ndarray | None = None, **kwargs):
+                 batch_size: int, seed: int, **kwargs):
         super().__init__(**kwargs)
         self.plain, self.flipped, self.y = plain, flipped, y
-        self.index = np.arange(len(y)) if index is None else np.sort(np.asarray(index))
+        self.index = np.arange(len(y))
         self.batch_size = batch_size
         self.rng = np.random.default_rng(seed)
         self.order = self.rng.permutation(self.index)
@@ -376,23 +375,21 @@ def prepare(
     y_train: np.ndarray, y_val: np.ndarray, batch_size: int, seed: int,
     images: tuple[np.ndarray, np.ndarray] | None = None, image_size: int = 0, input_size: int = 0,
     augment: dict | None = None,
-    activations: dict[str, np.ndarray] | None = None, cache_unfreeze: int | str | None = None,
-    flip: bool = True, index: np.ndarray | None = None,
+    activations: dict[str, np.ndarray] | None = None, flip: bool = True,
 ) -> Training:
     """Unfreeze the top `unfreeze` blocks and build the model of the path:
     - full (`images` = (train, val) uint8 arrays): augmentation (`augment`: flip,
       shift, rotation, zoom) -> upscale -> whole backbone -> head;
     - cached (`activations`: train, train_flip, val at the boundary of
-      `cache_unfreeze` blocks, default `unfreeze`): upper blocks -> head, on a
-      randomly flipped copy per sample and epoch (`flip`); `index` limits the
-      training rows."""
+      `unfreeze` blocks): upper blocks -> head, on a randomly flipped copy per
+      sample and epoch (`flip`)."""
     trainable = set_trainable(spec, body, unfreeze)
     has_val = len(y_val) > 0
     if activations is not None:
-        split = split_body(spec, body, unfreeze if cache_unfreeze is None else cache_unfreeze)
+        split = split_body(spec, body, unfreeze)
         model = assemble_upper(split, head)
         train = FlipCacheDataset(activations["train"], activations.get("train_flip") if flip else None,
-                                 y_train, batch_size, seed, index=index)
+                                 y_train, batch_size, seed)
         val = (np.asarray(activations["val"], np.float32), y_val) if has_val else None
         fit_kwargs, path = {}, "cached"
     else:
@@ -404,7 +401,7 @@ def prepare(
         train = np.asarray(x_train)
         val = (np.asarray(x_val), y_val) if has_val else None
         fit_kwargs, path = {"y": y_train, "batch_size": batch_size, "shuffle": True}, "full"
-    n_train = len(y_train) if index is None else len(index)
+    n_train = len(y_train)
     log.info("finetune: %s path, top %s block(s) of %s unfrozen (%d trainable tensors in the body)",
              path, unfreeze, spec.name, trainable)
     return Training(model, train, val, fit_kwargs, n_train, path)
