@@ -16,7 +16,6 @@ import csv
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +24,7 @@ import pytest
 import yaml
 
 import tinyproject
+from pgserver import free_port
 from transferlab import config
 
 RUNNER = Path(__file__).with_name("distributed_stages.py")
@@ -120,12 +120,6 @@ def test_tf_config_is_refused_naming_the_upstream_issue(monkeypatch):
     with pytest.raises(device.DistributeError, match="keras-team/keras/issues/20585.*Unset TF_CONFIG"):
         device.strategy("auto")
     assert device.strategy("none").num_replicas_in_sync == 1  # distribute: none ignores it
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.heavy
