@@ -43,6 +43,16 @@ def test_plan_fills_what_is_left_and_no_more():
     assert p.train_images_per_second == pytest.approx(160.0)
 
 
+def test_the_recipe_length_caps_the_plan():
+    """A budget is a limit: where the whole recipe fits, the plan is the recipe,
+    and the fine-tune ends early instead of training on."""
+    uncapped = _plan(3600.0)
+    assert _plan(3600.0, max_steps=uncapped.steps - 100).steps == uncapped.steps - 100
+    assert _plan(3600.0, max_steps=uncapped.steps + 100).steps == uncapped.steps  # the budget binds
+    # a recipe shorter than the fewest useful steps is not a budget too small
+    assert _plan(1200.0, max_steps=20).steps == 20
+
+
 def test_a_budget_too_small_names_the_smallest_that_fits():
     with pytest.raises(budget.BudgetError) as err:
         _plan(500.0)
@@ -101,7 +111,8 @@ def _finetune(folder, monkeypatch, probe=None, **over):
 def test_a_budget_plans_the_fine_tune_and_its_plan_replays_without_the_clock(stages_done, monkeypatch):
     for name in ("prepare", "features", "head"):  # each stage recorded its wall time for the clock
         assert json.loads((stages_done / "metrics" / f"{name}.json").read_text())["stage_seconds"] > 0
-    planned = _finetune(stages_done, monkeypatch, probe=SLOW, budget="10m")
+    long_recipe = {**tinyproject.TINY["finetune"], "epochs": 1000}  # the budget, not the recipe, binds
+    planned = _finetune(stages_done, monkeypatch, probe=SLOW, budget="10m", finetune=long_recipe)
     plan = planned["plan"]
     assert plan["budget_seconds"] == 600 and plan["steps"] == planned["steps"] > 0
     assert plan["step_seconds"] == 10.0 and plan["steps"] * 10.0 <= 600 - plan["spent_seconds"]
@@ -117,10 +128,16 @@ def test_a_budget_plans_the_fine_tune_and_its_plan_replays_without_the_clock(sta
     assert int(run["params.plan.steps"]) == plan["steps"]  # and to the MLflow run
     assert "metrics.budget_seconds_left" in run.index
 
-    replayed = _finetune(stages_done, monkeypatch, finetune={**tinyproject.TINY["finetune"],
-                                                             "steps": plan["steps"]})
+    replayed = _finetune(stages_done, monkeypatch, finetune={**long_recipe, "steps": plan["steps"]})
     assert replayed["steps"] == plan["steps"] and "plan" not in replayed
     assert replayed["epochs_run"] == planned["epochs_run"]
+
+
+def test_a_budget_that_holds_the_whole_recipe_trains_the_recipe(stages_done, monkeypatch):
+    recipe = _finetune(stages_done, monkeypatch)["steps"]  # no budget: finetune.epochs
+    planned = _finetune(stages_done, monkeypatch, probe=SLOW, budget="10m")
+    assert planned["steps"] == planned["plan"]["steps"] == recipe
+    assert recipe * SLOW.step_seconds < 600 - planned["plan"]["spent_seconds"] - 100  # so the cap binds
 
 
 def test_min_steps_stretches_early_stopping_with_the_schedule(stages_done, monkeypatch):

@@ -140,7 +140,7 @@ def test_two_runs_finishing_together_leave_the_better_champion(in_tmp):
 
 
 TINY = {
-    "seed": 5, "deterministic": True,
+    "seed": 5, "deterministic": True, "budget": 0,  # a budget's plan holds measured times
     "data": {"source": "tiny-images", "checksum": None, "image_size": 16, "val_fraction": 0.25},
     "backbone": {"name": "vgg16", "weights": "none", "input_size": 32},
     "head": {"units": 16, "epochs": 3, "batch_size": 8},

@@ -31,6 +31,7 @@ from transferlab.redact import redact
 
 TINY = {
     "seed": 3,
+    "budget": 0,
     "data": {"source": "tiny-images", "checksum": None, "image_size": 16, "val_fraction": 0.25},
     "backbone": {"name": "vgg16", "weights": "none", "input_size": 32},
     "features": {"batch_size": 32},

@@ -101,16 +101,20 @@ def finetune_seconds(steps: int, steps_per_epoch: int, probe: Probe, val_seconds
 
 
 def plan(*, budget_seconds: float, spent_seconds: float, evaluate_seconds: float, probe: Probe,
-         inference_images_per_second: float, n_val: int, steps_per_epoch: int) -> Plan:
-    """The most fine-tune steps that fit what is left of the budget. Raises
-    BudgetError naming the smallest budget that holds one useful fine-tune."""
+         inference_images_per_second: float, n_val: int, steps_per_epoch: int, max_steps: int = 0) -> Plan:
+    """The most fine-tune steps that fit what is left of the budget, and at most
+    `max_steps` (the recipe's own length; 0: no cap): a budget is a limit, so a
+    machine fast enough for the whole recipe finishes early rather than training
+    on. Raises BudgetError naming the smallest budget that holds one useful fine-tune."""
     margin = MARGIN * budget_seconds
     val_seconds = n_val / inference_images_per_second
     left = budget_seconds - spent_seconds - evaluate_seconds - margin - FINISH_SECONDS
     steps = max(0, int(left // probe.step_seconds))
+    if max_steps:
+        steps = min(steps, max_steps)
     while steps > 0 and finetune_seconds(steps, steps_per_epoch, probe, val_seconds) > left:
         steps -= 1
-    useful = min(MIN_USEFUL_STEPS, steps_per_epoch)
+    useful = min(MIN_USEFUL_STEPS, steps_per_epoch, max_steps or steps_per_epoch)
     if steps < useful:
         need = (spent_seconds + evaluate_seconds + FINISH_SECONDS
                 + finetune_seconds(useful, steps_per_epoch, probe, val_seconds)) / (1 - MARGIN)

@@ -307,8 +307,8 @@ def _validate(params: Params) -> None:
         raise ConfigError(f"budget ({params.budget!r}) and finetune.steps ({f.steps}) both size the fine-tune: "
                           "set budget: 0 to replay a plan's steps, or finetune.steps: 0 to plan to the budget")
     if seconds and f.schedule == "plateau":
-        raise ConfigError("budget: a budgeted fine-tune decays its learning rate to zero at the budget's end; "
-                          "set finetune.schedule to cosine or linear")
+        raise ConfigError(f"budget ({params.budget!r}): a budgeted fine-tune decays its learning rate to zero at "
+                          "the budget's end; set finetune.schedule to cosine or linear, or budget: 0 for plateau")
     _validate_tune(params, n_blocks)
 
 

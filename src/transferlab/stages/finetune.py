@@ -205,13 +205,16 @@ def plan_steps(t: finetune.Training, f: config.FinetuneConfig, prepared: data.Pr
     measured = finetune.probe(t, batch_size)
     feats = json.loads((METRICS / "features.json").read_text())
     infer = float(feats["features_images_per_second"])  # the same network and input size, forward only
+    per_epoch = finetune.steps_per_epoch(t, batch_size)
     n_val, n_test = len(prepared.y["val"]), len(prepared.y["test"])
     plan = budget.plan(
         budget_seconds=budget_seconds, spent_seconds=stage_budget_spent() + stage_seconds(),
         evaluate_seconds=budget.evaluate_reserve(n_val=n_val, n_test=n_test, views=2,
                                                  inference_images_per_second=infer, startup_seconds=startup),
         probe=measured, inference_images_per_second=infer, n_val=n_val,
-        steps_per_epoch=finetune.steps_per_epoch(t, batch_size),
+        steps_per_epoch=per_epoch,
+        # the recipe's own length caps the plan: a fast machine finishes early
+        max_steps=finetune.total_steps(epochs=f.epochs, steps_per_epoch=per_epoch, min_steps=f.min_steps),
     )
     log.info("budget %s: %.0f s spent before the fine-tune, %.0f s kept for evaluate; %.0f train img/s "
              "measured -> %d steps (%.2f epochs), about %.0f s; replay without the clock: budget: 0, "
