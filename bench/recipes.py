@@ -1,20 +1,25 @@
-"""Our pipeline against the seeds' recipe, side by side on the same data and machine.
+"""Our pipeline against the seeds' recipe and fastai's, side by side on the same data and machine.
 
     python bench/recipes.py                       # real CIFAR-10, efficientnet_lite0, default params
     python bench/recipes.py --data DIR --weights none --set head.epochs=2 ...   # a smoke run
+    python bench/recipes.py --recipes ours,fastai # any of ours, seeds, fastai
 
-Two recipes, each in its own process (so each has its own peak RSS):
+Three recipes, each in its own process (so each has its own peak RSS):
 - seeds: the classic notebook recipe written plainly with Keras `model.fit`:
   native 32x32 input, frozen backbone + Flatten/Dense(256, relu)/Dropout(0.5)/
   Dense(10, softmax), Adam, 10 epochs, batch 128; then the top registry block
   unfrozen and trained with SGD(lr 1e-4, momentum 0.9) for 10 epochs;
 - ours: the pipeline's stages (prepare, features, head, finetune, evaluate) with
-  the params file, called in one process in a scratch folder (`--workdir`).
+  the params file, called in one process in a scratch folder (`--workdir`);
+- fastai: `Learner.fine_tune` on the same Lite0 ImageNet weights in PyTorch
+  (bench/fastai_peer.py), in its own environment: `--peer-python`, by default
+  .peer/bin/python, made with `python -m venv .peer && .peer/bin/pip install -r
+  bench/peer-requirements.txt`. Without it the peer is left out, and said so.
 
 After every epoch of either, a probe measures test accuracy with the clock
 stopped, so the curve is test accuracy against training wall time. The seeds'
 recipe starts from the prepared arrays (the JPEG decoding, our prepare stage, is
-counted for ours only).
+counted for ours only); fastai's clock starts before it unpacks the archive.
 
 Writes into --out: results.json, table.md (the README's table), results.csv,
 time_to_accuracy.csv and time_to_accuracy.png; prints the table and the
@@ -31,6 +36,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import textwrap
 import time
 from datetime import date
 from pathlib import Path
@@ -236,7 +242,24 @@ def first_time(points: list, accuracy: float) -> float | None:
     return min(hits) if hits else None
 
 
-def targets(ours: dict, seeds: dict) -> list[dict]:
+def sooner_than_peer(ours: dict, peer: dict) -> dict:
+    """Each accuracy the peer reached (after each of its epochs): when it did,
+    and when ours first did."""
+    rows = []
+    for p in peer["points"]:
+        if p["phase"] == "final":
+            continue
+        t = first_time(ours["points"], p["test_accuracy"])
+        rows.append(f"{p['test_accuracy']:.2%}: {peer['recipe']} {p['seconds'] / 60:.1f} min, "
+                    + (f"ours {t / 60:.1f} min" if t is not None else "ours never"))
+    met = bool(peer["points"]) and all(
+        (t := first_time(ours["points"], p["test_accuracy"])) is not None and t < p["seconds"]
+        for p in peer["points"] if p["phase"] != "final")
+    return {"target": f"every accuracy {peer['recipe']} reached, ours reached sooner",
+            "measured": "; ".join(rows) or "no points", "met": met}
+
+
+def targets(ours: dict, seeds: dict | None, peer: dict | None = None) -> list[dict]:
     rows = []
     for acc, limit in TARGETS:
         t = first_time(ours["points"], acc)
@@ -244,16 +267,19 @@ def targets(ours: dict, seeds: dict) -> list[dict]:
         rows.append({"target": f">= {acc:.0%} test accuracy within {limit // 60} min",
                      "measured": f"reached at {t / 60:.1f} min" if t else f"best {best:.2%}, not reached",
                      "met": t is not None and t <= limit})
-    goal = seeds["after_finetune"]
-    t_seeds = first_time(seeds["points"], goal)
-    t_ours = first_time(ours["points"], goal)
-    ratio = t_seeds / t_ours if t_seeds and t_ours else None
-    rows.append({"target": f"the seeds' final {goal:.2%} reached >= {SOONER:.0f}x sooner",
-                 "measured": (f"seeds {t_seeds / 60:.1f} min, ours {t_ours / 60:.1f} min: {ratio:.1f}x"
-                              if ratio else "ours never reached it"),
-                 "met": ratio is not None and ratio >= SOONER})
-    rss = max(ours["peak_rss_gb"], seeds["peak_rss_gb"])
-    rows.append({"target": f"peak RSS <= {RSS_LIMIT_GB:.0f} GB", "measured": f"{rss:.2f} GB",
+    if peer is not None:
+        rows.append(sooner_than_peer(ours, peer))
+    if seeds is not None:
+        goal = seeds["after_finetune"]
+        t_seeds = first_time(seeds["points"], goal)
+        t_ours = first_time(ours["points"], goal)
+        ratio = t_seeds / t_ours if t_seeds and t_ours else None
+        rows.append({"target": f"the seeds' final {goal:.2%} reached >= {SOONER:.0f}x sooner",
+                     "measured": (f"seeds {t_seeds / 60:.1f} min, ours {t_ours / 60:.1f} min: {ratio:.1f}x"
+                                  if ratio else "ours never reached it"),
+                     "met": ratio is not None and ratio >= SOONER})
+    rss = ours["peak_rss_gb"]  # ours is what the limit is for
+    rows.append({"target": f"ours' peak RSS <= {RSS_LIMIT_GB:.0f} GB", "measured": f"{rss:.2f} GB",
                  "met": rss <= RSS_LIMIT_GB})
     return rows
 
@@ -326,7 +352,7 @@ def plot(path: Path, results: list[dict], machine: str) -> None:
         ax.plot([limit / 60], [100 * acc], marker="*", color="k", markersize=10)
     ax.set_xlabel("wall time (min; probes excluded)")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"Time to accuracy ({machine})", fontsize=9)
+    ax.set_title(textwrap.fill(f"Time to accuracy ({machine})", 90), fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
@@ -361,8 +387,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds-unfreeze", type=int, default=1, help="top registry blocks (1: the top block)")
     p.add_argument("--workdir", default=str(ROOT / "bench/work"))
     p.add_argument("--out", default=str(ROOT / "bench/results"))
+    p.add_argument("--recipes", default="ours,seeds,fastai", help="which to run, comma-separated")
+    p.add_argument("--peer-python", default=os.environ.get("TRANSFERLAB_PEER_PYTHON", str(ROOT / ".peer/bin/python")),
+                   help="the Python of the fastai peer's environment (bench/peer-requirements.txt)")
+    p.add_argument("--peer-epochs", type=int, default=1, help="fastai fine_tune's unfrozen epochs")
+    p.add_argument("--peer-freeze-epochs", type=int, default=1, help="fastai fine_tune's frozen epochs (its default)")
+    p.add_argument("--reuse", action="store_true",
+                   help="keep --workdir, and report the recipes not run from their <recipe>.json there")
     p.add_argument("--only", choices=["ours", "seeds"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    chosen = [r.strip() for r in args.recipes.split(",") if r.strip()]
+    if not chosen or set(chosen) - {"ours", "seeds", "fastai"}:
+        p.error(f"--recipes: a comma-separated choice of ours, seeds, fastai; received {args.recipes!r}")
+    if "seeds" in chosen and "ours" not in chosen and not args.reuse:
+        p.error("--recipes: the seeds' recipe reads the arrays ours prepares; add ours (or --reuse its run)")
     workdir, out = Path(args.workdir).resolve(), Path(args.out).resolve()
 
     if args.only:
@@ -388,21 +426,45 @@ def main(argv: list[str] | None = None) -> int:
         checksum = base.data.checksum
     overrides = [f"data.source={source}", f"data.checksum={checksum or 'null'}",
                  f"backbone.weights={args.weights}", *args.set]
-    if workdir.exists():
+    if workdir.exists() and not args.reuse:
         shutil.rmtree(workdir)
-    workdir.mkdir(parents=True)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if "fastai" in chosen and is_url(source):
+        print("[fastai] left out: it reads a local archive or folder, not a URL", flush=True)
+        chosen.remove("fastai")
+    if "fastai" in chosen and not Path(args.peer_python).exists():
+        print(f"[fastai] left out: no {args.peer_python}; make it with `python -m venv .peer && "
+              ".peer/bin/pip install -r bench/peer-requirements.txt` (or pass --peer-python)", flush=True)
+        chosen.remove("fastai")
     me = [sys.executable, str(Path(__file__).resolve()), "--workdir", str(workdir), "--weights", args.weights]
-    # ours first: it prepares the arrays that the seeds' recipe then reads
-    subprocess.run([*me, "--params", args.params, "--only", "ours",
-                    *[a for o in overrides for a in ("--set", o)]], check=True)
-    # the seeds take the backbone and seed from the same (overridden) params
-    subprocess.run([*me, "--params", str(workdir / "params.yaml"), "--only", "seeds",
-                    "--seeds-head-epochs", str(args.seeds_head_epochs),
-                    "--seeds-finetune-epochs", str(args.seeds_finetune_epochs),
-                    "--seeds-unfreeze", str(args.seeds_unfreeze)], check=True)
-    results = [json.loads((workdir / f"{name}.json").read_text()) for name in ("seeds", "ours")]
+    if "ours" in chosen:  # first: it prepares the arrays that the seeds' recipe then reads
+        subprocess.run([*me, "--params", args.params, "--only", "ours",
+                        *[a for o in overrides for a in ("--set", o)]], check=True)
+    if "seeds" in chosen:  # the backbone and seed of the same (overridden) params
+        subprocess.run([*me, "--params", str(workdir / "params.yaml"), "--only", "seeds",
+                        "--seeds-head-epochs", str(args.seeds_head_epochs),
+                        "--seeds-finetune-epochs", str(args.seeds_finetune_epochs),
+                        "--seeds-unfreeze", str(args.seeds_unfreeze)], check=True)
+    if "fastai" in chosen:  # the same archive or folder, input size and seed as ours
+        ours_params = config.load(workdir / "params.yaml") if (workdir / "params.yaml").exists() else base
+        if args.weights != "imagenet":
+            print("[fastai] runs with the Lite0 ImageNet weights whatever --weights says", flush=True)
+        subprocess.run([args.peer_python, str(ROOT / "bench/fastai_peer.py"), "--data", source,
+                        "--workdir", str(workdir / "fastai"), "--out", str(workdir / "fastai.json"),
+                        "--size", str(ours_params.backbone.input_size), "--seed", str(ours_params.seed),
+                        "--valid-pct", str(ours_params.data.val_fraction),
+                        "--epochs", str(args.peer_epochs), "--freeze-epochs", str(args.peer_freeze_epochs)],
+                       check=True)
+    reused = [name for name in ("seeds", "fastai", "ours")
+              if args.reuse and name not in chosen and (workdir / f"{name}.json").exists()]
+    for name in reused:
+        print(f"[{name}] reported from {workdir / f'{name}.json'} (an earlier run; --reuse)", flush=True)
+    order = [name for name in ("seeds", "fastai", "ours") if name in chosen or name in reused]
+    results = [json.loads((workdir / f"{name}.json").read_text()) for name in order]
+    by_name = dict(zip(order, results))
     machine = machine_name()
-    text = write_outputs(out, results, targets(results[1], results[0]), machine)
+    target_rows = targets(by_name["ours"], by_name.get("seeds"), by_name.get("fastai")) if "ours" in by_name else []
+    text = write_outputs(out, results, target_rows, machine)
     print(text)
     print(f"written: {out}/table.md, results.csv, time_to_accuracy.csv, time_to_accuracy.png")
     return 0

@@ -63,3 +63,27 @@ def test_study_table_lists_every_trial_with_its_epochs(tmp_path):
     table = list(csv.DictReader((tmp_path / "trials.csv").open()))
     assert [r["trial"] for r in table] == ["0", "1"] and table[0]["params_yaml"] == "True"
     assert table[1]["per_epoch"] == "0.2500 0.5000" and table[0]["x"] == "0.5"
+
+
+def _points(*rows):
+    return [{"phase": phase, "epoch": i, "seconds": s, "test_accuracy": a, "val_accuracy": float("nan")}
+            for i, (phase, s, a) in enumerate(rows, 1)]
+
+
+def test_the_peer_comparison_needs_ours_sooner_at_every_accuracy_the_peer_reached():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import recipes
+
+    ours = {"recipe": "ours", "peak_rss_gb": 2.0,
+            "points": _points(("head", 60, 0.80), ("finetune", 300, 0.88), ("final", 400, 0.90))}
+
+    def peer(*rows):
+        return {"recipe": "fastai", "points": _points(*rows)}
+
+    slower = recipes.sooner_than_peer(ours, peer(("head", 600, 0.79), ("finetune", 1200, 0.87)))
+    assert slower["met"] and "87.00%: fastai 20.0 min, ours 5.0 min" in slower["measured"]
+    assert not recipes.sooner_than_peer(ours, peer(("head", 600, 0.79), ("finetune", 200, 0.87)))["met"]
+    assert not recipes.sooner_than_peer(ours, peer(("finetune", 5000, 0.95)))["met"]  # ours never got there
+    rows = recipes.targets(ours, None, peer(("finetune", 1200, 0.87)))
+    assert [r["target"] for r in rows][-2:] == ["every accuracy fastai reached, ours reached sooner",
+                                                "ours' peak RSS <= 4 GB"]
