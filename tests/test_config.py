@@ -105,5 +105,5 @@ def test_set_writes_exponent_floats_that_yaml_1_1_reads_back_as_floats(tmp_path)
     assert changes == {"finetune.weight_decay": 1e-5, "finetune.learning_rate": 3.5e-4}
     loaded = config.load(path)
     assert loaded.finetune.weight_decay == 1e-5 and loaded.finetune.learning_rate == 3.5e-4
-    assert "# low: pretrained weights" in path.read_text()
+    assert "# peak; pretrained weights" in path.read_text()
     assert "  checksum: sha256:" in path.read_text()  # not wrapped onto a line of its own
