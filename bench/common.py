@@ -5,7 +5,19 @@ from __future__ import annotations
 import json
 import os
 import platform
+import time
 from pathlib import Path
+
+
+class Clock:
+    """Wall time since start, less the time spent in probes (add it to `paused`)."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.paused = 0.0
+
+    def now(self) -> float:
+        return time.perf_counter() - self.start - self.paused
 
 
 def cpu_description() -> str:

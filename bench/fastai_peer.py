@@ -33,17 +33,10 @@ import tarfile
 import time
 from pathlib import Path
 
+from common import Clock  # bench/common.py: plain Python, no TensorFlow
+
 MEAN, STD = 0.498, 0.502  # the Lite weights' input normalisation on [0, 1] pixels
 FEATURES = 1280  # channels out of EfficientNet-Lite0's body
-
-
-class Clock:
-    def __init__(self):
-        self.start = time.perf_counter()
-        self.paused = 0.0
-
-    def now(self) -> float:
-        return time.perf_counter() - self.start - self.paused
 
 
 def load_lite0(n_classes: int | None = None):

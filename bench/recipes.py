@@ -45,22 +45,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cpu_description  # noqa: E402
+from common import Clock, cpu_description  # noqa: E402
 
 TARGETS = ((0.90, 20 * 60), (0.93, 60 * 60))  # (test accuracy, seconds) on this CPU (issue #15)
 SOONER = 5.0  # the seeds' final accuracy, reached at least this many times sooner
 RSS_LIMIT_GB = 4.0
-
-
-class Clock:
-    """Wall time since start, less the time spent in probes."""
-
-    def __init__(self):
-        self.start = time.perf_counter()
-        self.paused = 0.0
-
-    def now(self) -> float:
-        return time.perf_counter() - self.start - self.paused
 
 
 def probe(clock: Clock, points: list, phase: str, x, y, batch_size: int = 256):
