@@ -4,6 +4,7 @@
 import json
 import re
 
+import keras
 import pytest
 
 import synth
@@ -51,6 +52,34 @@ def test_the_recipe_length_caps_the_plan():
     assert _plan(3600.0, max_steps=uncapped.steps + 100).steps == uncapped.steps  # the budget binds
     # a recipe shorter than the fewest useful steps is not a budget too small
     assert _plan(1200.0, max_steps=20).steps == 20
+
+
+def test_small_steps_are_whole_epochs_and_at_most_the_fraction():
+    assert budget.small_steps(2500, 352, 0.6) == 4 * 352  # 1,500 steps -> 4 whole epochs
+    assert budget.small_steps(1000, 352, 0.6) == 352
+    assert budget.small_steps(500, 352, 0.6) == 0  # not one whole epoch
+    assert budget.small_steps(500, 22, 0.0) == 0
+
+
+def test_progressive_resizing_plans_the_steps_of_both_sizes():
+    """Cheaper steps at the smaller size: more of them fit, and the plan is the
+    most that fits (a whole epoch more at the small size can cost less, so every
+    longer plan is checked, not only the next step)."""
+    progressive = budget.Probe(step_seconds=0.8, first_step_seconds=10.8, batch_size=128,
+                               small_step_seconds=0.5, small_first_step_seconds=8.5, small_fraction=0.6)
+    one_size, p = _plan(3600.0), _plan(3600.0, probe=progressive)
+    assert p.steps > one_size.steps
+    assert p.small_steps == budget.small_steps(p.steps, 352, 0.6) > 0 and p.small_step_seconds == 0.5
+    left = 3600 - 400 - 100 - budget.MARGIN * 3600 - budget.FINISH_SECONDS
+    val = 5000 / 500.0
+    assert budget.finetune_seconds(p.steps, 352, progressive, val) <= left
+    assert all(budget.finetune_seconds(n, 352, progressive, val) > left
+               for n in range(p.steps + 1, int(left / 0.5 / budget.SLOWDOWN) + 1))
+    # both sizes' steps and tracing are counted
+    small = budget.small_steps(p.steps, 352, 0.6)
+    steps = small * 0.5 + (p.steps - small) * 0.8
+    expected = 10.0 + 8.0 + budget.SLOWDOWN * steps + -(-p.steps // 352) * val
+    assert budget.finetune_seconds(p.steps, 352, progressive, val) == pytest.approx(expected)
 
 
 def test_a_budget_too_small_names_the_smallest_that_fits():
@@ -138,6 +167,48 @@ def test_a_budget_that_holds_the_whole_recipe_trains_the_recipe(stages_done, mon
     planned = _finetune(stages_done, monkeypatch, probe=SLOW, budget="10m")
     assert planned["steps"] == planned["plan"]["steps"] == recipe
     assert recipe * SLOW.step_seconds < 600 - planned["plan"]["spent_seconds"] - 100  # so the cap binds
+
+
+PROGRESSIVE = budget.Probe(step_seconds=10.0, first_step_seconds=12.0, batch_size=8,
+                           small_step_seconds=5.0, small_first_step_seconds=6.0)
+
+
+class InputSizes(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.sizes.append(int(self.model.get_layer("upscale").output.shape[1]))
+
+
+def test_a_budget_plans_progressive_resizing_and_the_plan_replays(stages_done, monkeypatch):
+    """The stage under a budget with progressive resizing (48 px, the first
+    whole epochs at 36): the plan counts both sizes' steps, the epochs train at
+    the planned sizes, the saved model takes the full size, and the replay
+    without the clock trains the same split."""
+    over = {"backbone": {"name": "efficientnet_lite0", "weights": "none", "input_size": 48},
+            "finetune": {**tinyproject.TINY["finetune"], "epochs": 1000, "patience": 1000,
+                         "progressive": {"scale": 0.75, "fraction": 0.6}}}
+    sizes = InputSizes()
+    monkeypatch.setattr("transferlab.finetune.probe", lambda t, batch_size: PROGRESSIVE)
+    monkeypatch.chdir(stages_done)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    params = config.from_dict(tinyproject.full_params({**tinyproject.TINY, "budget": "6m", **over}))
+    planned = finetune.main(params, callbacks=[sizes])
+    plan = planned["plan"]
+    assert plan["small_step_seconds"] == 5.0 and plan["small_steps"] == planned["small_steps"] > 0
+    assert planned["small_input_size"] == 36
+    small_epochs = planned["small_steps"] // plan["steps_per_epoch"]
+    assert sizes.sizes == [36] * small_epochs + [48] * (planned["epochs_run"] - small_epochs)
+    assert planned["epochs_run"] > small_epochs  # the last epochs at the full size
+    saved = keras.saving.load_model(stages_done / "models/finetune/model.keras", safe_mode=True)
+    assert saved.get_layer("efficientnet_lite0_body").input.shape[1:] == (48, 48, 3)
+
+    replay = InputSizes()
+    replayed = finetune.main(config.from_dict(tinyproject.full_params(
+        {**tinyproject.TINY, **over, "finetune": {**over["finetune"], "steps": plan["steps"]}})), callbacks=[replay])
+    assert replayed["small_steps"] == planned["small_steps"] and replay.sizes == sizes.sizes
 
 
 def test_min_steps_stretches_early_stopping_with_the_schedule(stages_done, monkeypatch):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from keras import layers
 
-from transferlab import backbones, finetune, head, training
+from transferlab import backbones, budget, finetune, head, training
 from transferlab.backbones import BACKBONES
 
 NAMES = sorted(BACKBONES)
@@ -152,6 +152,76 @@ def test_fit_takes_exactly_the_planned_steps_and_ends_at_zero_learning_rate(tmp_
     assert hist.history["learning_rate"][-1] == 0.0
 
 
+class InputSizes(keras.callbacks.Callback):
+    """The input size of the model each epoch trains (its upscale layer's output)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.sizes.append(int(self.model.get_layer("upscale").output.shape[1]))
+
+
+def _progressive(small_size=32):
+    spec = BACKBONES["efficientnet_lite0"]
+    body = backbones.build_body(spec.name, 40, weights=None, any_size=True)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 255, (40, 16, 16, 3)).astype(np.uint8)
+    y = np.arange(40) % 3
+    t = finetune.prepare(spec, body, head.build_head(spec.feature_dim, 3, units=0, dropout=0.0), unfreeze=2,
+                         y_train=y, y_val=y[:8], batch_size=8, seed=0, images=(x, x[:8]), image_size=16,
+                         input_size=40, augment={"flip": True}, small_size=small_size)
+    return spec, body, t
+
+
+def test_progressive_resizing_trains_the_first_epochs_small_then_goes_on_at_full_size():
+    spec, body, t = _progressive()
+    assert {id(v) for v in t.small.trainable_weights} == {id(v) for v in t.model.trainable_weights}  # shared
+    sizes = InputSizes()
+    small = budget.small_steps(25, 5, 0.6)
+    assert small == 15  # 3 whole epochs of 5 steps
+    hist = finetune.fit(t, optimizer="adamw", learning_rate=1e-3, weight_decay=1e-4, schedule="cosine",
+                        warmup_epochs=0.2, steps=25, batch_size=8, small_steps=small, verbose=0,
+                        callbacks=[training.LearningRateLogger(), sizes])
+    assert sizes.sizes == [32, 32, 32, 40, 40]
+    # one optimizer, one schedule across the switch: the step counter goes on and the rate keeps decaying
+    assert t.model.optimizer is t.small.optimizer and int(t.model.optimizer.iterations.numpy()) == 25
+    rates = hist.history["learning_rate"]
+    assert len(rates) == 5 and rates[3] < rates[2] and rates[-1] == 0.0
+    assert len(hist.history["val_accuracy"]) == 5  # both phases' epochs
+
+
+def test_a_body_of_one_input_size_cannot_train_progressively():
+    spec = BACKBONES["efficientnet_lite0"]
+    x = np.zeros((8, 16, 16, 3), np.uint8)
+    with pytest.raises(ValueError, match="any_size=True"):
+        finetune.prepare(spec, backbones.build_body(spec.name, 40, weights=None),
+                         head.build_head(spec.feature_dim, 3, units=0, dropout=0.0), unfreeze=2,
+                         y_train=np.zeros(8), y_val=np.zeros(0), batch_size=8, seed=0, images=(x, x[:0]),
+                         image_size=16, input_size=40, small_size=32)
+
+
+def test_small_input_size_is_a_share_of_the_input_size_and_never_below_the_backbone_minimum():
+    spec = BACKBONES["efficientnet_lite0"]
+    assert finetune.small_input_size(spec, 128, 0.75, 0.6) == 96
+    assert finetune.small_input_size(spec, 224, 0.75, 0.6) == 168
+    assert finetune.small_input_size(spec, 40, 0.5, 0.6) == 32  # the backbone's smallest
+    assert finetune.small_input_size(spec, 32, 0.75, 0.6) == 0  # nothing smaller: one size
+    assert finetune.small_input_size(spec, 128, 1.0, 0.6) == 0  # off
+    assert finetune.small_input_size(spec, 128, 0.75, 0.0) == 0  # no step at the smaller size
+
+
+def test_probe_times_both_sizes_of_progressive_resizing():
+    _, _, t = _progressive()
+    before = [np.array(v) for v in t.model.variables + t.small.variables]
+    measured = finetune.probe(t, batch_size=8, steps=4)
+    assert measured.step_seconds > 0 and measured.small_step_seconds > 0
+    assert measured.small_first_step_seconds >= measured.small_step_seconds
+    for v, b in zip(t.model.variables + t.small.variables, before):
+        np.testing.assert_array_equal(np.array(v), b, err_msg=f"the probe changed {v.path}")
+
+
 def test_probe_leaves_the_model_as_it_found_it():
     spec, body, model = _tiny_classifier()
     aug = finetune.augmentation(True, 0.1, 0.0, 0.0, seed=3)
@@ -227,6 +297,26 @@ def test_resume_after_interruption_continues_from_last_completed_epoch(tmp_path)
     assert record.seen == [3, 4, 5]  # resumed, not restarted
     assert [r["epoch"] for r in checkpoint.state["history"]] == [1, 2, 3, 4, 5, 6]
     assert len(checkpoint.history()["val_accuracy"]) == 6
+
+
+def test_progressive_resizing_resumes_at_the_size_of_the_epoch_it_was_killed_in(tmp_path):
+    """Killed after the first full-size epoch: the restart trains no small epoch
+    again and goes on at the full size with the optimizer's step count."""
+    def run(extra):
+        _, _, t = _progressive()
+        sizes = InputSizes()
+        cbs, checkpoint = finetune.callbacks(tmp_path / "backup", patience=10, schedule="cosine", has_val=True,
+                                             extra=[sizes, *extra])
+        finetune.fit(t, optimizer="adamw", learning_rate=1e-3, weight_decay=1e-4, schedule="cosine",
+                     warmup_epochs=0.2, steps=20, batch_size=8, small_steps=10, verbose=0, callbacks=cbs)
+        return t, sizes, checkpoint
+
+    with pytest.raises(KeyboardInterrupt):
+        run([Interrupt(3)])  # epochs 1-2 at 32 px and 3 at 40 completed
+    t, sizes, checkpoint = run([])
+    assert sizes.sizes == [40]  # only epoch 4, at the full size
+    assert int(t.model.optimizer.iterations.numpy()) == 20
+    assert [r["epoch"] for r in checkpoint.state["history"]] == [1, 2, 3, 4]
 
 
 def test_a_truncated_checkpoint_is_never_loaded(tmp_path, caplog):

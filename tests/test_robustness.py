@@ -143,6 +143,7 @@ TINY = {
     "seed": 5, "deterministic": True, "budget": 0,  # a budget's plan holds measured times
     "data": {"source": "tiny-images", "checksum": None, "image_size": 16, "val_fraction": 0.25},
     "backbone": {"name": "vgg16", "weights": "none", "input_size": 32},
+    "features": {"train_fraction": 1.0},
     "head": {"units": 16, "epochs": 3, "batch_size": 8},
     "finetune": {"unfreeze": 1, "mode": "full", "epochs": 2, "min_steps": 0, "batch_size": 8},
     "tracking": {"experiment": "determinism"},

@@ -34,7 +34,7 @@ TINY = {
     "budget": 0,
     "data": {"source": "tiny-images", "checksum": None, "image_size": 16, "val_fraction": 0.25},
     "backbone": {"name": "vgg16", "weights": "none", "input_size": 32},
-    "features": {"batch_size": 32},
+    "features": {"batch_size": 32, "train_fraction": 1.0},
     "head": {"units": 32, "batch_size": 8, "patience": 10},
     "finetune": {"unfreeze": 1, "batch_size": 8},
     "tracking": {"experiment": "tune-test", "model_name": "tune-test-model"},

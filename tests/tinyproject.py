@@ -35,7 +35,7 @@ TINY = {
     "data": {"source": "tiny-images", "checksum": None, "image_size": 16, "val_fraction": 0.25,
              "cache_dir": "data/cache"},
     "backbone": {"name": "efficientnet_lite0", "weights": "none", "input_size": 32},
-    "features": {"batch_size": 16},
+    "features": {"batch_size": 16, "train_fraction": 1.0},  # a few images a class: no share of them
     "head": {"units": 16, "dropout": 0.1, "epochs": 3, "batch_size": 8, "patience": 2},
     "finetune": {"unfreeze": 2, "epochs": 2, "min_steps": 0, "batch_size": 8, "patience": 2},
     "tracking": {"experiment": "smoke", "model_name": "smoke-model"},

@@ -142,14 +142,15 @@ def _resolve_weights(weights: str | None) -> str | None:
     return str(weights)
 
 
-def build_body(name: str, input_size: int, weights: str | None = "imagenet") -> keras.Model:
-    """The convolutional body: preprocessed images -> feature map."""
+def build_body(name: str, input_size: int, weights: str | None = "imagenet", any_size: bool = False) -> keras.Model:
+    """The convolutional body: preprocessed images -> feature map. `any_size`:
+    built for images of any size (progressive resizing trains one body at two)."""
     spec = get(name)
     if input_size < spec.min_size:
         raise ValueError(f"{name}: input_size must be at least {spec.min_size}, received: {input_size}")
     weights = _resolve_weights(weights)
     try:
-        body = spec.build((input_size, input_size, 3), weights)
+        body = spec.build((None, None, 3) if any_size else (input_size, input_size, 3), weights)
     except Exception as exc:  # noqa: BLE001 - keras raises bare Exception on fetch failure
         if weights == "imagenet" and ("fetch failure" in str(exc) or isinstance(exc, OSError)):
             raise WeightsUnavailable(

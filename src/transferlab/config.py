@@ -79,6 +79,17 @@ class AugmentConfig:
 
 
 @dataclass(frozen=True)
+class ProgressiveConfig:
+    # Progressive resizing (full path): the first `fraction` of the fine-tune's
+    # steps (whole epochs) at `scale` x backbone.input_size (at least the
+    # backbone's smallest), the rest at backbone.input_size. Convolution weights
+    # do not depend on the input size, so the same weights go on at the larger
+    # one. scale 1 or fraction 0: off.
+    scale: float
+    fraction: float
+
+
+@dataclass(frozen=True)
 class FinetuneConfig:
     # Top N blocks of the registry's block list; 0 = head only; "all".
     unfreeze: int | str
@@ -101,6 +112,7 @@ class FinetuneConfig:
     batch_size: int
     patience: int
     augment: AugmentConfig
+    progressive: ProgressiveConfig
 
 
 @dataclass(frozen=True)
@@ -295,6 +307,7 @@ def _validate(params: Params) -> None:
                           "activations of every training image)")
     if f.steps < 0 or f.min_steps < 0:
         raise ConfigError(f"finetune.steps and finetune.min_steps must be >= 0, received: {f.steps}, {f.min_steps}")
+    _validate_progressive(params)
     if not 0.0 <= f.label_smoothing < 1.0:
         raise ConfigError(f"finetune.label_smoothing must be in [0, 1), received: {f.label_smoothing}")
     from transferlab import budget
@@ -310,6 +323,16 @@ def _validate(params: Params) -> None:
         raise ConfigError(f"budget ({params.budget!r}): a budgeted fine-tune decays its learning rate to zero at "
                           "the budget's end; set finetune.schedule to cosine or linear, or budget: 0 for plateau")
     _validate_tune(params, n_blocks)
+
+
+def _validate_progressive(params: Params) -> None:
+    p = params.finetune.progressive
+    if not 0.0 < p.scale <= 1.0:
+        raise ConfigError(f"finetune.progressive.scale (the smaller input size over backbone.input_size) must "
+                          f"be in (0, 1], 1 for off, received: {p.scale}")
+    if not 0.0 <= p.fraction < 1.0:
+        raise ConfigError(f"finetune.progressive.fraction (the share of steps at the smaller size) must be in "
+                          f"[0, 1), received: {p.fraction}")
 
 
 def _validate_tune(params: Params, n_blocks: int) -> None:

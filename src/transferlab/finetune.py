@@ -16,6 +16,12 @@ Two paths give the same model:
   blocks and the head train, on a randomly flipped copy per sample and epoch.
 Where the frozen part is most of the network (the default: top 3 of 9 blocks of
 EfficientNet-Lite0) the cached path is much faster; see bench/finetune_paths.py.
+
+Progressive resizing (full path): the first epochs train a second model that
+upscales to a smaller input size and shares every weight with the first, and the
+same optimizer goes on with the larger one; the step counter, and so the
+learning-rate schedule, runs on across the switch. The body is built for any
+input size (`backbones.build_body(..., any_size=True)`).
 """
 
 from __future__ import annotations
@@ -358,6 +364,13 @@ def callbacks(
 # --------------------------------------------------------------------------- training
 
 
+def small_input_size(spec: BackboneSpec, input_size: int, scale: float, fraction: float) -> int:
+    """Progressive resizing's smaller input size: `scale` x `input_size`, at least
+    the backbone's smallest; 0 where that is not smaller, or no step runs there."""
+    size = max(spec.min_size, int(round(input_size * scale)))
+    return size if size < input_size and fraction > 0 else 0
+
+
 @dataclass
 class Training:
     """One fine-tune, ready for `fit`: the model of its path and what it trains on."""
@@ -368,6 +381,8 @@ class Training:
     fit_kwargs: dict
     n_train: int
     path: str  # "cached" | "full"
+    small: keras.Model | None = None  # progressive resizing: the same weights at the smaller input size
+    small_size: int = 0
 
 
 def prepare(
@@ -375,15 +390,18 @@ def prepare(
     y_train: np.ndarray, y_val: np.ndarray, batch_size: int, seed: int,
     images: tuple[np.ndarray, np.ndarray] | None = None, image_size: int = 0, input_size: int = 0,
     augment: dict | None = None,
-    activations: dict[str, np.ndarray] | None = None, flip: bool = True,
+    activations: dict[str, np.ndarray] | None = None, flip: bool = True, small_size: int = 0,
 ) -> Training:
     """Unfreeze the top `unfreeze` blocks and build the model of the path:
     - full (`images` = (train, val) uint8 arrays): augmentation (`augment`: flip,
       shift, rotation, zoom) -> upscale -> whole backbone -> head;
     - cached (`activations`: train, train_flip, val at the boundary of
       `unfreeze` blocks): upper blocks -> head, on a randomly flipped copy per
-      sample and epoch (`flip`)."""
+      sample and epoch (`flip`).
+    `small_size` (full path): a second model at that input size for progressive
+    resizing; `body` must then be built for any input size."""
     trainable = set_trainable(spec, body, unfreeze)
+    small = None
     has_val = len(y_val) > 0
     if activations is not None:
         split = split_body(spec, body, unfreeze)
@@ -398,13 +416,19 @@ def prepare(
         layers_ = augmentation(a.get("flip", False), a.get("shift", 0.0), a.get("rotation", 0.0),
                                a.get("zoom", 0.0), seed)
         model = assemble(spec, body, head, image_size, input_size, layers_)
+        if small_size:
+            if body.input_shape[1] is not None:
+                raise ValueError(f"{spec.name}: progressive resizing needs a body built for any input size "
+                                 "(backbones.build_body(..., any_size=True))")
+            # the same augmentation layers too: their random stream runs on across the switch
+            small = assemble(spec, body, head, image_size, small_size, layers_)
         train = np.asarray(x_train)
         val = (np.asarray(x_val), y_val) if has_val else None
         fit_kwargs, path = {"y": y_train, "batch_size": batch_size, "shuffle": True}, "full"
     n_train = len(y_train)
     log.info("finetune: %s path, top %s block(s) of %s unfrozen (%d trainable tensors in the body)",
              path, unfreeze, spec.name, trainable)
-    return Training(model, train, val, fit_kwargs, n_train, path)
+    return Training(model, train, val, fit_kwargs, n_train, path, small, small_size if small else 0)
 
 
 def steps_per_epoch(t: Training, batch_size: int) -> int:
@@ -413,37 +437,60 @@ def steps_per_epoch(t: Training, batch_size: int) -> int:
 
 def fit(t: Training, *, optimizer: str, learning_rate: float, weight_decay: float, schedule: str,
         warmup_epochs: float, steps: int, batch_size: int, callbacks: list, label_smoothing: float = 0.0,
-        verbose: int = 1):
+        verbose: int = 1, small_steps: int = 0):
     """Compile with the schedule sized to `steps` optimizer steps (see
-    `total_steps`) and train; returns Keras' History. The last epoch is partial
-    when `steps` is not a whole number of epochs."""
+    `total_steps`) and train; returns Keras' History (every epoch's). The last
+    epoch is partial when `steps` is not a whole number of epochs. `small_steps`
+    (whole epochs, with `t.small`): the first steps at the smaller input size,
+    then the rest at the larger one with the same optimizer and schedule."""
     per_epoch = steps_per_epoch(t, batch_size)
     lr = learning_rate_schedule(schedule, learning_rate, steps, int(round(warmup_epochs * per_epoch)))
-    training.compile_model(t.model, optimizer, lr, weight_decay, label_smoothing)
+    opt = training.make_optimizer(optimizer, lr, weight_decay)
     epochs = math.ceil(steps / per_epoch)
     stop = [StopAtStep(steps, per_epoch)] if steps % per_epoch else []
-    return t.model.fit(t.train, validation_data=t.val, epochs=epochs, callbacks=[*callbacks, *stop],
-                       verbose=verbose, **t.fit_kwargs)
+    phases = [(t.model, epochs, "the full input size")]
+    if t.small is not None and small_steps >= per_epoch:
+        phases.insert(0, (t.small, small_steps // per_epoch, f"{t.small_size} px"))
+    history, start, merged = None, 0, {}
+    for model, end, size in phases:
+        training.compile_model(model, opt, lr, weight_decay, label_smoothing)
+        if len(phases) > 1:
+            log.info("finetune: epochs %d..%d at %s", start + 1, end, size)
+        history = model.fit(t.train, validation_data=t.val, initial_epoch=start, epochs=end,
+                            callbacks=[*callbacks, *stop], verbose=verbose, **t.fit_kwargs)
+        for key, values in history.history.items():
+            merged.setdefault(key, []).extend(values)
+        if model.stop_training:  # early stopping: done
+            break
+        start = end
+    history.history = merged
+    return history
 
 
 class _StepTimer(keras.callbacks.Callback):
+    """Wall seconds from one training batch's start to the next one's (the last:
+    to the end of training), so a step counts fetching its batch as well as
+    computing it."""
+
     def __init__(self):
         super().__init__()
+        self.starts: list[float] = []
         self.seconds: list[float] = []
 
     def on_train_batch_begin(self, batch, logs=None):
-        self._start = time.perf_counter()
+        self.starts.append(time.perf_counter())
 
-    def on_train_batch_end(self, batch, logs=None):
-        self.seconds.append(time.perf_counter() - self._start)
+    def on_train_end(self, logs=None):
+        self.seconds = list(np.diff([*self.starts, time.perf_counter()]))
 
 
-def probe(t: Training, batch_size: int, steps: int = 8) -> budget.Probe:
-    """Seconds per training step of this model on this machine: `steps` steps on
-    the first training batches at a learning rate of zero. Every variable of the
-    model (weights and the augmentation's random state) and the cached path's
-    random flips are restored afterwards, so a planned run trains exactly as its
-    replay without the probe does."""
+def probe(t: Training, batch_size: int, steps: int = 10) -> budget.Probe:
+    """Seconds per training step of this model on this machine (and of the
+    smaller one of progressive resizing): `steps` steps on the first training
+    batches at a learning rate of zero. Every variable of the model (weights and
+    the augmentation's random state) and the cached path's random flips are
+    restored afterwards, so a planned run trains exactly as its replay without
+    the probe does."""
     if t.path == "cached":
         rng_state = t.train.rng.bit_generator.state
         batches = [t.train[i] for i in range(min(steps, len(t.train)))]
@@ -452,12 +499,22 @@ def probe(t: Training, batch_size: int, steps: int = 8) -> budget.Probe:
         y = np.concatenate([b[1] for b in batches])
     else:
         x, y = t.train[:steps * batch_size], t.fit_kwargs["y"][:steps * batch_size]
-    saved = [np.array(v) for v in t.model.variables]
+    step, first = _time_steps(t.model, x, y, batch_size)
+    if t.small is None:
+        return budget.Probe(step_seconds=step, first_step_seconds=first, batch_size=batch_size)
+    small_step, small_first = _time_steps(t.small, x, y, batch_size)
+    return budget.Probe(step_seconds=step, first_step_seconds=first, batch_size=batch_size,
+                        small_step_seconds=small_step, small_first_step_seconds=small_first)
+
+
+def _time_steps(model: keras.Model, x, y, batch_size: int) -> tuple[float, float]:
+    """(mean step once traced, first step) of `model` on (x, y); its variables restored.
+    The mean, not the median: a plan must hold the slow steps too."""
+    saved = [np.array(v) for v in model.variables]
     timer = _StepTimer()
-    training.compile_model(t.model, "sgd", 0.0)
-    t.model.fit(x, y, batch_size=batch_size, epochs=1, shuffle=False, callbacks=[timer], verbose=0)
-    for variable, value in zip(t.model.variables, saved):
+    training.compile_model(model, "sgd", 0.0)
+    model.fit(x, y, batch_size=batch_size, epochs=1, shuffle=False, callbacks=[timer], verbose=0)
+    for variable, value in zip(model.variables, saved):
         variable.assign(value)
     traced = timer.seconds[1:] or timer.seconds
-    return budget.Probe(step_seconds=float(np.median(traced)), first_step_seconds=timer.seconds[0],
-                        batch_size=batch_size)
+    return float(np.mean(traced)), timer.seconds[0]

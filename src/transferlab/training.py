@@ -28,13 +28,16 @@ def make_optimizer(name: str, learning_rate, weight_decay: float | None = None):
     raise ValueError(f"unknown optimizer {name!r}; valid: {list(OPTIMIZERS)}")
 
 
-def compile_model(model: keras.Model, optimizer: str, learning_rate, weight_decay: float | None = None,
+def compile_model(model: keras.Model, optimizer, learning_rate, weight_decay: float | None = None,
                   label_smoothing: float = 0.0) -> None:
     """Cross-entropy on softmax outputs against integer labels (smoothed by
-    `label_smoothing`), accuracy reported."""
+    `label_smoothing`), accuracy reported. `optimizer`: a name (made here with
+    `learning_rate` and `weight_decay`) or an optimizer to go on with, state and
+    step counter included."""
     loss = SmoothedSparseCrossentropy(label_smoothing) if label_smoothing else "sparse_categorical_crossentropy"
-    model.compile(optimizer=make_optimizer(optimizer, learning_rate, weight_decay), loss=loss,
-                  metrics=["accuracy"])
+    if isinstance(optimizer, str):
+        optimizer = make_optimizer(optimizer, learning_rate, weight_decay)
+    model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"])
 
 
 @keras.saving.register_keras_serializable("transferlab")

@@ -10,6 +10,7 @@ in data/checkpoints/finetune-<key>/ until the stage completes (finetune.Checkpoi
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -46,7 +47,10 @@ def _main(params: config.Params, prepared: data.Prepared, callbacks: list | None
     spec = backbones.get(b.name)
     image_size = int(prepared.x["train"].shape[1])
     head_model = keras.saving.load_model(MODELS / "head" / "model.keras", safe_mode=True)
-    body = backbones.build_body(b.name, b.input_size, b.weights)
+    cached = finetune.uses_cache(spec, f.mode, f.unfreeze)
+    small_size = 0 if cached else finetune.small_input_size(spec, b.input_size, f.progressive.scale,
+                                                             f.progressive.fraction)
+    body = backbones.build_body(b.name, b.input_size, b.weights, any_size=small_size > 0)
     out_dir = MODELS / "finetune"
     out_dir.mkdir(parents=True, exist_ok=True)
     n_blocks = finetune.n_unfrozen(spec, f.unfreeze)
@@ -60,13 +64,13 @@ def _main(params: config.Params, prepared: data.Prepared, callbacks: list | None
         metrics = {"unfrozen_blocks": n_blocks,
                    "replicas": device.replicas(params.distribute)}
         if n_blocks > 0:
-            cached = finetune.uses_cache(spec, f.mode, f.unfreeze)
             if f.mode == "cached" and not cached:
                 log.warning("finetune.unfreeze=%r leaves nothing frozen to cache: using the full path",
                             f.unfreeze)
             metrics.update(train(
                 spec, body, head_model, prepared, f, seed=params.seed, image_size=image_size,
-                input_size=b.input_size, activations=features.load_activations(feats_dir) if cached else None,
+                input_size=b.input_size, small_size=small_size,
+                activations=features.load_activations(feats_dir) if cached else None,
                 checkpoint_dir=checkpoint_dir(resolved(values)), callbacks=callbacks,
                 budget_seconds=budget.parse(params.budget),
                 batch_size=device.global_batch(f.batch_size, params.distribute),  # per replica in params
@@ -75,6 +79,10 @@ def _main(params: config.Params, prepared: data.Prepared, callbacks: list | None
             log.info("finetune.unfreeze is 0: the model is the backbone with the trained head")
             (PLOTS / "finetune").mkdir(parents=True, exist_ok=True)
             (PLOTS / "finetune" / "history.csv").write_text("epoch,train_accuracy,val_accuracy\n")
+        if small_size:  # the saved model's body has the fixed input size, as without progressive resizing
+            fixed = backbones.build_body(b.name, b.input_size, weights=None)
+            fixed.set_weights(body.get_weights())
+            body = fixed
         model = finetune.assemble(spec, body, head_model, image_size, b.input_size)
         model.save(out_dir / "model.keras")
         write_atomic(out_dir / "params.yaml", resolved(values))
@@ -103,11 +111,13 @@ def checkpoint_dir(resolved_params: str) -> Path:
 
 def train(spec, body, head_model, prepared: data.Prepared, f: config.FinetuneConfig, *, seed: int,
           image_size: int, input_size: int, activations: dict | None, checkpoint_dir: Path,
-          budget_seconds: float | None = None, callbacks: list | None = None, batch_size: int = 0) -> dict:
+          budget_seconds: float | None = None, callbacks: list | None = None, batch_size: int = 0,
+          small_size: int = 0) -> dict:
     """Fine-tune with resumable checkpoints; the model keeps its best epoch's
     weights, or the head's if no epoch beat it. Under a budget, the length is
     planned first (`plan_steps`). `batch_size`: of one step, over every replica
-    (default finetune.batch_size). Returns the metrics."""
+    (default finetune.batch_size). `small_size`: progressive resizing's smaller
+    input size (full path; `body` built for any size), 0: off. Returns the metrics."""
     batch_size = batch_size or f.batch_size
     y = prepared.y
     a = f.augment
@@ -117,6 +127,7 @@ def train(spec, body, head_model, prepared: data.Prepared, f: config.FinetuneCon
         images=None if activations is not None else (prepared.x["train"], prepared.x["val"]),
         image_size=image_size, input_size=input_size,
         augment={"flip": a.flip, "shift": a.shift, "rotation": a.rotation, "zoom": a.zoom},
+        small_size=small_size if activations is None else 0,
     )
     per_epoch = finetune.steps_per_epoch(t, batch_size)
     plan = None
@@ -127,8 +138,12 @@ def train(spec, body, head_model, prepared: data.Prepared, f: config.FinetuneCon
     else:
         steps = finetune.total_steps(epochs=f.epochs, steps_per_epoch=per_epoch, min_steps=f.min_steps,
                                      steps=f.steps)
+    small = budget.small_steps(steps, per_epoch, f.progressive.fraction) if t.small is not None else 0
     log.info("finetune: %d steps (%.2f epochs of %d steps), %s schedule to zero at the last step",
              steps, steps / per_epoch, per_epoch, f.schedule)
+    if small:
+        log.info("finetune: progressive resizing: the first %d steps (%d epochs) at %d px, the other %d at %d px",
+                 small, small // per_epoch, t.small_size, steps - small, input_size)
     # the head's score on the same validation images is what fine-tuning must beat
     baseline = json.loads((METRICS / "head.json").read_text()).get("best_val_accuracy") if t.val else None
     extra = [tracking.EpochLogger(), *(callbacks or [])]
@@ -146,7 +161,7 @@ def train(spec, body, head_model, prepared: data.Prepared, f: config.FinetuneCon
     start = time.perf_counter()
     finetune.fit(t, optimizer=f.optimizer, learning_rate=f.learning_rate, weight_decay=f.weight_decay,
                  schedule=f.schedule, warmup_epochs=f.warmup_epochs, steps=steps, batch_size=batch_size,
-                 label_smoothing=f.label_smoothing, callbacks=cbs, verbose=training.verbosity())
+                 label_smoothing=f.label_smoothing, callbacks=cbs, verbose=training.verbosity(), small_steps=small)
     seconds = time.perf_counter() - start
     ran = int(keras.ops.convert_to_numpy(t.model.optimizer.iterations))  # early stopping may end it sooner
     checkpoint.restore_best(t.model)  # the best epoch, not the last
@@ -166,6 +181,8 @@ def train(spec, body, head_model, prepared: data.Prepared, f: config.FinetuneCon
         "epochs_run": len(hist[monitor]),
         "steps": steps,
         "steps_run": ran,
+        "small_steps": small,  # progressive resizing: the first ones at small_input_size
+        "small_input_size": t.small_size if small else 0,
         "finetune_seconds": round(seconds, 2),
         "train_images_per_second": round(ran * t.n_train / per_epoch / seconds, 1),
     }
@@ -203,6 +220,8 @@ def plan_steps(t: finetune.Training, f: config.FinetuneConfig, prepared: data.Pr
     batch_size = batch_size or f.batch_size
     startup = stage_seconds()
     measured = finetune.probe(t, batch_size)
+    if t.small is not None:
+        measured = dataclasses.replace(measured, small_fraction=f.progressive.fraction)
     feats = json.loads((METRICS / "features.json").read_text())
     infer = float(feats["features_images_per_second"])  # the same network and input size, forward only
     per_epoch = finetune.steps_per_epoch(t, batch_size)
@@ -220,6 +239,9 @@ def plan_steps(t: finetune.Training, f: config.FinetuneConfig, prepared: data.Pr
              "measured -> %d steps (%.2f epochs), about %.0f s; replay without the clock: budget: 0, "
              "finetune.steps: %d", budget.describe(budget_seconds), plan.spent_seconds, plan.evaluate_seconds,
              plan.train_images_per_second, plan.steps, plan.epochs, plan.finetune_seconds, plan.steps)
+    if plan.small_steps:
+        log.info("budget: the first %d of them at the smaller input size (%.2f s a step against %.2f s)",
+                 plan.small_steps, plan.small_step_seconds, plan.step_seconds)
     import mlflow
 
     mlflow.log_params({f"plan.{k}": v for k, v in plan.to_dict().items()})
@@ -233,10 +255,11 @@ class BudgetProgress(keras.callbacks.Callback):
     def __init__(self, plan: budget.Plan):
         super().__init__()
         self.plan = plan
-        self.start = time.monotonic()
+        self.start, self.started = time.monotonic(), False
 
     def on_train_begin(self, logs=None):
-        self.start = time.monotonic()
+        if not self.started:  # progressive resizing fits twice: the clock runs on
+            self.start, self.started = time.monotonic(), True
 
     def on_epoch_end(self, epoch, logs=None):
         import mlflow
