@@ -173,24 +173,15 @@ PROGRESSIVE = budget.Probe(step_seconds=10.0, first_step_seconds=12.0, batch_siz
                            small_step_seconds=5.0, small_first_step_seconds=6.0)
 
 
-class InputSizes(keras.callbacks.Callback):
-    def __init__(self):
-        super().__init__()
-        self.sizes = []
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.sizes.append(int(self.model.get_layer("upscale").output.shape[1]))
-
-
 def test_a_budget_plans_progressive_resizing_and_the_plan_replays(stages_done, monkeypatch):
-    """The stage under a budget with progressive resizing (48 px, the first
-    whole epochs at 36): the plan counts both sizes' steps, the epochs train at
+    """The stage under a budget with progressive resizing (64 px, the first
+    whole epochs at 32): the plan counts both sizes' steps, the epochs train at
     the planned sizes, the saved model takes the full size, and the replay
     without the clock trains the same split."""
-    over = {"backbone": {"name": "efficientnet_lite0", "weights": "none", "input_size": 48},
+    over = {"backbone": {"name": "efficientnet_lite0", "weights": "none", "input_size": 64},
             "finetune": {**tinyproject.TINY["finetune"], "epochs": 1000, "patience": 1000,
                          "progressive": {"scale": 0.75, "fraction": 0.6}}}
-    sizes = InputSizes()
+    sizes = tinyproject.input_sizes_callback()
     monkeypatch.setattr("transferlab.finetune.probe", lambda t, batch_size: PROGRESSIVE)
     monkeypatch.chdir(stages_done)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -198,14 +189,14 @@ def test_a_budget_plans_progressive_resizing_and_the_plan_replays(stages_done, m
     planned = finetune.main(params, callbacks=[sizes])
     plan = planned["plan"]
     assert plan["small_step_seconds"] == 5.0 and plan["small_steps"] == planned["small_steps"] > 0
-    assert planned["small_input_size"] == 36
+    assert planned["small_input_size"] == 32
     small_epochs = planned["small_steps"] // plan["steps_per_epoch"]
-    assert sizes.sizes == [36] * small_epochs + [48] * (planned["epochs_run"] - small_epochs)
+    assert sizes.sizes == [32] * small_epochs + [64] * (planned["epochs_run"] - small_epochs)
     assert planned["epochs_run"] > small_epochs  # the last epochs at the full size
     saved = keras.saving.load_model(stages_done / "models/finetune/model.keras", safe_mode=True)
-    assert saved.get_layer("efficientnet_lite0_body").input.shape[1:] == (48, 48, 3)
+    assert saved.get_layer("efficientnet_lite0_body").input.shape[1:] == (64, 64, 3)
 
-    replay = InputSizes()
+    replay = tinyproject.input_sizes_callback()
     replayed = finetune.main(config.from_dict(tinyproject.full_params(
         {**tinyproject.TINY, **over, "finetune": {**over["finetune"], "steps": plan["steps"]}})), callbacks=[replay])
     assert replayed["small_steps"] == planned["small_steps"] and replay.sizes == sizes.sizes

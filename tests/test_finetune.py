@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from keras import layers
 
+import tinyproject
 from transferlab import backbones, budget, finetune, head, training
 from transferlab.backbones import BACKBONES
 
@@ -152,74 +153,124 @@ def test_fit_takes_exactly_the_planned_steps_and_ends_at_zero_learning_rate(tmp_
     assert hist.history["learning_rate"][-1] == 0.0
 
 
-class InputSizes(keras.callbacks.Callback):
-    """The input size of the model each epoch trains (its upscale layer's output)."""
-
-    def __init__(self):
-        super().__init__()
-        self.sizes = []
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.sizes.append(int(self.model.get_layer("upscale").output.shape[1]))
-
-
-def _progressive(small_size=32):
-    spec = BACKBONES["efficientnet_lite0"]
-    body = backbones.build_body(spec.name, 40, weights=None, any_size=True)
+def _progressive(small_size=32, name="efficientnet_lite0"):
+    spec = BACKBONES[name]
+    body = backbones.build_body(spec.name, 64, weights=None, any_size=True)
     rng = np.random.default_rng(0)
     x = rng.integers(0, 255, (40, 16, 16, 3)).astype(np.uint8)
     y = np.arange(40) % 3
     t = finetune.prepare(spec, body, head.build_head(spec.feature_dim, 3, units=0, dropout=0.0), unfreeze=2,
                          y_train=y, y_val=y[:8], batch_size=8, seed=0, images=(x, x[:8]), image_size=16,
-                         input_size=40, augment={"flip": True}, small_size=small_size)
+                         input_size=64, augment={"flip": True}, small_size=small_size)
     return spec, body, t
+
+
+def _same(optimizer):  # under mixed precision (a GPU) compile wraps the optimizer in a loss scaler
+    return getattr(optimizer, "inner_optimizer", optimizer)
+
+
+def _fit_progressive(t, callbacks, steps=25, small=15):
+    return finetune.fit(t, optimizer="adamw", learning_rate=1e-3, weight_decay=1e-4, schedule="cosine",
+                        warmup_epochs=0.2, steps=steps, batch_size=8, small_steps=small, verbose=0,
+                        callbacks=callbacks)
 
 
 def test_progressive_resizing_trains_the_first_epochs_small_then_goes_on_at_full_size():
     spec, body, t = _progressive()
     assert {id(v) for v in t.small.trainable_weights} == {id(v) for v in t.model.trainable_weights}  # shared
-    sizes = InputSizes()
+    sizes = tinyproject.input_sizes_callback()
     small = budget.small_steps(25, 5, 0.6)
     assert small == 15  # 3 whole epochs of 5 steps
-    hist = finetune.fit(t, optimizer="adamw", learning_rate=1e-3, weight_decay=1e-4, schedule="cosine",
-                        warmup_epochs=0.2, steps=25, batch_size=8, small_steps=small, verbose=0,
-                        callbacks=[training.LearningRateLogger(), sizes])
-    assert sizes.sizes == [32, 32, 32, 40, 40]
+    hist = _fit_progressive(t, [training.LearningRateLogger(), sizes], small=small)
+    assert sizes.sizes == [32, 32, 32, 64, 64]
     # one optimizer, one schedule across the switch: the step counter goes on and the rate keeps decaying
-    assert t.model.optimizer is t.small.optimizer and int(t.model.optimizer.iterations.numpy()) == 25
+    assert _same(t.model.optimizer) is _same(t.small.optimizer)
+    assert int(t.model.optimizer.iterations.numpy()) == 25
     rates = hist.history["learning_rate"]
     assert len(rates) == 5 and rates[3] < rates[2] and rates[-1] == 0.0
-    assert len(hist.history["val_accuracy"]) == 5  # both phases' epochs
+    assert len(hist.history["val_accuracy"]) == 5 and hist.epoch == [0, 1, 2, 3, 4]  # both phases' epochs
+
+
+class ValidatedAtFullSize(keras.callbacks.Callback):
+    """Checks each epoch's val_loss against the full-size model's own evaluation."""
+
+    def __init__(self, full, val):
+        super().__init__()
+        self.full, self.val, self.pairs = full, val, []
+
+    def on_epoch_end(self, epoch, logs=None):
+        own = self.full.evaluate(*self.val, batch_size=8, verbose=0, return_dict=True)["loss"]
+        self.pairs.append((logs["val_loss"], own))
+
+
+def test_progressive_resizing_validates_every_epoch_at_the_full_size():
+    """The small epochs' val_* come from the full-size model, so the best epoch,
+    early stopping and the head's baseline compare like with like. (vgg16: its
+    random-weight outputs differ by input size; Lite0's are constant.)"""
+    _, _, t = _progressive(name="vgg16")
+    check = ValidatedAtFullSize(t.model, t.val)
+    _fit_progressive(t, [check])
+    assert len(check.pairs) == 5
+    small = t.small.evaluate(*t.val, batch_size=8, verbose=0, return_dict=True)["loss"]
+    assert small != pytest.approx(check.pairs[-1][1], rel=1e-5)  # the sizes differ at the tolerance below
+    for logged, own in check.pairs:
+        assert logged == pytest.approx(own, rel=1e-5)
+
+
+class StopAfterFirstEpoch(keras.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs=None):
+        self.model.stop_training = True
+
+
+def test_early_stopping_in_the_small_epochs_ends_the_run_with_the_full_size_model_compiled():
+    _, _, t = _progressive()
+    hist = _fit_progressive(t, [StopAfterFirstEpoch()])
+    assert len(hist.history["loss"]) == 1
+    assert int(t.model.optimizer.iterations.numpy()) == 5  # what the stage reads as the steps run
 
 
 def test_a_body_of_one_input_size_cannot_train_progressively():
     spec = BACKBONES["efficientnet_lite0"]
     x = np.zeros((8, 16, 16, 3), np.uint8)
     with pytest.raises(ValueError, match="any_size=True"):
-        finetune.prepare(spec, backbones.build_body(spec.name, 40, weights=None),
+        finetune.prepare(spec, backbones.build_body(spec.name, 64, weights=None),
                          head.build_head(spec.feature_dim, 3, units=0, dropout=0.0), unfreeze=2,
                          y_train=np.zeros(8), y_val=np.zeros(0), batch_size=8, seed=0, images=(x, x[:0]),
-                         image_size=16, input_size=40, small_size=32)
+                         image_size=16, input_size=64, small_size=32)
 
 
-def test_small_input_size_is_a_share_of_the_input_size_and_never_below_the_backbone_minimum():
+def test_small_input_size_is_a_multiple_of_32_and_never_below_the_backbone_minimum():
     spec = BACKBONES["efficientnet_lite0"]
     assert finetune.small_input_size(spec, 128, 0.75, 0.6) == 96
-    assert finetune.small_input_size(spec, 224, 0.75, 0.6) == 168
-    assert finetune.small_input_size(spec, 40, 0.5, 0.6) == 32  # the backbone's smallest
+    assert finetune.small_input_size(spec, 224, 0.75, 0.6) == 160  # 168, down to a multiple of 32
+    assert finetune.small_input_size(spec, 64, 0.4, 0.6) == 32  # the backbone's smallest
     assert finetune.small_input_size(spec, 32, 0.75, 0.6) == 0  # nothing smaller: one size
+    assert finetune.small_input_size(spec, 100, 0.75, 0.6) == 0  # input no multiple of 32: one size
     assert finetune.small_input_size(spec, 128, 1.0, 0.6) == 0  # off
     assert finetune.small_input_size(spec, 128, 0.75, 0.0) == 0  # no step at the smaller size
 
 
-def test_probe_times_both_sizes_of_progressive_resizing():
+def test_probe_times_both_sizes_of_progressive_resizing(monkeypatch):
     _, _, t = _progressive()
+    timed, real = [], finetune._time_steps
+
+    def spy(model, *args):
+        timed.append(model)
+        return real(model, *args)
+
+    monkeypatch.setattr(finetune, "_time_steps", spy)
     before = [np.array(v) for v in t.model.variables + t.small.variables]
     measured = finetune.probe(t, batch_size=8, steps=4)
+    assert timed == [t.model, t.small]
     assert measured.step_seconds > 0 and measured.small_step_seconds > 0
-    assert measured.small_first_step_seconds >= measured.small_step_seconds
     for v, b in zip(t.model.variables + t.small.variables, before):
         np.testing.assert_array_equal(np.array(v), b, err_msg=f"the probe changed {v.path}")
+
+
+def test_the_step_timer_counts_from_one_step_start_to_the_next():
+    timer = finetune._StepTimer()
+    timer.starts = [10.0, 13.0, 14.0, 15.5]
+    assert timer.seconds == [3.0, 1.0, 1.5]
 
 
 def test_probe_leaves_the_model_as_it_found_it():
@@ -304,7 +355,7 @@ def test_progressive_resizing_resumes_at_the_size_of_the_epoch_it_was_killed_in(
     again and goes on at the full size with the optimizer's step count."""
     def run(extra):
         _, _, t = _progressive()
-        sizes = InputSizes()
+        sizes = tinyproject.input_sizes_callback()
         cbs, checkpoint = finetune.callbacks(tmp_path / "backup", patience=10, schedule="cosine", has_val=True,
                                              extra=[sizes, *extra])
         finetune.fit(t, optimizer="adamw", learning_rate=1e-3, weight_decay=1e-4, schedule="cosine",
@@ -312,9 +363,9 @@ def test_progressive_resizing_resumes_at_the_size_of_the_epoch_it_was_killed_in(
         return t, sizes, checkpoint
 
     with pytest.raises(KeyboardInterrupt):
-        run([Interrupt(3)])  # epochs 1-2 at 32 px and 3 at 40 completed
+        run([Interrupt(3)])  # epochs 1-2 at 32 px and 3 at 64 completed
     t, sizes, checkpoint = run([])
-    assert sizes.sizes == [40]  # only epoch 4, at the full size
+    assert sizes.sizes == [64]  # only epoch 4, at the full size
     assert int(t.model.optimizer.iterations.numpy()) == 20
     assert [r["epoch"] for r in checkpoint.state["history"]] == [1, 2, 3, 4]
 

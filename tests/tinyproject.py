@@ -72,3 +72,19 @@ def make(dest: Path, params: dict = TINY, per_class: int = 8, test_per_class: in
     run(["dvc", "init", "-q"], dest, env)
     run(["dvc", "config", "core.analytics", "false"], dest, env)
     return dest, env
+
+
+def input_sizes_callback():
+    """A Keras callback that records the input size of the model each epoch
+    trains (its upscale layer's output): progressive resizing's two models."""
+    import keras
+
+    class InputSizes(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.sizes = []
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.sizes.append(int(self.model.get_layer("upscale").output.shape[1]))
+
+    return InputSizes()

@@ -26,9 +26,9 @@ import re
 from dataclasses import asdict, dataclass
 
 MARGIN = 0.03  # of the budget, kept free for what the estimates miss (DVC's hashing, logging)
-# A long fine-tune's steps ran 5 to 14 % slower than the probe's few (measured on CIFAR-10 here:
-# README, "A time budget"), from the data pipeline over the whole set, checkpoints and the machine's
-# own drift: the plan counts each step this much longer than the probe measured.
+# Long fine-tunes on CIFAR-10 here took 5 to 18 % longer than planned from the probe's few steps
+# (README, "A time budget"): the data pipeline over the whole set, checkpoints, the machine's own
+# drift from epoch to epoch. The plan counts each step this much longer than the probe measured.
 SLOWDOWN = 1.10
 FINISH_SECONDS = 10.0  # the fine-tune stage's own end: the model saved, MLflow logged
 BASELINE_SECONDS = 30.0  # the evaluate stage's raw-pixel baseline (capped in evaluate.baseline)

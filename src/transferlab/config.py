@@ -81,8 +81,8 @@ class AugmentConfig:
 @dataclass(frozen=True)
 class ProgressiveConfig:
     # Progressive resizing (full path): the first `fraction` of the fine-tune's
-    # steps (whole epochs) at `scale` x backbone.input_size (at least the
-    # backbone's smallest), the rest at backbone.input_size. Convolution weights
+    # steps (whole epochs) at `scale` x backbone.input_size (down to a multiple
+    # of 32, at least the backbone's smallest), the rest at backbone.input_size. Convolution weights
     # do not depend on the input size, so the same weights go on at the larger
     # one. scale 1 or fraction 0: off.
     scale: float

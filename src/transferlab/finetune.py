@@ -258,6 +258,7 @@ class Checkpoint(keras.callbacks.Callback):
         self.dir = Path(directory)
         self.monitor = monitor
         self.state = {"epoch": 0, "latest": None, "best": None, "best_value": baseline, "history": []}
+        self.begun = False  # a fit in this process began: the model holds the state's weights
 
     # files
     def _write_weights(self, name: str) -> dict:
@@ -295,6 +296,10 @@ class Checkpoint(keras.callbacks.Callback):
 
     # callback
     def on_train_begin(self, logs=None):
+        if self.begun:  # the next phase of progressive resizing: same weights, same optimizer
+            self.model._initial_epoch = self.params["epochs"] if self.state.get("stopped") else self.state["epoch"]
+            return
+        self.begun = True
         self.dir.mkdir(parents=True, exist_ok=True)
         state = self._load_state()
         if state is None:
@@ -364,11 +369,18 @@ def callbacks(
 # --------------------------------------------------------------------------- training
 
 
+STRIDE = 32  # every registered backbone's total stride
+
+
 def small_input_size(spec: BackboneSpec, input_size: int, scale: float, fraction: float) -> int:
-    """Progressive resizing's smaller input size: `scale` x `input_size`, at least
-    the backbone's smallest; 0 where that is not smaller, or no step runs there."""
-    size = max(spec.min_size, int(round(input_size * scale)))
-    return size if size < input_size and fraction > 0 else 0
+    """Progressive resizing's smaller input size: `scale` x `input_size` rounded
+    down to a multiple of 32, at least the backbone's smallest; 0 (off) where
+    that is not smaller, no step runs there, or `input_size` is no multiple of
+    32. Keras' MobileNetV2 and EfficientNet pad by the feature map's parity
+    (`correct_pad`), which a body built for any size cannot know: at multiples
+    of the total stride every parity is even, so both bodies compute the same."""
+    size = max(spec.min_size, int(input_size * scale) // STRIDE * STRIDE)
+    return size if size < input_size and fraction > 0 and input_size % STRIDE == 0 else 0
 
 
 @dataclass
@@ -448,43 +460,64 @@ def fit(t: Training, *, optimizer: str, learning_rate: float, weight_decay: floa
     opt = training.make_optimizer(optimizer, lr, weight_decay)
     epochs = math.ceil(steps / per_epoch)
     stop = [StopAtStep(steps, per_epoch)] if steps % per_epoch else []
-    phases = [(t.model, epochs, "the full input size")]
+    phases = [(t.model, epochs, [])]  # (model, its last epoch, callbacks of its own)
     if t.small is not None and small_steps >= per_epoch:
-        phases.insert(0, (t.small, small_steps // per_epoch, f"{t.small_size} px"))
-    history, start, merged = None, 0, {}
-    for model, end, size in phases:
+        validate = [FullSizeValidation(t.model, t.val, batch_size)] if t.val is not None else []
+        phases.insert(0, (t.small, small_steps // per_epoch, validate))
+    for model, _, _ in phases:  # every phase's model before any trains: early stopping may end the first
         training.compile_model(model, opt, lr, weight_decay, label_smoothing)
+    history, start, merged, seen = None, 0, {}, []
+    for model, end, own in phases:
         if len(phases) > 1:
-            log.info("finetune: epochs %d..%d at %s", start + 1, end, size)
-        history = model.fit(t.train, validation_data=t.val, initial_epoch=start, epochs=end,
-                            callbacks=[*callbacks, *stop], verbose=verbose, **t.fit_kwargs)
+            log.info("finetune: epochs %d..%d at %s", start + 1, end,
+                     f"{t.small_size} px" if model is t.small else "the full input size")
+        history = model.fit(t.train, validation_data=None if own else t.val, initial_epoch=start, epochs=end,
+                            callbacks=[*own, *callbacks, *stop], verbose=verbose, **t.fit_kwargs)
         for key, values in history.history.items():
             merged.setdefault(key, []).extend(values)
+        seen += history.epoch
         if model.stop_training:  # early stopping: done
             break
         start = end
-    history.history = merged
+    history.history, history.epoch = merged, seen
     return history
 
 
+class FullSizeValidation(keras.callbacks.Callback):
+    """Progressive resizing's small epochs are validated by the full-size model
+    (it shares every weight), so that every epoch's val_* mean the same to the
+    best epoch, early stopping and the head's baseline. Comes before the
+    callbacks that read the epoch's logs."""
+
+    def __init__(self, full: keras.Model, val: tuple, batch_size: int):
+        super().__init__()
+        self.full, self.val, self.batch_size = full, val, batch_size
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            x, y = self.val
+            result = self.full.evaluate(x, y, batch_size=self.batch_size, verbose=0, return_dict=True)
+            logs.update({f"val_{k}": float(v) for k, v in result.items()})
+
+
 class _StepTimer(keras.callbacks.Callback):
-    """Wall seconds from one training batch's start to the next one's (the last:
-    to the end of training), so a step counts fetching its batch as well as
-    computing it."""
+    """Wall seconds from one training batch's start to the next one's, so that a
+    step counts fetching its batch (on the full path: the augmentation and the
+    copy into the graph) as well as computing it."""
 
     def __init__(self):
         super().__init__()
         self.starts: list[float] = []
-        self.seconds: list[float] = []
 
     def on_train_batch_begin(self, batch, logs=None):
         self.starts.append(time.perf_counter())
 
-    def on_train_end(self, logs=None):
-        self.seconds = list(np.diff([*self.starts, time.perf_counter()]))
+    @property
+    def seconds(self) -> list[float]:
+        return list(np.diff(self.starts))
 
 
-def probe(t: Training, batch_size: int, steps: int = 10) -> budget.Probe:
+def probe(t: Training, batch_size: int, steps: int = 11) -> budget.Probe:
     """Seconds per training step of this model on this machine (and of the
     smaller one of progressive resizing): `steps` steps on the first training
     batches at a learning rate of zero. Every variable of the model (weights and
@@ -516,5 +549,6 @@ def _time_steps(model: keras.Model, x, y, batch_size: int) -> tuple[float, float
     model.fit(x, y, batch_size=batch_size, epochs=1, shuffle=False, callbacks=[timer], verbose=0)
     for variable, value in zip(model.variables, saved):
         variable.assign(value)
-    traced = timer.seconds[1:] or timer.seconds
-    return float(np.mean(traced)), timer.seconds[0]
+    seconds = timer.seconds
+    traced = seconds[1:] or seconds
+    return float(np.mean(traced)), float(seconds[0])

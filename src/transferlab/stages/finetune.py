@@ -47,13 +47,16 @@ def _main(params: config.Params, prepared: data.Prepared, callbacks: list | None
     spec = backbones.get(b.name)
     image_size = int(prepared.x["train"].shape[1])
     head_model = keras.saving.load_model(MODELS / "head" / "model.keras", safe_mode=True)
-    cached = finetune.uses_cache(spec, f.mode, f.unfreeze)
-    small_size = 0 if cached else finetune.small_input_size(spec, b.input_size, f.progressive.scale,
-                                                             f.progressive.fraction)
-    body = backbones.build_body(b.name, b.input_size, b.weights, any_size=small_size > 0)
+    body = backbones.build_body(b.name, b.input_size, b.weights)  # as the features stage built it
     out_dir = MODELS / "finetune"
     out_dir.mkdir(parents=True, exist_ok=True)
     n_blocks = finetune.n_unfrozen(spec, f.unfreeze)
+    cached = finetune.uses_cache(spec, f.mode, f.unfreeze)
+    small_size = progressive_size(spec, b.input_size, f, n_blocks, cached)
+    trained = body
+    if small_size:  # the same weights in a body for any input size (Keras' own load by input size)
+        trained = backbones.build_body(b.name, b.input_size, weights=None, any_size=True)
+        trained.set_weights(body.get_weights())
     values = config.subset(params, *KEYS)
     feats_dir = features_dir(b.name, b.input_size)
     with tracking.stage_run("finetune", experiment=params.tracking.experiment, backbone=b.name,
@@ -68,7 +71,7 @@ def _main(params: config.Params, prepared: data.Prepared, callbacks: list | None
                 log.warning("finetune.unfreeze=%r leaves nothing frozen to cache: using the full path",
                             f.unfreeze)
             metrics.update(train(
-                spec, body, head_model, prepared, f, seed=params.seed, image_size=image_size,
+                spec, trained, head_model, prepared, f, seed=params.seed, image_size=image_size,
                 input_size=b.input_size, small_size=small_size,
                 activations=features.load_activations(feats_dir) if cached else None,
                 checkpoint_dir=checkpoint_dir(resolved(values)), callbacks=callbacks,
@@ -80,9 +83,8 @@ def _main(params: config.Params, prepared: data.Prepared, callbacks: list | None
             (PLOTS / "finetune").mkdir(parents=True, exist_ok=True)
             (PLOTS / "finetune" / "history.csv").write_text("epoch,train_accuracy,val_accuracy\n")
         if small_size:  # the saved model's body has the fixed input size, as without progressive resizing
-            fixed = backbones.build_body(b.name, b.input_size, weights=None)
-            fixed.set_weights(body.get_weights())
-            body = fixed
+            body.set_weights(trained.get_weights())
+            finetune.set_trainable(spec, body, f.unfreeze)
         model = finetune.assemble(spec, body, head_model, image_size, b.input_size)
         model.save(out_dir / "model.keras")
         write_atomic(out_dir / "params.yaml", resolved(values))
@@ -91,6 +93,16 @@ def _main(params: config.Params, prepared: data.Prepared, callbacks: list | None
         mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         mlflow.log_artifact(str(out_dir / "params.yaml"))
     return metrics
+
+
+def progressive_size(spec, input_size: int, f: config.FinetuneConfig, n_blocks: int, cached: bool) -> int:
+    """finetune.progressive's smaller input size, or 0 where it does not apply (said in the log)."""
+    size = finetune.small_input_size(spec, input_size, f.progressive.scale, f.progressive.fraction)
+    wanted = f.progressive.scale < 1 and f.progressive.fraction > 0
+    if wanted and n_blocks and (cached or not size):
+        log.info("finetune.progressive: one input size here (%s)", "the cached path caches activations at one size"
+                 if cached else f"no multiple of 32 at or above {spec.min_size} px below {input_size} px")
+    return size if n_blocks and not cached else 0
 
 
 def checkpoint_dir(resolved_params: str) -> Path:
@@ -138,7 +150,10 @@ def train(spec, body, head_model, prepared: data.Prepared, f: config.FinetuneCon
     else:
         steps = finetune.total_steps(epochs=f.epochs, steps_per_epoch=per_epoch, min_steps=f.min_steps,
                                      steps=f.steps)
-    small = budget.small_steps(steps, per_epoch, f.progressive.fraction) if t.small is not None else 0
+    if plan is not None:
+        small = plan.small_steps
+    else:
+        small = budget.small_steps(steps, per_epoch, f.progressive.fraction) if t.small is not None else 0
     log.info("finetune: %d steps (%.2f epochs of %d steps), %s schedule to zero at the last step",
              steps, steps / per_epoch, per_epoch, f.schedule)
     if small:
