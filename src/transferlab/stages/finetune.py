@@ -101,7 +101,7 @@ def progressive_size(spec, input_size: int, f: config.FinetuneConfig, n_blocks: 
     wanted = f.progressive.scale < 1 and f.progressive.fraction > 0
     if wanted and n_blocks and (cached or not size):
         log.info("finetune.progressive: one input size here (%s)", "the cached path caches activations at one size"
-                 if cached else f"no multiple of 32 at or above {spec.min_size} px below {input_size} px")
+                 if cached else f"{input_size} px is no multiple of 32, or none lies from {spec.min_size} px below it")
     return size if n_blocks and not cached else 0
 
 
