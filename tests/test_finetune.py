@@ -271,6 +271,8 @@ def test_the_step_timer_counts_from_one_step_start_to_the_next():
     timer = finetune._StepTimer()
     timer.starts = [10.0, 13.0, 14.0, 15.5]
     assert timer.seconds == [3.0, 1.0, 1.5]
+    timer.starts, timer.end = [10.0], 12.5  # one batch (a tiny data set): its own time
+    assert timer.seconds == [2.5]
 
 
 def test_probe_leaves_the_model_as_it_found_it():

@@ -83,6 +83,10 @@ class Probe:
     def images_per_second(self) -> float:
         return self.batch_size / self.step_seconds
 
+    def small_steps_of(self, steps: int, steps_per_epoch: int) -> int:
+        """How many of `steps` run at the smaller size (0 without progressive resizing)."""
+        return small_steps(steps, steps_per_epoch, self.small_fraction) if self.small_step_seconds else 0
+
 
 def small_steps(steps: int, steps_per_epoch: int, fraction: float) -> int:
     """Progressive resizing: how many of `steps` run at the smaller input size.
@@ -116,7 +120,7 @@ def finetune_seconds(steps: int, steps_per_epoch: int, probe: Probe, val_seconds
     steps, and one validation pass after each (possibly partial) epoch."""
     epochs = math.ceil(steps / steps_per_epoch)
     trace = max(0.0, probe.first_step_seconds - probe.step_seconds)
-    small = small_steps(steps, steps_per_epoch, probe.small_fraction) if probe.small_step_seconds else 0
+    small = probe.small_steps_of(steps, steps_per_epoch)
     if small:
         trace += max(0.0, probe.small_first_step_seconds - probe.small_step_seconds)
     steps_seconds = small * probe.small_step_seconds + (steps - small) * probe.step_seconds
@@ -158,7 +162,7 @@ def plan(*, budget_seconds: float, spent_seconds: float, evaluate_seconds: float
         inference_images_per_second=inference_images_per_second, steps_per_epoch=steps_per_epoch,
         steps=steps, epochs=steps / steps_per_epoch,
         finetune_seconds=finetune_seconds(steps, steps_per_epoch, probe, val_seconds),
-        small_steps=small_steps(steps, steps_per_epoch, probe.small_fraction) if probe.small_step_seconds else 0,
+        small_steps=probe.small_steps_of(steps, steps_per_epoch),
         small_step_seconds=probe.small_step_seconds,
     )
 

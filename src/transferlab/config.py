@@ -82,9 +82,9 @@ class AugmentConfig:
 class ProgressiveConfig:
     # Progressive resizing (full path): the first `fraction` of the fine-tune's
     # steps (whole epochs) at `scale` x backbone.input_size (down to a multiple
-    # of 32, at least the backbone's smallest), the rest at backbone.input_size. Convolution weights
-    # do not depend on the input size, so the same weights go on at the larger
-    # one. scale 1 or fraction 0: off.
+    # of 32, at least the backbone's smallest), the rest at backbone.input_size.
+    # Convolution weights do not depend on the input size, so the same weights
+    # go on at the larger one. scale 1 or fraction 0: off.
     scale: float
     fraction: float
 

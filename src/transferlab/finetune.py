@@ -503,18 +503,22 @@ class FullSizeValidation(keras.callbacks.Callback):
 class _StepTimer(keras.callbacks.Callback):
     """Wall seconds from one training batch's start to the next one's, so that a
     step counts fetching its batch (on the full path: the augmentation and the
-    copy into the graph) as well as computing it."""
+    copy into the graph) as well as computing it; a single batch: its own time."""
 
     def __init__(self):
         super().__init__()
         self.starts: list[float] = []
+        self.end = 0.0
 
     def on_train_batch_begin(self, batch, logs=None):
         self.starts.append(time.perf_counter())
 
+    def on_train_batch_end(self, batch, logs=None):
+        self.end = time.perf_counter()
+
     @property
     def seconds(self) -> list[float]:
-        return list(np.diff(self.starts))
+        return list(np.diff(self.starts if len(self.starts) > 1 else [*self.starts, self.end]))
 
 
 def probe(t: Training, batch_size: int, steps: int = 11) -> budget.Probe:

@@ -129,7 +129,7 @@ def train(spec, body, head_model, prepared: data.Prepared, f: config.FinetuneCon
     weights, or the head's if no epoch beat it. Under a budget, the length is
     planned first (`plan_steps`). `batch_size`: of one step, over every replica
     (default finetune.batch_size). `small_size`: progressive resizing's smaller
-    input size (full path; `body` built for any size), 0: off. Returns the metrics."""
+    input size (full path only; `body` built for any size), 0: off. Returns the metrics."""
     batch_size = batch_size or f.batch_size
     y = prepared.y
     a = f.augment
@@ -139,7 +139,7 @@ def train(spec, body, head_model, prepared: data.Prepared, f: config.FinetuneCon
         images=None if activations is not None else (prepared.x["train"], prepared.x["val"]),
         image_size=image_size, input_size=input_size,
         augment={"flip": a.flip, "shift": a.shift, "rotation": a.rotation, "zoom": a.zoom},
-        small_size=small_size if activations is None else 0,
+        small_size=small_size,
     )
     per_epoch = finetune.steps_per_epoch(t, batch_size)
     plan = None
