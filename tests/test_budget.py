@@ -2,6 +2,7 @@
 (planned, replayed without the clock, refused with the smallest budget that fits)."""
 
 import json
+import math
 import re
 
 import keras
@@ -10,6 +11,7 @@ import pytest
 import synth
 import tinyproject
 from transferlab import budget, config
+from transferlab import finetune as finetune_lib
 from transferlab.stages import evaluate, features, finetune, head, prepare
 
 
@@ -52,6 +54,24 @@ def test_the_recipe_length_caps_the_plan():
     assert _plan(3600.0, max_steps=uncapped.steps + 100).steps == uncapped.steps  # the budget binds
     # a recipe shorter than the fewest useful steps is not a budget too small
     assert _plan(1200.0, max_steps=20).steps == 20
+
+
+def test_a_replan_fills_what_is_left_from_the_fine_tunes_own_steps():
+    p = _plan(1200.0, max_steps=100_000)
+    # the warmup's 100 steps ran 20 % faster than the probe said: more steps fit in what is left
+    left = p.window_seconds - 100 * 0.64
+    q = budget.replan(p, step_seconds=0.64, steps_done=100, seconds_left=left)
+    assert q.steps > p.steps and q.probe_steps == p.steps and q.trained_step_seconds == 0.64
+    rest = lambda n: budget.REPLAN_SLOWDOWN * (n - 100) * 0.64 + math.ceil(n / 352) * p.val_seconds  # noqa: E731
+    assert rest(q.steps) <= left < rest(q.steps + 1)  # no step more fits
+    assert q.epochs == pytest.approx(q.steps / 352) and q.finetune_seconds <= p.window_seconds
+    # slower: fewer steps; the recipe's length still caps; and at least one step more than ran
+    assert budget.replan(p, step_seconds=1.2, steps_done=100, seconds_left=left).steps < p.steps
+    assert budget.replan(_plan(1200.0, max_steps=500), step_seconds=0.64, steps_done=100,
+                         seconds_left=left).steps == 500
+    assert budget.replan(p, step_seconds=0.64, steps_done=100, seconds_left=1.0).steps == 101
+    # a second re-plan keeps the probe's figure
+    assert budget.replan(q, step_seconds=0.7, steps_done=100, seconds_left=left).probe_steps == p.steps
 
 
 def test_small_steps_are_whole_epochs_and_at_most_the_fraction():
@@ -200,6 +220,29 @@ def test_a_budget_plans_progressive_resizing_and_the_plan_replays(stages_done, m
     replayed = finetune.main(config.from_dict(tinyproject.full_params(
         {**tinyproject.TINY, **over, "finetune": {**over["finetune"], "steps": plan["steps"]}})), callbacks=[replay])
     assert replayed["small_steps"] == planned["small_steps"] and replay.sizes == sizes.sizes
+
+
+def test_the_warmup_re_plans_the_budget_from_the_fine_tunes_own_steps(stages_done, monkeypatch):
+    """The probe says 10 s a step, so 10 minutes plan a few dozen steps; the
+    warmup's own steps take milliseconds, so the re-plan at its end raises the
+    run to the recipe's whole length, and the replay of the final plan without
+    the clock trains the same epochs."""
+    recipe = {**tinyproject.TINY["finetune"], "epochs": 40, "patience": 1000, "warmup_epochs": 8.0}
+    planned = _finetune(stages_done, monkeypatch, probe=SLOW, budget="10m", finetune=recipe)
+    plan = planned["plan"]
+    per = plan["steps_per_epoch"]
+    assert 8 * per >= finetune_lib.Replan.SKIP + finetune_lib.Replan.MIN_TIMED + 1  # the warmup is timed
+    assert 8 * per < plan["probe_steps"] < 40 * per  # the probe's plan: past the warmup, short of the recipe
+    assert plan["steps"] == plan["max_steps"] == 40 * per == planned["steps_run"]  # re-planned: the recipe
+    assert 0 < plan["trained_step_seconds"] < SLOW.step_seconds
+    assert planned["epochs_run"] == 40
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{stages_done / 'mlflow.db'}")
+    run = mlflow.search_runs(experiment_names=["smoke"], filter_string="tags.stage = 'finetune'",
+                             order_by=["attributes.start_time DESC"], max_results=1).iloc[0]
+    assert int(run["params.replan.steps"]) == plan["steps"]
+    assert int(run["params.plan.steps"]) == plan["probe_steps"]
 
 
 def test_min_steps_stretches_early_stopping_with_the_schedule(stages_done, monkeypatch):

@@ -153,6 +153,59 @@ def test_fit_takes_exactly_the_planned_steps_and_ends_at_zero_learning_rate(tmp_
     assert hist.history["learning_rate"][-1] == 0.0
 
 
+class StepRates(keras.callbacks.Callback):
+    """The learning rate of every optimizer step, as the optimizer computes it."""
+
+    def __init__(self):
+        super().__init__()
+        self.rates = []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.rates.append(float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)))
+
+
+def _fit_steps(steps, replan=None, max_steps=0, warmup_epochs=5.0):
+    """40 images in batches of 2 (20 steps an epoch), a warmup of 100 steps."""
+    keras.utils.set_random_seed(0)
+    _, _, model = _tiny_classifier()
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 255, (40, 16, 16, 3)).astype(np.uint8)
+    y = np.arange(40) % 3
+    t = finetune.Training(model, x, (x[:4], y[:4]), {"y": y, "batch_size": 2, "shuffle": True}, 40, "full")
+    rates = StepRates()
+    finetune.fit(t, optimizer="adamw", learning_rate=1e-3, weight_decay=1e-4, schedule="cosine",
+                 warmup_epochs=warmup_epochs, steps=steps, batch_size=2, callbacks=[rates], verbose=0,
+                 replan=replan, max_steps=max_steps)
+    return int(model.optimizer.iterations.numpy()), rates.rates
+
+
+def test_a_replan_at_the_warmups_end_trains_what_its_replay_trains():
+    """Planned 130 steps, re-planned to 170 at the end of the warmup: the run takes
+    170 steps, and every step's learning rate is the one of a run planned for 170
+    from the start (the replay of its plan); shorter, likewise."""
+    asked = []
+
+    def decide(step_seconds, steps_done):
+        asked.append((step_seconds, steps_done))
+        return target
+
+    for target in (170, 115):
+        ran, rates = _fit_steps(130, replan=decide, max_steps=200)
+        replay_ran, replay_rates = _fit_steps(target)
+        assert ran == replay_ran == target
+        np.testing.assert_allclose(rates, replay_rates, rtol=1e-6)
+        assert 0 < rates[-1] < 0.02 * rates[100]  # it ends annealed
+    assert [done for _, done in asked] == [100, 100] and all(s > 0 for s, _ in asked)
+    target = 500  # past the recipe's length: capped there
+    assert _fit_steps(130, replan=decide, max_steps=200)[0] == 200
+
+
+def test_no_replan_where_the_warmup_is_too_short_to_time():
+    asked = []
+    ran, _ = _fit_steps(60, replan=lambda s, d: asked.append(d) or 90, max_steps=200, warmup_epochs=0.5)
+    assert ran == 60 and asked == []  # a warmup of 10 steps: the probe's plan holds
+
+
 def _progressive(small_size=32, name="efficientnet_lite0"):
     spec = BACKBONES[name]
     body = backbones.build_body(spec.name, 64, weights=None, any_size=True)
@@ -409,6 +462,18 @@ def test_an_epoch_must_beat_the_baseline_to_replace_the_starting_weights(tmp_pat
     checkpoint.restore_best(model)
     for a, b in zip(start, model.get_weights()):
         np.testing.assert_array_equal(a, b)  # but nothing beat 1.0: the start is kept
+
+
+def test_between_epochs_of_equal_score_the_lower_loss_is_kept(tmp_path):
+    """Under a schedule to zero, the last epochs often tie on validation accuracy;
+    the annealed one (lower loss) is kept, and a tie with the baseline is no win."""
+    x, y, model = _toy_problem()
+    checkpoint = finetune.Checkpoint(tmp_path / "b", "val_accuracy", baseline=0.5)
+    checkpoint.set_model(model)
+    checkpoint.on_train_begin()
+    for epoch, (acc, loss) in enumerate([(0.5, 0.1), (0.9, 0.40), (0.9, 0.30), (0.9, 0.35), (0.8, 0.1)]):
+        checkpoint.on_epoch_end(epoch, {"val_accuracy": acc, "val_loss": loss})
+    assert checkpoint.best_epoch == 3 and checkpoint.state["best_value"] == 0.9
 
 
 def test_a_run_that_early_stopping_ended_does_not_train_on_after_a_restart(tmp_path):

@@ -12,7 +12,11 @@ The fine-tune is the one stage whose length is free, so it is the one planned:
   a smaller one (`small_steps`);
 - the rest, less a safety margin, sizes the fine-tune in steps, and the
   learning rate decays to zero exactly at the last one (Li et al., "Budgeted
-  Training", ICLR 2020).
+  Training", ICLR 2020);
+- at the end of the warmup, the fine-tune's own steps, timed, size it again
+  (`replan`): a few steps on the first batches miss the real run's pace by
+  5 to 15 % either way, and the warmup's learning rates do not depend on the
+  length, so the run stays the one its replay trains.
 
 The plan (steps, sizes, the measured throughput) goes to metrics/finetune.json
 and the MLflow run. Replaying it needs no clock: `budget: 0` with
@@ -23,13 +27,16 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 MARGIN = 0.03  # of the budget, kept free for what the estimates miss (DVC's hashing, logging)
 # Long fine-tunes on CIFAR-10 here took 5 to 18 % longer than planned from the probe's few steps
 # (README, "A time budget"): the data pipeline over the whole set, checkpoints, the machine's own
 # drift from epoch to epoch. The plan counts each step this much longer than the probe measured.
 SLOWDOWN = 1.10
+# Once the fine-tune's own warmup steps are timed (`replan`), what is left to miss is the epochs'
+# ends (checkpoints, the reshuffle) and the machine's drift.
+REPLAN_SLOWDOWN = 1.03
 FINISH_SECONDS = 10.0  # the fine-tune stage's own end: the model saved, MLflow logged
 BASELINE_SECONDS = 30.0  # the evaluate stage's raw-pixel baseline (capped in evaluate.baseline)
 MIN_USEFUL_STEPS = 50  # fewer fine-tune steps than this (or than one epoch) are not worth running
@@ -110,6 +117,16 @@ class Plan:
     finetune_seconds: float  # what the planned steps, validations and tracing should take
     small_steps: int = 0  # progressive resizing: the first ones, at the smaller input size
     small_step_seconds: float = 0.0
+    val_seconds: float = 0.0  # one validation pass
+    max_steps: int = 0  # the recipe's own length (0: none)
+    probe_steps: int = 0  # re-planned (`replan`): the steps the probe's plan chose; 0: not re-planned
+    trained_step_seconds: float = 0.0  # re-planned: the mean step of the fine-tune's own warmup
+
+    @property
+    def window_seconds(self) -> float:
+        """The fine-tune's share of the budget, from the moment of the plan."""
+        return (self.budget_seconds - self.spent_seconds - self.evaluate_seconds - self.margin_seconds
+                - FINISH_SECONDS)
 
     def to_dict(self) -> dict:
         return {k: round(v, 3) if isinstance(v, float) else v for k, v in asdict(self).items()}
@@ -163,8 +180,29 @@ def plan(*, budget_seconds: float, spent_seconds: float, evaluate_seconds: float
         steps=steps, epochs=steps / steps_per_epoch,
         finetune_seconds=finetune_seconds(steps, steps_per_epoch, probe, val_seconds),
         small_steps=probe.small_steps_of(steps, steps_per_epoch),
-        small_step_seconds=probe.small_step_seconds,
+        small_step_seconds=probe.small_step_seconds, val_seconds=val_seconds, max_steps=max_steps,
     )
+
+
+def replan(p: Plan, *, step_seconds: float, steps_done: int, seconds_left: float) -> Plan:
+    """The plan again once `steps_done` steps of the fine-tune itself ran at
+    `step_seconds` each, `seconds_left` of its window (`Plan.window_seconds`)
+    remaining: the most steps whose rest and every epoch's validation fit, at
+    most the recipe's length and at least one more step (one input size only)."""
+    per = p.steps_per_epoch
+
+    def rest(steps: int) -> float:  # every epoch's validation (the warmup ends inside the first)
+        return REPLAN_SLOWDOWN * (steps - steps_done) * step_seconds + math.ceil(steps / per) * p.val_seconds
+
+    steps = steps_done + max(0, int(seconds_left // (REPLAN_SLOWDOWN * step_seconds)))
+    if p.max_steps:
+        steps = min(steps, p.max_steps)
+    while steps > steps_done + 1 and rest(steps) > seconds_left:
+        steps -= 1
+    steps = max(steps, steps_done + 1)
+    return replace(p, steps=steps, epochs=steps / per, probe_steps=p.probe_steps or p.steps,
+                   trained_step_seconds=step_seconds,
+                   finetune_seconds=p.window_seconds - seconds_left + rest(steps))
 
 
 def evaluate_reserve(*, n_val: int, n_test: int, views: int, inference_images_per_second: float,

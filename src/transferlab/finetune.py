@@ -144,15 +144,28 @@ class WarmupToZero(keras.optimizers.schedules.LearningRateSchedule):
         if shape not in ("cosine", "linear"):
             raise ValueError(f"shape must be cosine or linear, received: {shape!r}")
         self.peak, self.shape = float(peak), shape
-        self.total_steps = max(1, int(total_steps))
-        self.warmup_steps = max(0, min(int(warmup_steps), self.total_steps - 1))
+        total_steps = max(1, int(total_steps))
+        self.warmup_steps = max(0, min(int(warmup_steps), total_steps - 1))
+        # a variable, read by the traced training step: `set_total` moves the end while training
+        self._total = keras.Variable(float(total_steps), dtype="float32", trainable=False, name="total_steps")
+
+    @property
+    def total_steps(self) -> int:
+        return int(keras.ops.convert_to_numpy(self._total))
+
+    def set_total(self, total_steps: int) -> None:
+        """Move the end of the decay, before it begins (a budget's re-plan): the
+        warmup's rates do not depend on the end, so the run is the one a schedule
+        made with `total_steps` from the start trains."""
+        self._total.assign(float(max(int(total_steps), self.warmup_steps + 1)))
 
     def __call__(self, step):
         ops = keras.ops
         step = ops.cast(step, "float32")
         warm = float(max(1, self.warmup_steps))
         rise = self.peak * (0.1 + 0.9 * step / warm)
-        progress = ops.clip((step - self.warmup_steps) / float(self.total_steps - self.warmup_steps), 0.0, 1.0)
+        total = ops.convert_to_tensor(self._total)
+        progress = ops.clip((step - self.warmup_steps) / (total - float(self.warmup_steps)), 0.0, 1.0)
         if self.shape == "cosine":
             fall = self.peak * 0.5 * (1.0 + ops.cos(math.pi * progress))
         else:
@@ -198,6 +211,48 @@ class StopAtStep(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         if self.epoch * self.steps_per_epoch + batch + 1 >= self.steps:
             self.model.stop_training = True
+
+
+class Replan(keras.callbacks.Callback):
+    """A budget's second plan, from the fine-tune's own steps: times the steps of
+    the warmup (their batches' fetch included, as the probe does) and, at its
+    last step, asks `decide(step_seconds, steps_done)` for the run's length; the
+    schedule's end and the stop move there. The warmup's learning rates do not
+    depend on the length, so the run is the one its replay with the final number
+    of steps trains. Nothing happens on a resumed run (its plan was saved) or
+    where the warmup is too short to time."""
+
+    SKIP = 3  # the first steps: tracing, caches warming up
+    MIN_TIMED = 20
+
+    def __init__(self, schedule: WarmupToZero, stop: StopAtStep, decide, steps_per_epoch: int, max_steps: int):
+        super().__init__()
+        self.schedule, self.stop, self.decide = schedule, stop, decide
+        self.steps_per_epoch, self.max_steps = steps_per_epoch, max_steps
+        self.starts: list[tuple[int, float]] = []
+        self.epoch, self.done = 0, False
+
+    def on_train_begin(self, logs=None):
+        self.done = self.done or int(keras.ops.convert_to_numpy(self.model.optimizer.iterations)) > 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if not self.done:
+            self.starts.append((self.epoch, time.perf_counter()))
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = self.epoch * self.steps_per_epoch + batch + 1
+        if self.done or step < self.schedule.warmup_steps:
+            return
+        self.done = True
+        pairs = zip(self.starts, self.starts[1:])
+        seconds = [b - a for (ea, a), (eb, b) in pairs if ea == eb][self.SKIP:]  # no validation between
+        if len(seconds) >= self.MIN_TIMED:
+            total = min(self.max_steps, max(step + 1, int(self.decide(float(np.mean(seconds)), step))))
+            self.schedule.set_total(total)
+            self.stop.steps = total
 
 
 class FlipCacheDataset(keras.utils.PyDataset):
@@ -249,7 +304,8 @@ class Checkpoint(keras.callbacks.Callback):
 
     `baseline` is the score of the starting weights: an epoch must beat it to
     become the best, so a fine-tune that diverges never yields a worse model than
-    it started from."""
+    it started from. Between epochs of the same score, the lower loss is the
+    better one (so, under a schedule to zero, usually the later, annealed epoch)."""
 
     STATE = "state.json"
 
@@ -257,7 +313,9 @@ class Checkpoint(keras.callbacks.Callback):
         super().__init__()
         self.dir = Path(directory)
         self.monitor = monitor
-        self.state = {"epoch": 0, "latest": None, "best": None, "best_value": baseline, "history": []}
+        self.tiebreak = "val_loss" if monitor.startswith("val_") else "loss"
+        self.state = {"epoch": 0, "latest": None, "best": None, "best_value": baseline, "best_loss": None,
+                      "history": []}
         self.begun = False  # a fit in this process began: the model holds the state's weights
 
     # files
@@ -322,9 +380,11 @@ class Checkpoint(keras.callbacks.Callback):
         logs = {k: float(v) for k, v in (logs or {}).items() if np.isscalar(v)}
         entry = self._write_weights(f"epoch-{epoch + 1}.weights.h5")
         value, best = logs.get(self.monitor), self.state["best_value"]
+        loss, best_loss = logs.get(self.tiebreak), self.state.get("best_loss")
         self.state.update(epoch=epoch + 1, latest=entry)
-        if value is not None and (best is None or value > best):
-            self.state.update(best=entry, best_value=value)
+        tie = value == best and None not in (loss, best_loss) and loss < best_loss  # never a tie with the baseline
+        if value is not None and (best is None or value > best or tie):
+            self.state.update(best=entry, best_value=value, best_loss=loss)
         self.state["history"].append({"epoch": epoch + 1, **logs})
         self._commit()
 
@@ -334,6 +394,12 @@ class Checkpoint(keras.callbacks.Callback):
             self._commit()
 
     # results
+    @property
+    def best_epoch(self) -> int:
+        """The epoch whose weights are the best (1-based); 0: the starting weights."""
+        name = self.state["best"]["file"] if self.state["best"] else ""
+        return int(name.split("-")[1].split(".")[0]) if name.startswith("epoch-") else 0
+
     def history(self) -> dict[str, list[float]]:
         rows = self.state["history"]
         keys = [k for k in (rows[0] if rows else {}) if k != "epoch"]
@@ -449,19 +515,27 @@ def steps_per_epoch(t: Training, batch_size: int) -> int:
 
 def fit(t: Training, *, optimizer: str, learning_rate: float, weight_decay: float, schedule: str,
         warmup_epochs: float, steps: int, batch_size: int, callbacks: list, label_smoothing: float = 0.0,
-        verbose: int = 1, small_steps: int = 0):
+        verbose: int = 1, small_steps: int = 0, replan=None, max_steps: int = 0):
     """Compile with the schedule sized to `steps` optimizer steps (see
     `total_steps`) and train; returns Keras' History (every epoch's). The last
     epoch is partial when `steps` is not a whole number of epochs. `small_steps`
     (whole epochs, with `t.small`): the first steps at the smaller input size,
-    then the rest at the larger one with the same optimizer and schedule."""
+    then the rest at the larger one with the same optimizer and schedule.
+    `replan(step_seconds, steps_done) -> steps`: a budget's second plan at the
+    warmup's end (`Replan`; one input size, a schedule to zero), at most
+    `max_steps` (default `steps`)."""
     per_epoch = steps_per_epoch(t, batch_size)
     lr = learning_rate_schedule(schedule, learning_rate, steps, int(round(warmup_epochs * per_epoch)))
     opt = training.make_optimizer(optimizer, lr, weight_decay)
-    epochs = math.ceil(steps / per_epoch)
-    stop = [StopAtStep(steps, per_epoch)] if steps % per_epoch else []
+    progressive = t.small is not None and small_steps >= per_epoch
+    replanning = replan is not None and isinstance(lr, WarmupToZero) and not progressive
+    max_steps = max(steps, max_steps) if replanning else steps  # fit's epochs hold the longest re-plan
+    epochs = math.ceil(max_steps / per_epoch)
+    length = [StopAtStep(steps, per_epoch)] if steps % per_epoch or replanning else []
+    if replanning and lr.warmup_steps < steps - 1:
+        length.append(Replan(lr, length[0], replan, per_epoch, max_steps))
     phases = [(t.model, epochs, [])]  # (model, its last epoch, callbacks of its own)
-    if t.small is not None and small_steps >= per_epoch:
+    if progressive:
         validate = [FullSizeValidation(t.model, t.val, batch_size)] if t.val is not None else []
         phases.insert(0, (t.small, small_steps // per_epoch, validate))
     for model, _, _ in phases:  # every phase's model before any trains: early stopping may end the first
@@ -472,7 +546,7 @@ def fit(t: Training, *, optimizer: str, learning_rate: float, weight_decay: floa
             log.info("finetune: epochs %d..%d at %s", start + 1, end,
                      f"{t.small_size} px" if model is t.small else "the full input size")
         history = model.fit(t.train, validation_data=None if own else t.val, initial_epoch=start, epochs=end,
-                            callbacks=[*own, *callbacks, *stop], verbose=verbose, **t.fit_kwargs)
+                            callbacks=[*own, *callbacks, *length], verbose=verbose, **t.fit_kwargs)
         for key, values in history.history.items():
             merged.setdefault(key, []).extend(values)
         seen += history.epoch

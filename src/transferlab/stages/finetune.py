@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import keras
-import numpy as np
 
 from transferlab import backbones, budget, config, data, device, features, finetune, tracking, training
 from transferlab.files import write_atomic, write_json
@@ -142,10 +141,11 @@ def train(spec, body, head_model, prepared: data.Prepared, f: config.FinetuneCon
         small_size=small_size,
     )
     per_epoch = finetune.steps_per_epoch(t, batch_size)
-    plan = None
+    plan = deadline = None
     if budget_seconds:
         # an interrupted run resumes on the plan it started with, not a new one
         plan = resumed_plan(checkpoint_dir) or plan_steps(t, f, prepared, budget_seconds, batch_size)
+        deadline = time.monotonic() + plan.window_seconds
         steps = plan.steps
     else:
         steps = finetune.total_steps(epochs=f.epochs, steps_per_epoch=per_epoch, min_steps=f.min_steps,
@@ -162,8 +162,9 @@ def train(spec, body, head_model, prepared: data.Prepared, f: config.FinetuneCon
     # the head's score on the same validation images is what fine-tuning must beat
     baseline = json.loads((METRICS / "head.json").read_text()).get("best_val_accuracy") if t.val else None
     extra = [tracking.EpochLogger(), *(callbacks or [])]
-    if plan is not None:
-        extra.append(BudgetProgress(plan))
+    progress = BudgetProgress(plan) if plan is not None else None
+    if progress is not None:
+        extra.append(progress)
     # patience counts epochs of the recipe's length: a schedule that min_steps stretched
     # over more (shorter) epochs waits as many more, so it can reach its low-rate end
     # (a budget's plan does not stretch it: a long budget on a small set still stops)
@@ -171,28 +172,46 @@ def train(spec, body, head_model, prepared: data.Prepared, f: config.FinetuneCon
     patience = math.ceil(f.patience * recipe / max(1, f.epochs * per_epoch))
     cbs, checkpoint = finetune.callbacks(checkpoint_dir, patience=patience, schedule=f.schedule,
                                          has_val=t.val is not None, baseline=baseline, extra=extra)
+    replan = None
     if plan is not None:
         checkpoint.state["plan"] = plan.to_dict()
+
+        def replan(step_seconds: float, steps_done: int) -> int:
+            """The budget's second plan, from the warmup's own steps (finetune.Replan)."""
+            nonlocal plan
+            plan = budget.replan(plan, step_seconds=step_seconds, steps_done=steps_done,
+                                 seconds_left=deadline - time.monotonic())
+            progress.plan = plan
+            checkpoint.state["plan"] = plan.to_dict()  # a resumed run goes on with it
+            log.info("budget: the first %d steps took %.3f s each (the probe: %.3f s) -> %d steps (%.2f epochs) "
+                     "instead of %d; replay without the clock: budget: 0, finetune.steps: %d", steps_done,
+                     step_seconds, plan.step_seconds, plan.steps, plan.epochs, plan.probe_steps, plan.steps)
+            import mlflow
+
+            mlflow.log_params({"replan.steps": plan.steps, "replan.step_seconds": round(step_seconds, 4)})
+            return plan.steps
+
     start = time.perf_counter()
     finetune.fit(t, optimizer=f.optimizer, learning_rate=f.learning_rate, weight_decay=f.weight_decay,
                  schedule=f.schedule, warmup_epochs=f.warmup_epochs, steps=steps, batch_size=batch_size,
-                 label_smoothing=f.label_smoothing, callbacks=cbs, verbose=training.verbosity(), small_steps=small)
+                 label_smoothing=f.label_smoothing, callbacks=cbs, verbose=training.verbosity(), small_steps=small,
+                 replan=replan, max_steps=plan.max_steps if plan is not None else 0)
     seconds = time.perf_counter() - start
     ran = int(keras.ops.convert_to_numpy(t.model.optimizer.iterations))  # early stopping may end it sooner
     checkpoint.restore_best(t.model)  # the best epoch, not the last
     hist = checkpoint.history()
     training.write_history(PLOTS / "finetune" / "history.csv", hist)
     monitor = training.monitor(t.val is not None)
-    best = int(np.argmax(hist[monitor]))
-    improved = baseline is None or hist[monitor][best] > baseline
+    best = checkpoint.best_epoch  # ties of the monitor broken by the lower loss (finetune.Checkpoint)
+    improved = best > 0
     if not improved:
         log.warning("no fine-tune epoch beat the head's %s of %.4f: keeping the weights it started from",
                     monitor, baseline)
     shutil.rmtree(checkpoint_dir)  # done: a later run starts fresh
     metrics = {
         "path": t.path,
-        f"best_{monitor}": round(max(hist[monitor][best], baseline or 0.0), 5),
-        "best_epoch": best + 1 if improved else 0,
+        f"best_{monitor}": round(checkpoint.state["best_value"], 5),
+        "best_epoch": best,
         "epochs_run": len(hist[monitor]),
         "steps": steps,
         "steps_run": ran,
@@ -202,7 +221,7 @@ def train(spec, body, head_model, prepared: data.Prepared, f: config.FinetuneCon
         "train_images_per_second": round(ran * t.n_train / per_epoch / seconds, 1),
     }
     if plan is not None:
-        metrics["plan"] = plan.to_dict()
+        metrics["plan"] = plan.to_dict()  # the re-planned one, where the warmup re-planned it
     return metrics
 
 
