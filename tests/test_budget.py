@@ -222,27 +222,43 @@ def test_a_budget_plans_progressive_resizing_and_the_plan_replays(stages_done, m
     assert replayed["small_steps"] == planned["small_steps"] and replay.sizes == sizes.sizes
 
 
-def test_the_warmup_re_plans_the_budget_from_the_fine_tunes_own_steps(stages_done, monkeypatch):
+def test_the_fine_tune_plans_again_from_its_own_steps_and_the_replans_replay(stages_done, monkeypatch):
     """The probe says 10 s a step, so 10 minutes plan a few dozen steps; the
-    warmup's own steps take milliseconds, so the re-plan at its end raises the
-    run to the recipe's whole length, and the replay of the final plan without
-    the clock trains the same epochs."""
-    recipe = {**tinyproject.TINY["finetune"], "epochs": 40, "patience": 1000, "warmup_epochs": 8.0}
+    fine-tune's own steps take milliseconds, so the re-plan at the warmup's end
+    raises the run to the recipe's whole length, and the re-plans after each
+    epoch keep it there. The recorded re-plans, replayed without the clock,
+    train the same run. (Batches of one image: epochs long enough to time.)"""
+    recipe = {**tinyproject.TINY["finetune"], "epochs": 4, "patience": 1000, "warmup_epochs": 0.95,
+              "batch_size": 1}
     planned = _finetune(stages_done, monkeypatch, probe=SLOW, budget="10m", finetune=recipe)
     plan = planned["plan"]
     per = plan["steps_per_epoch"]
-    assert 8 * per >= finetune_lib.Replan.SKIP + finetune_lib.Replan.MIN_TIMED + 1  # the warmup is timed
-    assert 8 * per < plan["probe_steps"] < 40 * per  # the probe's plan: past the warmup, short of the recipe
-    assert plan["steps"] == plan["max_steps"] == 40 * per == planned["steps_run"]  # re-planned: the recipe
+    warmup = round(0.95 * per)
+    assert warmup - 1 - finetune_lib.Replan.SKIP >= finetune_lib.Replan.MIN_TIMED  # the warmup is timed
+    assert warmup < plan["probe_steps"] < 4 * per  # the probe's plan: past the warmup, short of the recipe
+    assert plan["steps"] == plan["max_steps"] == 4 * per == planned["steps_run"]  # re-planned: the recipe
+    assert plan["replans"] == [[0, plan["probe_steps"]], [warmup, 4 * per], [per, 4 * per], [2 * per, 4 * per],
+                               [3 * per, 4 * per]]
     assert 0 < plan["trained_step_seconds"] < SLOW.step_seconds
-    assert planned["epochs_run"] == 40
+    assert planned["epochs_run"] == 4
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{stages_done / 'mlflow.db'}")
+    client = mlflow.MlflowClient()
     run = mlflow.search_runs(experiment_names=["smoke"], filter_string="tags.stage = 'finetune'",
                              order_by=["attributes.start_time DESC"], max_results=1).iloc[0]
-    assert int(run["params.replan.steps"]) == plan["steps"]
-    assert int(run["params.plan.steps"]) == plan["probe_steps"]
+    assert int(run["params.plan.steps"]) == plan["probe_steps"]  # the probe's plan, then each re-plan:
+    history = client.get_metric_history(run["run_id"], "planned_steps")
+    assert [[m.step, int(m.value)] for m in history] == plan["replans"][1:]
+
+    replayed = _finetune(stages_done, monkeypatch, finetune={**recipe, "replans": plan["replans"]})
+    assert replayed["steps"] == replayed["steps_run"] == plan["steps"] and "plan" not in replayed
+    assert replayed["epochs_run"] == planned["epochs_run"]
+    with pytest.raises(config.ConfigError, match="replays a budgeted run"):
+        config.from_dict(tinyproject.full_params({**tinyproject.TINY, "budget": "10m",
+                                                  "finetune": {**recipe, "replans": plan["replans"]}}))
+    with pytest.raises(config.ConfigError, match=r"expected \[\[0, steps\]"):
+        config.from_dict(tinyproject.full_params({**tinyproject.TINY, "finetune": {**recipe, "replans": [[5, 9]]}}))
 
 
 def test_min_steps_stretches_early_stopping_with_the_schedule(stages_done, monkeypatch):
@@ -273,7 +289,8 @@ def test_the_head_can_train_on_a_share_of_the_training_features(stages_done, mon
 
     monkeypatch.chdir(stages_done)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    params = config.from_dict(tinyproject.full_params({**tinyproject.TINY, "features": {"train_fraction": 0.5}}))
+    share = {"train_fraction": 0.5, "min_train_images": 0}
+    params = config.from_dict(tinyproject.full_params({**tinyproject.TINY, "features": share}))
     features.main(params)
     meta = json.loads(next((stages_done / "data" / "features").glob("*/meta.json")).read_text())
     y = data.load_prepared("data/prepared").y["train"]
@@ -283,6 +300,15 @@ def test_the_head_can_train_on_a_share_of_the_training_features(stages_done, mon
     assert counts.max() - counts.min() <= 1  # stratified
     assert meta["timings"]["test"]["images"] == 0  # nothing reads test features
     assert head.main(params)["best_val_accuracy"] >= 0
+    # at least min_train_images: the share's floor in images; a set smaller than it, whole
+    n = len(y)
+    for floor, rows in ((n * 3 // 4, n * 3 // 4), (n + 1, n)):
+        features.main(config.from_dict(tinyproject.full_params(
+            {**tinyproject.TINY, "features": {**share, "min_train_images": floor}})))
+        meta = json.loads(next((stages_done / "data" / "features").glob("*/meta.json")).read_text())
+        got = len(meta.get("train_index", range(n)))
+        assert abs(got - rows) <= 1 and meta["timings"]["train"]["images"] == got
+        assert ("train_index" in meta) == (rows < n)
     with pytest.raises(config.ConfigError, match="needs finetune.mode: full"):
         config.from_dict(tinyproject.full_params({**tinyproject.TINY, "features": {"train_fraction": 0.5},
                                                   "finetune": {"mode": "cached", "unfreeze": 2}}))

@@ -164,46 +164,70 @@ class StepRates(keras.callbacks.Callback):
         self.rates.append(float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)))
 
 
-def _fit_steps(steps, replan=None, max_steps=0, warmup_epochs=5.0):
-    """40 images in batches of 2 (20 steps an epoch), a warmup of 100 steps."""
+def _fit_steps(steps, replan=None, replans=(), max_steps=0, warmup_epochs=0.8):
+    """100 images in batches of 2: 50 steps an epoch; a warmup of 40 steps."""
     keras.utils.set_random_seed(0)
     _, _, model = _tiny_classifier()
     rng = np.random.default_rng(0)
-    x = rng.integers(0, 255, (40, 16, 16, 3)).astype(np.uint8)
-    y = np.arange(40) % 3
-    t = finetune.Training(model, x, (x[:4], y[:4]), {"y": y, "batch_size": 2, "shuffle": True}, 40, "full")
+    x = rng.integers(0, 255, (100, 16, 16, 3)).astype(np.uint8)
+    y = np.arange(100) % 3
+    t = finetune.Training(model, x, (x[:4], y[:4]), {"y": y, "batch_size": 2, "shuffle": True}, 100, "full")
     rates = StepRates()
-    finetune.fit(t, optimizer="adamw", learning_rate=1e-3, weight_decay=1e-4, schedule="cosine",
-                 warmup_epochs=warmup_epochs, steps=steps, batch_size=2, callbacks=[rates], verbose=0,
-                 replan=replan, max_steps=max_steps)
-    return int(model.optimizer.iterations.numpy()), rates.rates
+    hist = finetune.fit(t, optimizer="adamw", learning_rate=1e-3, weight_decay=1e-4, schedule="cosine",
+                        warmup_epochs=warmup_epochs, steps=steps, batch_size=2, callbacks=[rates], verbose=0,
+                        replan=replan, replans=replans, max_steps=max_steps)
+    return int(model.optimizer.iterations.numpy()), rates.rates, hist
 
 
-def test_a_replan_at_the_warmups_end_trains_what_its_replay_trains():
-    """Planned 130 steps, re-planned to 170 at the end of the warmup: the run takes
-    170 steps, and every step's learning rate is the one of a run planned for 170
-    from the start (the replay of its plan); shorter, likewise."""
-    asked = []
+def _deciding(answers):
+    """A `decide` that answers from `answers` ({steps done: steps}), else as it last answered."""
+    asked, last = [], []
 
     def decide(step_seconds, steps_done):
-        asked.append((step_seconds, steps_done))
-        return target
+        asked.append(steps_done)
+        assert step_seconds > 0
+        last.append(answers.get(steps_done, last[-1] if last else 0))
+        return last[-1]
 
-    for target in (170, 115):
-        ran, rates = _fit_steps(130, replan=decide, max_steps=200)
-        replay_ran, replay_rates = _fit_steps(target)
-        assert ran == replay_ran == target
-        np.testing.assert_allclose(rates, replay_rates, rtol=1e-6)
-        assert 0 < rates[-1] < 0.02 * rates[100]  # it ends annealed
-    assert [done for _, done in asked] == [100, 100] and all(s > 0 for s, _ in asked)
-    target = 500  # past the recipe's length: capped there
-    assert _fit_steps(130, replan=decide, max_steps=200)[0] == 200
+    decide.asked = asked
+    return decide
 
 
-def test_no_replan_where_the_warmup_is_too_short_to_time():
-    asked = []
-    ran, _ = _fit_steps(60, replan=lambda s, d: asked.append(d) or 90, max_steps=200, warmup_epochs=0.5)
-    assert ran == 60 and asked == []  # a warmup of 10 steps: the probe's plan holds
+def test_a_replan_at_the_warmups_end_trains_what_a_run_of_that_length_trains():
+    """Planned 90 steps, 130 at the warmup's end (step 40), unchanged after each
+    epoch: every step's learning rate is the one of a run of 130 from the start."""
+    decide = _deciding({40: 130})
+    ran, rates, hist = _fit_steps(90, replan=decide, max_steps=200)
+    plain_ran, plain_rates, _ = _fit_steps(130)
+    assert ran == plain_ran == 130 and decide.asked == [40, 50, 100]  # the warmup's end, then every epoch's
+    np.testing.assert_allclose(rates, plain_rates, rtol=1e-5)
+    assert hist.replan.replans == [[0, 90], [40, 130], [50, 130], [100, 130]]
+
+
+def test_replans_after_every_epoch_follow_the_pace_and_replay_exactly():
+    """Re-planned at the warmup's end and after epochs 1 and 2 (the last much
+    shorter: the machine slowed down): the rate goes on from where it was at
+    each change and still ends annealed; the recorded replans replay the run
+    step for step without asking anyone."""
+    decide = _deciding({40: 130, 50: 150, 100: 112})
+    ran, rates, hist = _fit_steps(90, replan=decide, max_steps=200)
+    assert ran == 112
+    recorded = hist.replan.replans
+    assert recorded == [[0, 90], [40, 130], [50, 150], [100, 112]]
+    peak = max(rates)
+    assert abs(rates[100] - rates[99]) < 0.05 * peak  # no jump where the end moved
+    assert 0 < rates[-1] < 0.05 * peak  # annealed at the new end
+    replay_ran, replay_rates, _ = _fit_steps(90, replans=recorded, max_steps=0)
+    assert replay_ran == ran
+    np.testing.assert_allclose(replay_rates, rates, rtol=1e-5)
+    # and capped at the recipe's length
+    assert _fit_steps(90, replan=_deciding({40: 500}), max_steps=120)[0] == 120
+
+
+def test_a_warmup_too_short_to_time_is_planned_again_after_the_first_epoch():
+    decide = _deciding({50: 70})
+    ran, _, _ = _fit_steps(60, replan=decide, max_steps=200, warmup_epochs=0.2)
+    assert ran == 70 and decide.asked == [50]  # a warmup of 10 steps: not timed; the epoch's 50 are
 
 
 def _progressive(small_size=32, name="efficientnet_lite0"):

@@ -13,10 +13,12 @@ The fine-tune is the one stage whose length is free, so it is the one planned:
 - the rest, less a safety margin, sizes the fine-tune in steps, and the
   learning rate decays to zero exactly at the last one (Li et al., "Budgeted
   Training", ICLR 2020);
-- at the end of the warmup, the fine-tune's own steps, timed, size it again
-  (`replan`): a few steps on the first batches miss the real run's pace by
-  5 to 15 % either way, and the warmup's learning rates do not depend on the
-  length, so the run stays the one its replay trains.
+- at the end of the warmup and after every epoch, the fine-tune's own recent
+  steps, timed, size it again (`replan`): a few steps on the first batches miss
+  the real run's pace by 5 to 15 % either way, and a shared machine's pace
+  drifts by as much within the hour. The learning rate goes on from where it
+  is and reaches zero at the new end; each re-plan is recorded (`replans`), and
+  replaying them without the clock trains the same run.
 
 The plan (steps, sizes, the measured throughput) goes to metrics/finetune.json
 and the MLflow run. Replaying it needs no clock: `budget: 0` with
@@ -27,15 +29,15 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 MARGIN = 0.03  # of the budget, kept free for what the estimates miss (DVC's hashing, logging)
 # Long fine-tunes on CIFAR-10 here took 5 to 18 % longer than planned from the probe's few steps
 # (README, "A time budget"): the data pipeline over the whole set, checkpoints, the machine's own
 # drift from epoch to epoch. The plan counts each step this much longer than the probe measured.
 SLOWDOWN = 1.10
-# Once the fine-tune's own warmup steps are timed (`replan`), what is left to miss is the epochs'
-# ends (checkpoints, the reshuffle) and the machine's drift.
+# Once the fine-tune's own steps are timed (`replan`, after the warmup and every epoch), what is left
+# to miss is the epochs' ends (checkpoints, the reshuffle) and the drift until the next re-plan.
 REPLAN_SLOWDOWN = 1.03
 FINISH_SECONDS = 10.0  # the fine-tune stage's own end: the model saved, MLflow logged
 BASELINE_SECONDS = 30.0  # the evaluate stage's raw-pixel baseline (capped in evaluate.baseline)
@@ -120,7 +122,9 @@ class Plan:
     val_seconds: float = 0.0  # one validation pass
     max_steps: int = 0  # the recipe's own length (0: none)
     probe_steps: int = 0  # re-planned (`replan`): the steps the probe's plan chose; 0: not re-planned
-    trained_step_seconds: float = 0.0  # re-planned: the mean step of the fine-tune's own warmup
+    trained_step_seconds: float = 0.0  # re-planned: the mean step the latest re-plan timed
+    # re-planned: [step, steps] for each plan, the probe's at step 0: finetune.replans replays them
+    replans: list = field(default_factory=list)
 
     @property
     def window_seconds(self) -> float:
@@ -185,14 +189,15 @@ def plan(*, budget_seconds: float, spent_seconds: float, evaluate_seconds: float
 
 
 def replan(p: Plan, *, step_seconds: float, steps_done: int, seconds_left: float) -> Plan:
-    """The plan again once `steps_done` steps of the fine-tune itself ran at
-    `step_seconds` each, `seconds_left` of its window (`Plan.window_seconds`)
-    remaining: the most steps whose rest and every epoch's validation fit, at
+    """The plan again once `steps_done` steps of the fine-tune itself ran, the
+    latest at `step_seconds` each, with `seconds_left` of its window
+    (`Plan.window_seconds`): the most steps whose rest and validations fit, at
     most the recipe's length and at least one more step (one input size only)."""
     per = p.steps_per_epoch
 
-    def rest(steps: int) -> float:  # every epoch's validation (the warmup ends inside the first)
-        return REPLAN_SLOWDOWN * (steps - steps_done) * step_seconds + math.ceil(steps / per) * p.val_seconds
+    def rest(steps: int) -> float:  # the steps to come and the validations of the epochs not yet ended
+        return (REPLAN_SLOWDOWN * (steps - steps_done) * step_seconds
+                + (math.ceil(steps / per) - steps_done // per) * p.val_seconds)
 
     steps = steps_done + max(0, int(seconds_left // (REPLAN_SLOWDOWN * step_seconds)))
     if p.max_steps:
@@ -202,7 +207,8 @@ def replan(p: Plan, *, step_seconds: float, steps_done: int, seconds_left: float
     steps = max(steps, steps_done + 1)
     return replace(p, steps=steps, epochs=steps / per, probe_steps=p.probe_steps or p.steps,
                    trained_step_seconds=step_seconds,
-                   finetune_seconds=p.window_seconds - seconds_left + rest(steps))
+                   finetune_seconds=p.window_seconds - seconds_left + rest(steps),
+                   replans=[*(p.replans or [[0, p.steps]]), [steps_done, steps]])
 
 
 def evaluate_reserve(*, n_val: int, n_test: int, views: int, inference_images_per_second: float,

@@ -53,8 +53,10 @@ class BackboneConfig:
 @dataclass(frozen=True)
 class FeaturesConfig:
     batch_size: int
-    # The share of the training images the head trains on (seeded, stratified).
+    # The share of the training images the head trains on (seeded, stratified),
+    # but at least min_train_images of them (all of a smaller set).
     train_fraction: float
+    min_train_images: int
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,9 @@ class FinetuneConfig:
     # 0: `epochs` epochs, but at least `min_steps` optimizer steps (or what the
     # budget plans); N > 0: exactly N steps (a budget's plan, replayed).
     steps: int
+    # A budgeted run's re-plans, replayed without the clock: [[0, steps], [step, steps], ...],
+    # as its metrics/finetune.json records them under plan.replans; []: none.
+    replans: list[list[int]]
     min_steps: int
     label_smoothing: float
     batch_size: int
@@ -302,6 +307,8 @@ def _validate(params: Params) -> None:
     share = params.features.train_fraction
     if not 0 < share <= 1:
         raise ConfigError(f"features.train_fraction must be in (0, 1], received: {share}")
+    if params.features.min_train_images < 0:
+        raise ConfigError(f"features.min_train_images must be >= 0, received: {params.features.min_train_images}")
     if share < 1 and f.mode == "cached" and 0 < (n_blocks if u == "all" else u) < n_blocks:
         raise ConfigError("features.train_fraction < 1 needs finetune.mode: full (the cached path caches the "
                           "activations of every training image)")
@@ -319,10 +326,25 @@ def _validate(params: Params) -> None:
     if seconds and f.steps:
         raise ConfigError(f"budget ({params.budget!r}) and finetune.steps ({f.steps}) both size the fine-tune: "
                           "set budget: 0 to replay a plan's steps, or finetune.steps: 0 to plan to the budget")
+    if f.replans:
+        _validate_replans(f, seconds)
     if seconds and f.schedule == "plateau":
         raise ConfigError(f"budget ({params.budget!r}): a budgeted fine-tune decays its learning rate to zero at "
                           "the budget's end; set finetune.schedule to cosine or linear, or budget: 0 for plateau")
     _validate_tune(params, n_blocks)
+
+
+def _validate_replans(f: FinetuneConfig, budget_seconds: float | None) -> None:
+    r = f.replans
+    if budget_seconds or f.steps:
+        raise ConfigError("finetune.replans replays a budgeted run: set budget: 0 and finetune.steps: 0 with it")
+    if f.schedule not in ("cosine", "linear") or f.progressive.scale < 1:
+        raise ConfigError("finetune.replans needs finetune.schedule cosine or linear and one input size "
+                          "(progressive.scale: 1), as the budgeted run it replays")
+    at = [pair[0] for pair in r if len(pair) == 2]
+    if len(at) != len(r) or at[0] != 0 or at != sorted(set(at)) or any(b <= a for a, b in r):
+        raise ConfigError(f"finetune.replans: expected [[0, steps], [step, steps], ...] with the steps at which "
+                          f"they were planned increasing and each plan past its step, received: {r!r}")
 
 
 def _validate_progressive(params: Params) -> None:

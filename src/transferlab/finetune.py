@@ -146,26 +146,39 @@ class WarmupToZero(keras.optimizers.schedules.LearningRateSchedule):
         self.peak, self.shape = float(peak), shape
         total_steps = max(1, int(total_steps))
         self.warmup_steps = max(0, min(int(warmup_steps), total_steps - 1))
-        # a variable, read by the traced training step: `set_total` moves the end while training
+        # variables, read by the traced training step, so that `set_total` moves the end while it trains:
+        # the decay's progress runs linearly from `_from_progress` at step `_from` to 1 at `_total`
         self._total = keras.Variable(float(total_steps), dtype="float32", trainable=False, name="total_steps")
+        self._from = keras.Variable(float(self.warmup_steps), dtype="float32", trainable=False, name="from_step")
+        self._from_progress = keras.Variable(0.0, dtype="float32", trainable=False, name="from_progress")
 
     @property
     def total_steps(self) -> int:
         return int(keras.ops.convert_to_numpy(self._total))
 
-    def set_total(self, total_steps: int) -> None:
-        """Move the end of the decay, before it begins (a budget's re-plan): the
-        warmup's rates do not depend on the end, so the run is the one a schedule
-        made with `total_steps` from the start trains."""
-        self._total.assign(float(max(int(total_steps), self.warmup_steps + 1)))
+    def set_total(self, total_steps: int, at_step: int = 0) -> None:
+        """Move the decay's end to `total_steps`, after `at_step` steps ran (a
+        budget's re-plan). Up to the warmup's end, the run is the one a schedule
+        made with `total_steps` from the start trains (the warmup's rates do not
+        depend on the end); later, the rate goes on from where it is and reaches
+        zero at the new end."""
+        if at_step > self.warmup_steps:
+            self._from_progress.assign(keras.ops.convert_to_numpy(self._progress(float(at_step))))
+            self._from.assign(float(at_step))
+        self._total.assign(float(max(int(total_steps), self.warmup_steps + 1, int(at_step) + 1)))
+
+    def _progress(self, step):
+        ops = keras.ops
+        start, done = ops.convert_to_tensor(self._from), ops.convert_to_tensor(self._from_progress)
+        total = ops.convert_to_tensor(self._total)
+        return done + (1.0 - done) * ops.clip((step - start) / ops.maximum(total - start, 1.0), 0.0, 1.0)
 
     def __call__(self, step):
         ops = keras.ops
         step = ops.cast(step, "float32")
         warm = float(max(1, self.warmup_steps))
         rise = self.peak * (0.1 + 0.9 * step / warm)
-        total = ops.convert_to_tensor(self._total)
-        progress = ops.clip((step - self.warmup_steps) / (total - float(self.warmup_steps)), 0.0, 1.0)
+        progress = self._progress(step)
         if self.shape == "cosine":
             fall = self.peak * 0.5 * (1.0 + ops.cos(math.pi * progress))
         else:
@@ -214,45 +227,70 @@ class StopAtStep(keras.callbacks.Callback):
 
 
 class Replan(keras.callbacks.Callback):
-    """A budget's second plan, from the fine-tune's own steps: times the steps of
-    the warmup (their batches' fetch included, as the probe does) and, at its
-    last step, asks `decide(step_seconds, steps_done)` for the run's length; the
-    schedule's end and the stop move there. The warmup's learning rates do not
-    depend on the length, so the run is the one its replay with the final number
-    of steps trains. Nothing happens on a resumed run (its plan was saved) or
-    where the warmup is too short to time."""
+    """The run's length, planned again while it trains (a budget), or as such a
+    run planned it (its replay, a resumed run).
 
-    SKIP = 3  # the first steps: tracing, caches warming up
+    Live (`decide(step_seconds, steps_done) -> steps`): at the warmup's last step
+    and after every epoch, the mean step of the steps since (their batches' fetch
+    included, as the probe times them) goes to `decide`, and the schedule's end
+    and the stop move to its answer (`WarmupToZero.set_total`): the plan follows
+    the machine's pace as it drifts. `replans` records each [step, steps]: the
+    length as planned after that many steps, the first at step 0.
+
+    Replay (`replans` given, no `decide`): the same changes at the same steps,
+    so the run is the one that was planned. A resumed run replays what its plan
+    saved and plans no more."""
+
+    SKIP = 3  # the first steps of an epoch: tracing, caches warming up
     MIN_TIMED = 20
 
-    def __init__(self, schedule: WarmupToZero, stop: StopAtStep, decide, steps_per_epoch: int, max_steps: int):
+    def __init__(self, schedule: WarmupToZero, stop: StopAtStep, steps_per_epoch: int, max_steps: int,
+                 decide=None, replans=()):
         super().__init__()
         self.schedule, self.stop, self.decide = schedule, stop, decide
         self.steps_per_epoch, self.max_steps = steps_per_epoch, max_steps
-        self.starts: list[tuple[int, float]] = []
-        self.epoch, self.done = 0, False
+        self.replans = [[int(a), int(b)] for a, b in replans] or [[0, stop.steps]]
+        self.pending = [r for r in self.replans if r[0] > 0]
+        self.starts: list[float] = []
+        self.epoch, self.warmed = 0, False
 
     def on_train_begin(self, logs=None):
-        self.done = self.done or int(keras.ops.convert_to_numpy(self.model.optimizer.iterations)) > 0
+        done = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+        while self.pending and self.pending[0][0] <= done:  # resumed: the changes before the restart
+            self._apply(*self.pending.pop(0))
+        if done > 0:
+            self.decide = None  # a resumed run goes on with the plan it saved
 
     def on_epoch_begin(self, epoch, logs=None):
-        self.epoch = epoch
+        self.epoch, self.starts = epoch, []
 
     def on_train_batch_begin(self, batch, logs=None):
-        if not self.done:
-            self.starts.append((self.epoch, time.perf_counter()))
+        if self.decide is not None:
+            self.starts.append(time.perf_counter())
 
     def on_train_batch_end(self, batch, logs=None):
         step = self.epoch * self.steps_per_epoch + batch + 1
-        if self.done or step < self.schedule.warmup_steps:
-            return
-        self.done = True
-        pairs = zip(self.starts, self.starts[1:])
-        seconds = [b - a for (ea, a), (eb, b) in pairs if ea == eb][self.SKIP:]  # no validation between
+        while self.pending and self.pending[0][0] == step:
+            self._apply(*self.pending.pop(0))
+        if self.decide is not None and not self.warmed and step >= self.schedule.warmup_steps:
+            self.warmed = True
+            self._plan(step)
+
+    def on_epoch_end(self, epoch, logs=None):
+        step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+        if self.decide is not None and not self.model.stop_training and step < self.stop.steps:
+            self._plan(step)
+
+    def _plan(self, step: int) -> None:
+        seconds = list(np.diff(self.starts))[self.SKIP:]  # within this epoch: no validation between
         if len(seconds) >= self.MIN_TIMED:
             total = min(self.max_steps, max(step + 1, int(self.decide(float(np.mean(seconds)), step))))
-            self.schedule.set_total(total)
-            self.stop.steps = total
+            self.replans.append([step, total])
+            self._apply(step, total)
+
+    def _apply(self, step: int, total: int) -> None:
+        self.schedule.set_total(total, step)
+        self.stop.steps = total
 
 
 class FlipCacheDataset(keras.utils.PyDataset):
@@ -393,6 +431,11 @@ class Checkpoint(keras.callbacks.Callback):
             self.state["stopped"] = True
             self._commit()
 
+    def note(self, **values) -> None:
+        """Add `values` to the saved state (a re-planned budget), committed now."""
+        self.state.update(values)
+        self._commit()
+
     # results
     @property
     def best_epoch(self) -> int:
@@ -515,25 +558,30 @@ def steps_per_epoch(t: Training, batch_size: int) -> int:
 
 def fit(t: Training, *, optimizer: str, learning_rate: float, weight_decay: float, schedule: str,
         warmup_epochs: float, steps: int, batch_size: int, callbacks: list, label_smoothing: float = 0.0,
-        verbose: int = 1, small_steps: int = 0, replan=None, max_steps: int = 0):
+        verbose: int = 1, small_steps: int = 0, replan=None, replans=(), max_steps: int = 0):
     """Compile with the schedule sized to `steps` optimizer steps (see
     `total_steps`) and train; returns Keras' History (every epoch's). The last
     epoch is partial when `steps` is not a whole number of epochs. `small_steps`
     (whole epochs, with `t.small`): the first steps at the smaller input size,
     then the rest at the larger one with the same optimizer and schedule.
-    `replan(step_seconds, steps_done) -> steps`: a budget's second plan at the
-    warmup's end (`Replan`; one input size, a schedule to zero), at most
-    `max_steps` (default `steps`)."""
+    `replan(step_seconds, steps_done) -> steps`: a budget's plan again at the
+    warmup's end and after every epoch (`Replan`; one input size, a schedule to
+    zero), at most `max_steps`; `replans`: what such a run recorded (then
+    `steps` is its first entry's), replayed. Returns the History; the Replan
+    callback, if any, is `history.replan`."""
     per_epoch = steps_per_epoch(t, batch_size)
     lr = learning_rate_schedule(schedule, learning_rate, steps, int(round(warmup_epochs * per_epoch)))
     opt = training.make_optimizer(optimizer, lr, weight_decay)
     progressive = t.small is not None and small_steps >= per_epoch
-    replanning = replan is not None and isinstance(lr, WarmupToZero) and not progressive
-    max_steps = max(steps, max_steps) if replanning else steps  # fit's epochs hold the longest re-plan
+    replanning = (replan is not None or len(replans) > 1) and isinstance(lr, WarmupToZero) and not progressive
+    if replanning:  # fit's epochs hold the longest plan
+        max_steps = max(steps, max_steps, *(b for _, b in replans))
+    else:
+        max_steps = steps
     epochs = math.ceil(max_steps / per_epoch)
     length = [StopAtStep(steps, per_epoch)] if steps % per_epoch or replanning else []
-    if replanning and lr.warmup_steps < steps - 1:
-        length.append(Replan(lr, length[0], replan, per_epoch, max_steps))
+    if replanning:
+        length.append(Replan(lr, length[0], per_epoch, max_steps, decide=replan, replans=replans))
     phases = [(t.model, epochs, [])]  # (model, its last epoch, callbacks of its own)
     if progressive:
         validate = [FullSizeValidation(t.model, t.val, batch_size)] if t.val is not None else []
@@ -554,6 +602,7 @@ def fit(t: Training, *, optimizer: str, learning_rate: float, weight_decay: floa
             break
         start = end
     history.history, history.epoch = merged, seen
+    history.replan = length[-1] if replanning else None
     return history
 
 

@@ -3,7 +3,8 @@ images -> data/features/<backbone>-<size>px/ (pooled features per split,
 meta.json; with finetune.mode cached, the activations at the unfreeze boundary
 for both flips). `features.train_fraction` < 1: the training images of a seeded,
 stratified share only (their rows: meta.json's train_index), for the head to
-train on, which leaves a short budget more time for the fine-tune.
+train on, which leaves a short budget more time for the fine-tune; never fewer
+than `features.min_train_images` (a small data set's head trains on all).
 
     python -m transferlab.stages.features    # dvc.yaml's command; `transferlab features` alike
 """
@@ -38,10 +39,10 @@ def main(params: config.Params) -> dict:
         model = backbones.build_feature_extractor(b.name, image_size, b.input_size, b.weights)
     out_dir = features_dir(b.name, b.input_size)
     x = {"train": prepared.x["train"], "val": prepared.x["val"], "test": prepared.x["test"][:0]}  # test: unused
-    share = params.features.train_fraction
-    if share < 1:  # the head trains on a seeded, stratified share of the training images
-        index = np.sort(data.stratified_split(np.arange(len(prepared.y["train"])), prepared.y["train"],
-                                              1 - share, params.seed)[0])
+    n = len(prepared.y["train"])
+    keep = min(n, max(round(params.features.train_fraction * n), params.features.min_train_images))
+    if keep < n:  # the head trains on a seeded, stratified share of the training images
+        index = np.sort(data.stratified_split(np.arange(n), prepared.y["train"], 1 - keep / n, params.seed)[0])
         x["train"] = prepared.x["train"][index]
         meta["train_index"] = index.tolist()
     start = time.perf_counter()

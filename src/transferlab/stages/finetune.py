@@ -141,15 +141,19 @@ def train(spec, body, head_model, prepared: data.Prepared, f: config.FinetuneCon
         small_size=small_size,
     )
     per_epoch = finetune.steps_per_epoch(t, batch_size)
-    plan = deadline = None
+    plan = deadline = resumed = None
+    replans = f.replans  # a budgeted run's re-plans, replayed without the clock
     if budget_seconds:
-        # an interrupted run resumes on the plan it started with, not a new one
-        plan = resumed_plan(checkpoint_dir) or plan_steps(t, f, prepared, budget_seconds, batch_size)
+        # an interrupted run resumes on the plan it started with and the re-plans it made, not a new one
+        resumed = resumed_plan(checkpoint_dir)
+        plan = resumed or plan_steps(t, f, prepared, budget_seconds, batch_size)
         deadline = time.monotonic() + plan.window_seconds
+        replans = plan.replans
         steps = plan.steps
     else:
         steps = finetune.total_steps(epochs=f.epochs, steps_per_epoch=per_epoch, min_steps=f.min_steps,
                                      steps=f.steps)
+    first = replans[0][1] if replans else steps  # the schedule's length until the first re-plan
     if plan is not None:
         small = plan.small_steps
     else:
@@ -175,28 +179,34 @@ def train(spec, body, head_model, prepared: data.Prepared, f: config.FinetuneCon
     replan = None
     if plan is not None:
         checkpoint.state["plan"] = plan.to_dict()
-
+    if plan is not None and resumed is None:
         def replan(step_seconds: float, steps_done: int) -> int:
-            """The budget's second plan, from the warmup's own steps (finetune.Replan)."""
+            """The budget's plan again, from the fine-tune's own latest steps (finetune.Replan)."""
             nonlocal plan
-            plan = budget.replan(plan, step_seconds=step_seconds, steps_done=steps_done,
-                                 seconds_left=deadline - time.monotonic())
+            left = deadline - time.monotonic()
+            plan = budget.replan(plan, step_seconds=step_seconds, steps_done=steps_done, seconds_left=left)
             progress.plan = plan
-            checkpoint.state["plan"] = plan.to_dict()  # a resumed run goes on with it
-            log.info("budget: the first %d steps took %.3f s each (the probe: %.3f s) -> %d steps (%.2f epochs) "
-                     "instead of %d; replay without the clock: budget: 0, finetune.steps: %d", steps_done,
-                     step_seconds, plan.step_seconds, plan.steps, plan.epochs, plan.probe_steps, plan.steps)
+            checkpoint.note(plan=plan.to_dict())  # a resumed run replays it
+            log.info("budget: after %d steps at %.3f s each lately (the probe: %.3f s), %.0f s left -> %d steps "
+                     "(%.2f epochs; the probe's plan: %d)", steps_done, step_seconds, plan.step_seconds, left,
+                     plan.steps, plan.epochs, plan.probe_steps)
             import mlflow
 
-            mlflow.log_params({"replan.steps": plan.steps, "replan.step_seconds": round(step_seconds, 4)})
+            mlflow.log_metrics({"planned_steps": plan.steps, "step_seconds": step_seconds}, step=steps_done)
             return plan.steps
 
     start = time.perf_counter()
     finetune.fit(t, optimizer=f.optimizer, learning_rate=f.learning_rate, weight_decay=f.weight_decay,
-                 schedule=f.schedule, warmup_epochs=f.warmup_epochs, steps=steps, batch_size=batch_size,
+                 schedule=f.schedule, warmup_epochs=f.warmup_epochs, steps=first, batch_size=batch_size,
                  label_smoothing=f.label_smoothing, callbacks=cbs, verbose=training.verbosity(), small_steps=small,
-                 replan=replan, max_steps=plan.max_steps if plan is not None else 0)
+                 replan=replan, replans=replans, max_steps=plan.max_steps if plan is not None else 0)
     seconds = time.perf_counter() - start
+    if plan is not None:
+        steps = plan.steps
+        log.info("budget: replay this fine-tune without the clock with budget: 0 and %s",
+                 f"finetune.replans: {plan.replans}" if plan.replans else f"finetune.steps: {plan.steps}")
+    elif replans:
+        steps = replans[-1][1]
     ran = int(keras.ops.convert_to_numpy(t.model.optimizer.iterations))  # early stopping may end it sooner
     checkpoint.restore_best(t.model)  # the best epoch, not the last
     hist = checkpoint.history()
@@ -221,7 +231,7 @@ def train(spec, body, head_model, prepared: data.Prepared, f: config.FinetuneCon
         "train_images_per_second": round(ran * t.n_train / per_epoch / seconds, 1),
     }
     if plan is not None:
-        metrics["plan"] = plan.to_dict()  # the re-planned one, where the warmup re-planned it
+        metrics["plan"] = plan.to_dict()  # as the last re-plan left it
     return metrics
 
 
@@ -270,15 +280,15 @@ def plan_steps(t: finetune.Training, f: config.FinetuneConfig, prepared: data.Pr
         max_steps=finetune.total_steps(epochs=f.epochs, steps_per_epoch=per_epoch, min_steps=f.min_steps),
     )
     log.info("budget %s: %.0f s spent before the fine-tune, %.0f s kept for evaluate; %.0f train img/s "
-             "measured -> %d steps (%.2f epochs), about %.0f s; replay without the clock: budget: 0, "
-             "finetune.steps: %d", budget.describe(budget_seconds), plan.spent_seconds, plan.evaluate_seconds,
-             plan.train_images_per_second, plan.steps, plan.epochs, plan.finetune_seconds, plan.steps)
+             "measured -> %d steps (%.2f epochs), about %.0f s; planned again after the warmup and every epoch",
+             budget.describe(budget_seconds), plan.spent_seconds, plan.evaluate_seconds,
+             plan.train_images_per_second, plan.steps, plan.epochs, plan.finetune_seconds)
     if plan.small_steps:
         log.info("budget: the first %d of them at the smaller input size (%.2f s a step against %.2f s)",
                  plan.small_steps, plan.small_step_seconds, plan.step_seconds)
     import mlflow
 
-    mlflow.log_params({f"plan.{k}": v for k, v in plan.to_dict().items()})
+    mlflow.log_params({f"plan.{k}": v for k, v in plan.to_dict().items() if k != "replans"})
     return plan
 
 
