@@ -41,6 +41,8 @@ def test_recipes_bench_runs_both_recipes_and_writes_the_table(tmp_path):
     seeds = [p for p in points if p["recipe"] == "seeds"]
     assert [(p["phase"], p["epoch"]) for p in seeds] == [("head", "1"), ("head", "2"), ("finetune", "1")]
     assert [float(p["seconds"]) for p in seeds] == sorted(float(p["seconds"]) for p in seeds)
+    ours = [p for p in points if p["recipe"] == "ours" and p["phase"] == "finetune"]
+    assert [p["epoch"] for p in ours] == ["1"] and float(ours[0]["test_accuracy"]) >= 0  # tested after the fit
     final = [p for p in points if p["recipe"] == "ours" and p["phase"] == "final"]
     evaluated = json.loads((work / "metrics/evaluate.json").read_text())
     assert float(final[0]["test_accuracy"]) == evaluated["test_accuracy"]
