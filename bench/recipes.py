@@ -142,6 +142,7 @@ def run_ours(workdir: Path, params_path: Path, overrides: list[str]) -> dict:
     ft_probe = probe(clock, points, "finetune", x_test, y_test, deferred=True)
     stage("finetune", finetune_stage.main, [ft_probe] if full_path else [])
     ft_probe.finish()  # clock stopped
+    stage_seconds(end=True)  # nor does evaluate's own stage clock count the probes
     stage("evaluate", evaluate.main)
     wall = clock.now()
     evaluated = json.loads(Path("metrics/evaluate.json").read_text())

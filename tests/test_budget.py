@@ -70,6 +70,11 @@ def test_a_replan_fills_what_is_left_from_the_fine_tunes_own_steps():
     assert budget.replan(_plan(1200.0, max_steps=500), step_seconds=0.64, steps_done=100,
                          seconds_left=left).steps == 500
     assert budget.replan(p, step_seconds=0.64, steps_done=100, seconds_left=1.0).steps == 101
+    # a last epoch of a few steps is dropped where the epoch before it is still to end (the 20-minute
+    # run of 2026-12-01 re-planned 721 steps at step 352: its last 17 cost a validation at a rate near zero)
+    short = _plan(1200.0, max_steps=721)
+    assert budget.replan(short, step_seconds=0.64, steps_done=352, seconds_left=left).steps == 704
+    assert budget.replan(short, step_seconds=0.64, steps_done=710, seconds_left=left).steps == 721
     # a second re-plan keeps the probe's figure
     assert budget.replan(q, step_seconds=0.7, steps_done=100, seconds_left=left).probe_steps == p.steps
 

@@ -204,6 +204,9 @@ def replan(p: Plan, *, step_seconds: float, steps_done: int, seconds_left: float
         steps = min(steps, p.max_steps)
     while steps > steps_done + 1 and rest(steps) > seconds_left:
         steps -= 1
+    tail = steps % per
+    if tail and tail < min(MIN_USEFUL_STEPS, per // 4) and steps - tail > steps_done:
+        steps -= tail  # a last epoch of a few steps costs a whole validation, at a rate near zero
     steps = max(steps, steps_done + 1)
     return replace(p, steps=steps, epochs=steps / per, probe_steps=p.probe_steps or p.steps,
                    trained_step_seconds=step_seconds,
