@@ -20,9 +20,10 @@ The fine-tune is the one stage whose length is free, so it is the one planned:
   is and reaches zero at the new end; each re-plan is recorded (`replans`), and
   replaying them without the clock trains the same run.
 
-The plan (steps, sizes, the measured throughput) goes to metrics/finetune.json
-and the MLflow run. Replaying it needs no clock: `budget: 0` with
-`finetune.steps: <the planned steps>` trains the same schedule.
+The plan (steps, sizes, the measured throughput, the re-plans) goes to
+metrics/finetune.json and the MLflow run. Replaying it needs no clock: `budget: 0`
+with `finetune.replans: <plan.replans>` (or, where there were none,
+`finetune.steps: <the planned steps>`) trains the same schedule.
 """
 
 from __future__ import annotations
