@@ -355,7 +355,7 @@ def test_the_step_timer_counts_from_one_step_start_to_the_next():
 
 def test_probe_leaves_the_model_as_it_found_it():
     spec, body, model = _tiny_classifier()
-    aug = finetune.augmentation(True, 0.1, 0.0, 0.0, seed=3)
+    aug = finetune.augmentation(True, 0.1, 0.0, 0.0, erase=0.5, seed=3)
     model = finetune.assemble(spec, body, head.build_head(spec.feature_dim, 3, 0, 0.2), 16, 32, aug)
     x = np.random.default_rng(0).integers(0, 255, (48, 16, 16, 3)).astype(np.uint8)
     t = finetune.Training(model, x, None, {"y": np.arange(48) % 3, "batch_size": 8, "shuffle": True}, 48, "full")

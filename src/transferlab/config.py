@@ -78,6 +78,8 @@ class AugmentConfig:
     shift: float
     rotation: float
     zoom: float
+    # Random Erasing: the share of images with one patch replaced by noise
+    erase: float
 
 
 @dataclass(frozen=True)
@@ -315,6 +317,8 @@ def _validate(params: Params) -> None:
     if f.steps < 0 or f.min_steps < 0:
         raise ConfigError(f"finetune.steps and finetune.min_steps must be >= 0, received: {f.steps}, {f.min_steps}")
     _validate_progressive(params)
+    if not 0.0 <= f.augment.erase <= 1.0:
+        raise ConfigError(f"finetune.augment.erase is a probability in [0, 1], received: {f.augment.erase}")
     if not 0.0 <= f.label_smoothing < 1.0:
         raise ConfigError(f"finetune.label_smoothing must be in [0, 1), received: {f.label_smoothing}")
     from transferlab import budget

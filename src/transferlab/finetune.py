@@ -92,8 +92,11 @@ def split_body(spec: BackboneSpec, body: keras.Model, unfreeze: int | str) -> Sp
     return Split(lower, upper, layer.name)
 
 
-def augmentation(flip: bool, shift: float, rotation: float, zoom: float, seed: int) -> list[layers.Layer]:
-    """Keras preprocessing layers: active in training only."""
+def augmentation(flip: bool = False, shift: float = 0.0, rotation: float = 0.0, zoom: float = 0.0,
+                 erase: float = 0.0, *, seed: int) -> list[layers.Layer]:
+    """Keras preprocessing layers: active in training only. `erase`: the share of
+    images that get one random patch (2 to 25 % of the image) replaced by noise
+    (Random Erasing, Zhong et al. 2017)."""
     out: list[layers.Layer] = []
     if flip:
         out.append(layers.RandomFlip("horizontal", seed=seed, name="aug_flip"))
@@ -103,6 +106,10 @@ def augmentation(flip: bool, shift: float, rotation: float, zoom: float, seed: i
         out.append(layers.RandomRotation(rotation, fill_mode="reflect", seed=seed, name="aug_rotate"))
     if zoom > 0:
         out.append(layers.RandomZoom(zoom, fill_mode="reflect", seed=seed, name="aug_zoom"))
+    if erase > 0:
+        # factor (p, p): every image erased with probability p (a single float would draw p from [0, p])
+        out.append(layers.RandomErasing(factor=(erase, erase), scale=(0.02, 0.25), value_range=(0, 255),
+                                        seed=seed, name="aug_erase"))
     return out
 
 
@@ -514,8 +521,8 @@ def prepare(
     activations: dict[str, np.ndarray] | None = None, flip: bool = True, small_size: int = 0,
 ) -> Training:
     """Unfreeze the top `unfreeze` blocks and build the model of the path:
-    - full (`images` = (train, val) uint8 arrays): augmentation (`augment`: flip,
-      shift, rotation, zoom) -> upscale -> whole backbone -> head;
+    - full (`images` = (train, val) uint8 arrays): augmentation (`augment`: the
+      keywords of `augmentation`) -> upscale -> whole backbone -> head;
     - cached (`activations`: train, train_flip, val at the boundary of
       `unfreeze` blocks): upper blocks -> head, on a randomly flipped copy per
       sample and epoch (`flip`).
@@ -534,8 +541,7 @@ def prepare(
     else:
         x_train, x_val = images
         a = augment or {}
-        layers_ = augmentation(a.get("flip", False), a.get("shift", 0.0), a.get("rotation", 0.0),
-                               a.get("zoom", 0.0), seed)
+        layers_ = augmentation(**a, seed=seed)
         model = assemble(spec, body, head, image_size, input_size, layers_)
         if small_size:
             if body.input_shape[1] is not None:

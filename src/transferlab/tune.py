@@ -30,6 +30,7 @@ rule, and Optuna's plots go to the parent run.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import logging
@@ -407,7 +408,7 @@ class Objective:
             spec, body, head_model, unfreeze=hp["unfreeze"], y_train=d.y["train"], y_val=d.y["val"],
             batch_size=batch(f.batch_size), seed=p.seed + trial.number, images=(d.x["train"], d.x["val"]),
             image_size=int(d.meta["image_size"]), input_size=proxy_size(p),
-            augment={"flip": a.flip, "shift": a.shift, "rotation": a.rotation, "zoom": a.zoom},
+            augment=dataclasses.asdict(a),
         )
         before = run.model.get_weights()
         keep_best = keras.callbacks.EarlyStopping(monitor=self.monitor, mode=training.mode(self.monitor),

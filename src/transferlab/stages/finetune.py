@@ -137,7 +137,7 @@ def train(spec, body, head_model, prepared: data.Prepared, f: config.FinetuneCon
         batch_size=batch_size, seed=seed, activations=activations, flip=a.flip,
         images=None if activations is not None else (prepared.x["train"], prepared.x["val"]),
         image_size=image_size, input_size=input_size,
-        augment={"flip": a.flip, "shift": a.shift, "rotation": a.rotation, "zoom": a.zoom},
+        augment=dataclasses.asdict(a),
         small_size=small_size,
     )
     per_epoch = finetune.steps_per_epoch(t, batch_size)
