@@ -107,3 +107,10 @@ def test_set_writes_exponent_floats_that_yaml_1_1_reads_back_as_floats(tmp_path)
     assert loaded.finetune.weight_decay == 1e-5 and loaded.finetune.learning_rate == 3.5e-4
     assert "# peak; pretrained weights" in path.read_text()
     assert "  checksum: sha256:" in path.read_text()  # not wrapped onto a line of its own
+
+
+@pytest.mark.parametrize("erase", [-0.1, 1.5])
+def test_erase_is_a_probability(erase):
+    with pytest.raises(config.ConfigError, match="finetune.augment.erase is a probability"):
+        config.from_dict(tinyproject.full_params({"finetune": {"augment": {"erase": erase}}}))
+    config.from_dict(tinyproject.full_params({"finetune": {"augment": {"erase": 1.0}}}))

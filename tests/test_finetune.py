@@ -367,6 +367,17 @@ def test_probe_leaves_the_model_as_it_found_it():
         np.testing.assert_array_equal(np.array(v), b, err_msg=f"the probe changed {v.path}")
 
 
+def test_erase_replaces_a_patch_of_the_given_share_of_images_in_training_only():
+    """`erase: p`: each image loses one patch with probability p (Keras' own
+    factor, a single float, would draw p from [0, p] per image)."""
+    (layer,) = finetune.augmentation(erase=0.5, seed=1)
+    x = np.full((400, 16, 16, 3), 128, np.uint8)
+    changed = np.any(np.asarray(layer(x, training=True)) != 128, axis=(1, 2, 3))
+    assert 0.4 < changed.mean() < 0.6
+    np.testing.assert_array_equal(np.asarray(layer(x, training=False)), x)
+    assert finetune.augmentation(flip=True, seed=1)[0].name == "aug_flip"  # erase: 0 adds no layer
+
+
 def test_label_smoothing_loss_matches_the_categorical_one():
     y = np.array([0, 2, 1])
     p = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8], [0.3, 0.4, 0.3]], np.float32)
