@@ -405,6 +405,16 @@ def test_a_killed_workers_trial_is_failed_and_retried(project, postgres):
           f"{len({t.user_attrs['worker'] for t in trials})} worker processes ran trials")
 
 
+def test_apply_is_a_flag_that_also_takes_the_mlproject_value():
+    from transferlab import cli
+
+    parse = cli._parser().parse_args
+    assert parse(["tune", "--apply"]).apply is True and parse(["tune"]).apply is False
+    assert parse(["tune", "--apply", "true"]).apply is True and parse(["tune", "--apply", "false"]).apply is False
+    with pytest.raises(SystemExit):
+        parse(["tune", "--apply", "maybe"])
+
+
 def test_mlflow_run_tune_entry_nests_the_trials_under_its_run(project):
     """`mlflow run . -e tune`: the run MLflow opens is the study's parent run, and
     no trial takes it over as its own."""
@@ -416,9 +426,10 @@ def test_mlflow_run_tune_entry_nests_the_trials_under_its_run(project):
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
     out = subprocess.run(["mlflow", "run", ".", "-e", "tune", "--env-manager", "local", "-P", "n_trials=2",
-                          "--experiment-name", TINY["tracking"]["experiment"]],
+                          "-P", "apply=true", "--experiment-name", TINY["tracking"]["experiment"]],
                          env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
+    assert "tune --apply:" in out.stderr  # -P apply=true reached the search
     run_id = re.search(r"Run \(ID '([0-9a-f]+)'\) succeeded", out.stderr + out.stdout).group(1)
     assert load().user_attrs[tune.PARENT_ATTR] == run_id
     parent = mlflow.MlflowClient().get_run(run_id)

@@ -59,8 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("--worker", action="store_true",
                       help="only run trials, joining a study that `transferlab tune` started")
     tune.add_argument("--worker-id", type=int, default=0, help="varies the sampler seed per worker")
-    tune.add_argument("--apply", action="store_true",
-                      help="write the best trial's params into params.yaml (unless params.yaml's own won)")
+    tune.add_argument("--apply", nargs="?", const="true", default="false", type=_yes_no,
+                      help="write the best trial's params into params.yaml (unless params.yaml's own won); "
+                           "a value, true or false, for the MLproject's `-P apply=...`")
     model = argparse.ArgumentParser(add_help=False)
     model.add_argument("--model", help="registered model name (default: tracking.model_name)")
     model.add_argument("--alias", default="champion", help="registry alias (default: champion)")
@@ -85,6 +86,14 @@ def _parser() -> argparse.ArgumentParser:
     ui.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1, local only)")
     ui.add_argument("--port", type=int, default=5000)
     return parser
+
+
+def _yes_no(value: str) -> bool:
+    if value.lower() in ("true", "yes", "1"):
+        return True
+    if value.lower() in ("false", "no", "0", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, received {value!r}")
 
 
 def _dispatch(args: argparse.Namespace) -> int:
