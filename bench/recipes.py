@@ -104,7 +104,7 @@ def peak_rss_gb() -> float:
 def run_ours(workdir: Path, params_path: Path, overrides: list[str]) -> dict:
     import numpy as np
 
-    from transferlab import backbones, config, data, finetune
+    from transferlab import backbones, budget, config, data, finetune
     from transferlab import features as features_lib
     from transferlab.run import apply_overrides
     from transferlab.stages import PREPARED, evaluate, features, head, prepare, stage_seconds
@@ -130,7 +130,8 @@ def run_ours(workdir: Path, params_path: Path, overrides: list[str]) -> dict:
     b = params.backbone
     # the head's inputs for its test probe (the features stage skips the test split), clock stopped
     paused = time.perf_counter()
-    extractor = backbones.build_feature_extractor(b.name, int(prepared.x["test"].shape[1]), b.input_size, b.weights)
+    size = budget.input_size(b.input_size, params.budget)  # as the features stage resolved it
+    extractor = backbones.build_feature_extractor(b.name, int(prepared.x["test"].shape[1]), size, b.weights)
     test_features = features_lib.extract(extractor, prepared.x["test"], params.features.batch_size, "test probe")
     del extractor
     clock.paused += time.perf_counter() - paused
@@ -155,7 +156,7 @@ def run_ours(workdir: Path, params_path: Path, overrides: list[str]) -> dict:
     head_points = [p for p in points if p["phase"] == "head"]
     return {
         "recipe": "ours",
-        "config": f"{params.backbone.name} {params.backbone.input_size}px, unfreeze {params.finetune.unfreeze}, "
+        "config": f"{params.backbone.name} {size}px, unfreeze {params.finetune.unfreeze}, "
                   f"{params.finetune.mode} path",
         "after_head": _test_at_best_val(head_points),
         "after_finetune": evaluated["test_accuracy"],
@@ -430,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
         (workdir / f"{args.only}.json").write_text(json.dumps(result, indent=1) + "\n")
         return 0
 
-    from transferlab import config
+    from transferlab import budget, config
     from transferlab.data import is_url
 
     base = config.load(args.params)
@@ -466,7 +467,8 @@ def main(argv: list[str] | None = None) -> int:
             print("[fastai] runs with the Lite0 ImageNet weights whatever --weights says", flush=True)
         subprocess.run([args.peer_python, str(ROOT / "bench/fastai_peer.py"), "--data", source,
                         "--workdir", str(workdir / "fastai"), "--out", str(workdir / "fastai.json"),
-                        "--size", str(ours_params.backbone.input_size), "--seed", str(ours_params.seed),
+                        "--size", str(budget.input_size(ours_params.backbone.input_size, ours_params.budget)),
+                        "--seed", str(ours_params.seed),
                         "--valid-pct", str(ours_params.data.val_fraction),
                         "--epochs", str(args.peer_epochs), "--freeze-epochs", str(args.peer_freeze_epochs)],
                        check=True)

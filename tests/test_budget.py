@@ -27,6 +27,16 @@ def test_parse_durations():
     assert budget.describe(1201) == "21m" and budget.describe(3900) == "1h05m"
 
 
+def test_input_size_auto_is_the_budgets():
+    assert budget.input_size(96, "20m") == budget.input_size(96, 0) == 96  # a size in pixels is kept
+    assert budget.input_size("auto", "20m") == budget.input_size("auto", "39m") == 128
+    assert budget.input_size("auto", "40m") == budget.input_size("auto", "57m") == 160
+    assert budget.input_size("auto", 0) == 160  # no budget: the recipe's whole length
+    for bad in ("big", 0, -32):
+        with pytest.raises(config.ConfigError, match="backbone.input_size"):
+            config.from_dict(tinyproject.full_params({"backbone": {"input_size": bad}}))
+
+
 PROBE = budget.Probe(step_seconds=0.8, first_step_seconds=10.8, batch_size=128)
 
 
@@ -317,3 +327,30 @@ def test_the_head_can_train_on_a_share_of_the_training_features(stages_done, mon
     with pytest.raises(config.ConfigError, match="needs finetune.mode: full"):
         config.from_dict(tinyproject.full_params({**tinyproject.TINY, "features": {"train_fraction": 0.5},
                                                   "finetune": {"mode": "cached", "unfreeze": 2}}))
+
+
+def test_features_and_fine_tune_resolve_auto_input_size_alike(tmp_path, monkeypatch):
+    """`backbone.input_size: auto` under a short budget and under none: the
+    features stage extracts at the budget's size and the fine-tune trains and
+    saves the model at that same size (32 and 48 px here, for speed)."""
+    monkeypatch.setattr(budget, "SHORT_SIZE", 32)
+    monkeypatch.setattr(budget, "LONG_SIZE", 48)
+    monkeypatch.setattr("transferlab.finetune.probe", lambda t, batch_size: SLOW)
+    synth.make_image_folder(tmp_path / "tiny-images", per_class=6, test_per_class=2, size=16)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    backbone = {**tinyproject.TINY["backbone"], "input_size": "auto"}
+    for i, (budget_value, size) in enumerate((("10m", 32), (0, 48))):
+        params = config.from_dict(tinyproject.full_params(
+            {**tinyproject.TINY, "budget": budget_value, "backbone": backbone,
+             "finetune": {**tinyproject.TINY["finetune"], "epochs": 1}}))
+        for stage in (prepare, features, head)[min(i, 1):]:
+            stage.main(params)
+        meta = json.loads((tmp_path / "data/features/efficientnet_lite0-auto/meta.json").read_text())
+        assert meta["input_size"] == size
+        assert json.loads((tmp_path / "metrics/features.json").read_text())["input_size"] == size
+        sizes = tinyproject.input_sizes_callback()
+        assert finetune.main(params, callbacks=[sizes])["input_size"] == size
+        assert set(sizes.sizes) == {size}
+        saved = keras.saving.load_model(tmp_path / "models/finetune/model.keras", safe_mode=True)
+        assert saved.get_layer("efficientnet_lite0_body").input.shape[1:] == (size, size, 3)

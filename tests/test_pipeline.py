@@ -48,7 +48,7 @@ def test_dvc_repro_runs_every_stage(reproduced):
     manifest = json.loads((dest / "data/prepared/manifest.json").read_text())
     assert manifest["totals"] == {"train": 18, "val": 6, "test": 12}
     assert manifest["image_shape"] == [16, 16, 3]
-    assert (dest / "data/features/efficientnet_lite0-32px/meta.json").exists()
+    assert (dest / "data/features/efficientnet_lite0-32/meta.json").exists()
     assert (dest / "models/head/model.keras").exists()
     metrics = json.loads((dest / "metrics/head.json").read_text())
     assert 0.0 <= metrics["best_val_accuracy"] <= 1.0 and metrics["epochs_run"] >= 1
@@ -57,7 +57,7 @@ def test_dvc_repro_runs_every_stage(reproduced):
     shipped_mode = yaml.safe_load((ROOT / "params.yaml").read_text())["finetune"]["mode"]
     assert yaml.safe_load((dest / "params.yaml").read_text())["finetune"]["mode"] == shipped_mode
     assert json.loads((dest / "metrics/finetune.json").read_text())["path"] == shipped_mode
-    cache = dest / "data/features/efficientnet_lite0-32px/activations/train_flip.npy"
+    cache = dest / "data/features/efficientnet_lite0-32/activations/train_flip.npy"
     assert cache.exists() == (shipped_mode == "cached")
     evaluated = json.loads((dest / "metrics/evaluate.json").read_text())
     assert 0.0 <= evaluated["test_accuracy"] <= 1.0 and 0.0 <= evaluated["test_accuracy_single_view"] <= 1.0

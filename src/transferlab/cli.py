@@ -28,7 +28,7 @@ log = logging.getLogger("transferlab")
 
 STAGE_HELP = {
     "prepare": "data source -> data/prepared/",
-    "features": "frozen backbone -> data/features/<backbone>-<size>px/",
+    "features": "frozen backbone -> data/features/<backbone>-<input_size>/",
     "head": "head on the cached features -> models/head/",
     "finetune": "unfreeze the top blocks -> models/finetune/",
     "evaluate": "test set -> metrics, registered model",

@@ -51,7 +51,8 @@ def collect(experiment: str, last: int | None = None) -> list[dict]:
         row = {
             "backbone": value(run, "params.backbone.name") or value(run, "tags.backbone"),
             "weights": value(run, "params.backbone.weights") or "?",
-            "input_size": value(run, "params.backbone.input_size") or "?",
+            "input_size": int(value(run, "metrics.input_size") or 0)  # "auto", resolved
+                          or value(run, "params.backbone.input_size") or "?",
             "unfreeze": value(run, "params.finetune.unfreeze") or "?",
             "test_accuracy": value(run, "metrics.test_accuracy"),
             "parameters": int(run["metrics.parameters"]) if value(run, "metrics.parameters") is not None else None,

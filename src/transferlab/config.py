@@ -46,8 +46,9 @@ class BackboneConfig:
     name: str
     # imagenet | none | a path to a local weights file
     weights: str
-    # Input resolution the stored images are upscaled to inside the model.
-    input_size: int
+    # Input resolution the stored images are upscaled to inside the model, or
+    # "auto": the size the budget favours (transferlab.budget.input_size).
+    input_size: int | str
 
 
 @dataclass(frozen=True)
@@ -295,6 +296,10 @@ def _validate(params: Params) -> None:
         raise ConfigError(
             f"data.checksum must look like 'md5:<hex>' or 'sha256:<hex>', received: {d.checksum!r}"
         )
+    size = params.backbone.input_size
+    if isinstance(size, str) and size != "auto" or isinstance(size, int) and size < 1:
+        raise ConfigError(f"backbone.input_size must be a size in pixels or 'auto' (chosen by the budget), "
+                          f"received: {size!r}")
     h = params.head
     if not 0.0 <= h.dropout < 1.0:
         raise ConfigError(f"head.dropout must be in [0, 1), received: {h.dropout}")

@@ -149,14 +149,14 @@ def stage_run(
         yield run
 
 
-SUMMARY_METRICS = ("_seconds", "_images_per_second")
+SUMMARY_METRICS = ("_seconds", "_images_per_second", "input_size")
 
 
 def summarize_parent(experiment: str, backbone: str, params: dict, metrics: dict) -> str:
     """Put the pipeline's summary on its parent run, so that the runs table, the
     compare view and `mlflow.search_runs` show it on the top-level row: `params`
-    (flattened), `metrics`, and each stage's seconds and images/s as its child run
-    logged them; pipeline_seconds is the sum of the stages' wall times
+    (flattened), `metrics`, and each stage's seconds, images/s and input size as its
+    child run logged them; pipeline_seconds is the sum of the stages' wall times
     (`stage_seconds`: start-up included). Returns the parent's id."""
     import mlflow
     from mlflow.exceptions import MlflowException

@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from transferlab import config
+from transferlab import budget, config
 from transferlab.files import write_json
 from transferlab.redact import redact, redact_tree
 
@@ -226,7 +226,7 @@ class TrialData:
 
 
 def proxy_size(params: config.Params) -> int:
-    return params.tune.input_size or params.backbone.input_size
+    return params.tune.input_size or budget.input_size(params.backbone.input_size, params.budget)
 
 
 def cache_dir(params: config.Params) -> Path:

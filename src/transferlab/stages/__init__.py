@@ -45,8 +45,10 @@ def stage_seconds(end: bool = False) -> float:
     return seconds
 
 
-def features_dir(backbone: str, input_size: int) -> Path:
-    return Path("data/features") / f"{backbone}-{input_size}px"
+def features_dir(backbone: str, input_size: int | str) -> Path:
+    """dvc.yaml's features output: named by the params' `backbone.input_size`
+    ("auto" included; meta.json has the size it resolved to)."""
+    return Path("data/features") / f"{backbone}-{input_size}"
 
 
 def begin(params: config.Params):

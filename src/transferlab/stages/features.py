@@ -1,10 +1,11 @@
 """Stage features: the frozen backbone once over the training and validation
-images -> data/features/<backbone>-<size>px/ (pooled features per split,
+images -> data/features/<backbone>-<input_size>/ (pooled features per split,
 meta.json; with finetune.mode cached, the activations at the unfreeze boundary
 for both flips). `features.train_fraction` < 1: the training images of a seeded,
 stratified share only (their rows: meta.json's train_index), for the head to
 train on, which leaves a short budget more time for the fine-tune; never fewer
 than `features.min_train_images` (a small data set's head trains on all).
+`backbone.input_size: auto` takes the size the budget picks (budget.input_size).
 
     python -m transferlab.stages.features    # dvc.yaml's command; `transferlab features` alike
 """
@@ -15,11 +16,11 @@ import time
 
 import numpy as np
 
-from transferlab import backbones, config, data, features, finetune, tracking
+from transferlab import backbones, budget, config, data, features, finetune, tracking
 from transferlab.files import write_atomic, write_json
 from transferlab.stages import begin, METRICS, PREPARED, entry, features_dir, resolved, stage_seconds
 
-KEYS = ("seed", "deterministic", "backbone", "features", "finetune.unfreeze", "finetune.mode",
+KEYS = ("seed", "deterministic", "budget", "backbone", "features", "finetune.unfreeze", "finetune.mode",
         "tracking.experiment")
 
 
@@ -29,14 +30,15 @@ def main(params: config.Params) -> dict:
     b, f = params.backbone, params.finetune
     spec = backbones.get(b.name)
     image_size = int(prepared.x["train"].shape[1])
-    meta = {"backbone": b.name, "input_size": b.input_size, "weights": b.weights, "image_size": image_size}
+    size = budget.input_size(b.input_size, params.budget)
+    meta = {"backbone": b.name, "input_size": size, "weights": b.weights, "image_size": image_size}
     if finetune.uses_cache(spec, f.mode, f.unfreeze):
-        body = backbones.build_body(b.name, b.input_size, b.weights)
+        body = backbones.build_body(b.name, size, b.weights)
         split = finetune.split_body(spec, body, f.unfreeze)
-        model = finetune.cache_extractor(spec, split, image_size, b.input_size)
+        model = finetune.cache_extractor(spec, split, image_size, size)
         meta.update(boundary=split.boundary, unfreeze=f.unfreeze)
     else:
-        model = backbones.build_feature_extractor(b.name, image_size, b.input_size, b.weights)
+        model = backbones.build_feature_extractor(b.name, image_size, size, b.weights)
     out_dir = features_dir(b.name, b.input_size)
     x = {"train": prepared.x["train"], "val": prepared.x["val"], "test": prepared.x["test"][:0]}  # test: unused
     n = len(prepared.y["train"])
@@ -51,7 +53,8 @@ def main(params: config.Params) -> dict:
     write_atomic(out_dir / "params.yaml", resolved(values))
     seconds = time.perf_counter() - start
     total = sum(t["images"] for t in meta["timings"].values())
-    summary = {"features_seconds": round(seconds, 2), "features_images_per_second": round(total / seconds, 1),
+    summary = {"input_size": size, "features_seconds": round(seconds, 2),
+               "features_images_per_second": round(total / seconds, 1),
                "stage_seconds": round(stage_seconds(end=True), 2)}
     write_json(METRICS / "features.json", summary)
     with tracking.stage_run("features", experiment=params.tracking.experiment, backbone=b.name,

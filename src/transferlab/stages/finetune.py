@@ -46,15 +46,16 @@ def _main(params: config.Params, prepared: data.Prepared, callbacks: list | None
     spec = backbones.get(b.name)
     image_size = int(prepared.x["train"].shape[1])
     head_model = keras.saving.load_model(MODELS / "head" / "model.keras", safe_mode=True)
-    body = backbones.build_body(b.name, b.input_size, b.weights)  # as the features stage built it
+    size = budget.input_size(b.input_size, params.budget)  # as the features stage resolved it
+    body = backbones.build_body(b.name, size, b.weights)  # as the features stage built it
     out_dir = MODELS / "finetune"
     out_dir.mkdir(parents=True, exist_ok=True)
     n_blocks = finetune.n_unfrozen(spec, f.unfreeze)
     cached = finetune.uses_cache(spec, f.mode, f.unfreeze)
-    small_size = progressive_size(spec, b.input_size, f, n_blocks, cached)
+    small_size = progressive_size(spec, size, f, n_blocks, cached)
     trained = body
     if small_size:  # the same weights in a body for any input size (Keras' own load by input size)
-        trained = backbones.build_body(b.name, b.input_size, weights=None, any_size=True)
+        trained = backbones.build_body(b.name, size, weights=None, any_size=True)
         trained.set_weights(body.get_weights())
     values = config.subset(params, *KEYS)
     feats_dir = features_dir(b.name, b.input_size)
@@ -63,7 +64,7 @@ def _main(params: config.Params, prepared: data.Prepared, callbacks: list | None
                             inputs=[str(PREPARED), str(feats_dir), str(MODELS / "head")]):
         import mlflow
 
-        metrics = {"unfrozen_blocks": n_blocks,
+        metrics = {"input_size": size, "unfrozen_blocks": n_blocks,
                    "replicas": device.replicas(params.distribute)}
         if n_blocks > 0:
             if f.mode == "cached" and not cached:
@@ -71,7 +72,7 @@ def _main(params: config.Params, prepared: data.Prepared, callbacks: list | None
                             f.unfreeze)
             metrics.update(train(
                 spec, trained, head_model, prepared, f, seed=params.seed, image_size=image_size,
-                input_size=b.input_size, small_size=small_size,
+                input_size=size, small_size=small_size,
                 activations=features.load_activations(feats_dir) if cached else None,
                 checkpoint_dir=checkpoint_dir(resolved(values)), callbacks=callbacks,
                 budget_seconds=budget.parse(params.budget),
@@ -84,7 +85,7 @@ def _main(params: config.Params, prepared: data.Prepared, callbacks: list | None
         if small_size:  # the saved model's body has the fixed input size, as without progressive resizing
             body.set_weights(trained.get_weights())
             finetune.set_trainable(spec, body, f.unfreeze)
-        model = finetune.assemble(spec, body, head_model, image_size, b.input_size)
+        model = finetune.assemble(spec, body, head_model, image_size, size)
         model.save(out_dir / "model.keras")
         write_atomic(out_dir / "params.yaml", resolved(values))
         metrics["stage_seconds"] = round(stage_seconds(end=True), 2)
