@@ -262,6 +262,7 @@ def test_mlflow_runs_hold_params_metrics_and_tags(reproduced):
                 "finetune.learning_rate", "finetune.epochs", "finetune.mode"):
         assert parent.data.params[key] == f.data.params[key], key
     assert parent.data.params["evaluate.tta"] == e.data.params["evaluate.tta"]
+    assert parent.data.metrics["input_size"] == f.data.metrics["input_size"] == 32  # the size trained
     for key in ("test_accuracy", "test_loss", "test_ece", "temperature"):
         assert parent.data.metrics[key] == e.data.metrics[key], key
     stage_seconds = {f"{s}_seconds": runs[s].data.metrics[f"{s}_seconds"]
