@@ -48,9 +48,11 @@ FINISH_SECONDS = 10.0  # the fine-tune stage's own end: the model saved, MLflow 
 BASELINE_SECONDS = 30.0  # the evaluate stage's raw-pixel baseline (capped in evaluate.baseline)
 MIN_USEFUL_STEPS = 50  # fewer fine-tune steps than this (or than one epoch) are not worth running
 # `backbone.input_size: auto`: a budget under SHORT_SECONDS trains at SHORT_SIZE, a longer one (or
-# none) at LONG_SIZE. On this project's 2-core CPUs (README: Results), 20 minutes reached 91.2 % at
-# 128 px (two epochs) against 90.0 % at 160 (one); the hour 93.2 % at 160 (five) against 92.6 % at
-# 128 (seven and a half). The two differences, interpolated, cross at about 45 minutes.
+# none) at LONG_SIZE. On this project's 2-core CPUs (README: Results), 20 minutes reached 90.9 to
+# 91.6 % at 128 px (two to three epochs) against 90.0 % at 160 (one); the hour 93.2 % at 160 (five)
+# against 92.6 % at 128 (seven and a half). Interpolated linearly, the differences cross at 42 to 47
+# minutes (over the three 20-minute runs at 128 px); nothing was measured in between, so the line
+# sits at 40.
 SHORT_SECONDS, SHORT_SIZE, LONG_SIZE = 40 * 60, 128, 160
 
 _UNITS = {"h": 3600, "m": 60, "s": 1}
