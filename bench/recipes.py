@@ -104,7 +104,7 @@ def peak_rss_gb() -> float:
 def run_ours(workdir: Path, params_path: Path, overrides: list[str]) -> dict:
     import numpy as np
 
-    from transferlab import backbones, budget, config, data, finetune
+    from transferlab import backbones, config, data, finetune
     from transferlab import features as features_lib
     from transferlab.run import apply_overrides
     from transferlab.stages import PREPARED, evaluate, features, head, prepare, stage_seconds
@@ -130,7 +130,7 @@ def run_ours(workdir: Path, params_path: Path, overrides: list[str]) -> dict:
     b = params.backbone
     # the head's inputs for its test probe (the features stage skips the test split), clock stopped
     paused = time.perf_counter()
-    size = budget.input_size(b.input_size, params.budget)  # as the features stage resolved it
+    size = json.loads(Path("metrics/features.json").read_text())["input_size"]  # as the stage resolved it
     extractor = backbones.build_feature_extractor(b.name, int(prepared.x["test"].shape[1]), size, b.weights)
     test_features = features_lib.extract(extractor, prepared.x["test"], params.features.batch_size, "test probe")
     del extractor
