@@ -114,3 +114,10 @@ def test_erase_is_a_probability(erase):
     with pytest.raises(config.ConfigError, match="finetune.augment.erase is a probability"):
         config.from_dict(tinyproject.full_params({"finetune": {"augment": {"erase": erase}}}))
     config.from_dict(tinyproject.full_params({"finetune": {"augment": {"erase": 1.0}}}))
+
+
+@pytest.mark.parametrize("ema", [-0.1, 1.0])
+def test_ema_is_a_momentum_below_one(ema):
+    with pytest.raises(config.ConfigError, match="finetune.ema is a momentum"):
+        config.from_dict(tinyproject.full_params({"finetune": {"ema": ema}}))
+    config.from_dict(tinyproject.full_params({"finetune": {"ema": 0.99}}))

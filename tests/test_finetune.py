@@ -231,6 +231,46 @@ def test_a_warmup_too_short_to_time_is_planned_again_after_the_first_epoch():
     assert ran == 70 and decide.asked == [50]  # a warmup of 10 steps: not timed; the epoch's 50 are
 
 
+class Weights(keras.callbacks.Callback):
+    """The model's weights after every training step and when validation begins."""
+
+    def __init__(self):
+        super().__init__()
+        self.after_step, self.validated = [], []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.after_step.append([np.array(w) for w in self.model.trainable_weights])
+
+    def on_test_begin(self, logs=None):
+        self.validated.append((len(self.after_step), [np.array(w) for w in self.model.trainable_weights]))
+
+
+def test_a_moving_average_of_the_weights_is_what_every_epoch_validates():
+    """ema 0.9 over 130 steps of 50 an epoch: the average is written into the
+    weights at each epoch's end (steps 50 and 100), and where the budget's stop
+    ends the run mid-epoch (step 130), so that the partial epoch, too, is
+    validated (and checkpointed) with the average, not its last step's weights."""
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(100, 8)).astype(np.float32)
+    y = np.arange(100) % 3
+    model = head.build_head(8, 3, units=8, dropout=0.0)
+    t = finetune.Training(model, x, (x[:4], y[:4]), {"y": y, "batch_size": 2, "shuffle": True}, 100, "full")
+    seen = Weights()
+    finetune.fit(t, optimizer="adam", learning_rate=1e-2, weight_decay=0.0, schedule="linear", warmup_epochs=0.1,
+                 steps=130, batch_size=2, callbacks=[seen], verbose=0, ema=0.9)
+    assert [step for step, _ in seen.validated] == [50, 100, 130]
+    # the average, step by step, from the weights each step left: where the average was written
+    # into them (the epochs' last steps), they are the average
+    average = seen.after_step[0]  # Keras' average starts at the first step's weights
+    for step, weights in enumerate(seen.after_step[1:], start=2):
+        average = weights if step % 50 == 0 else [0.9 * a + 0.1 * w for a, w in zip(average, weights)]
+    _, validated = seen.validated[-1]
+    last_step = seen.after_step[-1]
+    assert max(float(np.abs(v - a).max()) for v, a in zip(validated, average)) < 1e-5
+    assert max(float(np.abs(v - w).max()) for v, w in zip(validated, last_step)) > 1e-3  # not the last step's
+
+
 def _progressive(small_size=32, name="efficientnet_lite0"):
     spec = BACKBONES[name]
     body = backbones.build_body(spec.name, 64, weights=None, any_size=True)

@@ -117,6 +117,9 @@ class FinetuneConfig:
     replans: list[list[int]]
     min_steps: int
     label_smoothing: float
+    # momentum of a moving average of the weights (Keras' use_ema), written into them
+    # at every epoch's end; 0: none
+    ema: float
     batch_size: int
     patience: int
     augment: AugmentConfig
@@ -326,6 +329,8 @@ def _validate(params: Params) -> None:
         raise ConfigError(f"finetune.augment.erase is a probability in [0, 1], received: {f.augment.erase}")
     if not 0.0 <= f.label_smoothing < 1.0:
         raise ConfigError(f"finetune.label_smoothing must be in [0, 1), received: {f.label_smoothing}")
+    if not 0.0 <= f.ema < 1.0:
+        raise ConfigError(f"finetune.ema is a momentum in [0, 1) (0: off), received: {f.ema}")
     from transferlab import budget
 
     try:

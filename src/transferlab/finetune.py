@@ -231,6 +231,9 @@ class StopAtStep(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         if self.epoch * self.steps_per_epoch + batch + 1 >= self.steps:
             self.model.stop_training = True
+            # with a moving average of the weights (`fit`'s `ema`), the partial epoch is validated and
+            # checkpointed with the average too, as whole epochs are (no-op without one)
+            self.model.optimizer.finalize_variable_values(self.model.trainable_variables)
 
 
 class Replan(keras.callbacks.Callback):
@@ -564,7 +567,7 @@ def steps_per_epoch(t: Training, batch_size: int) -> int:
 
 def fit(t: Training, *, optimizer: str, learning_rate: float, weight_decay: float, schedule: str,
         warmup_epochs: float, steps: int, batch_size: int, callbacks: list, label_smoothing: float = 0.0,
-        verbose: int = 1, small_steps: int = 0, replan=None, replans=(), max_steps: int = 0):
+        verbose: int = 1, small_steps: int = 0, replan=None, replans=(), max_steps: int = 0, ema: float = 0.0):
     """Compile with the schedule sized to `steps` optimizer steps (see
     `total_steps`) and train; returns Keras' History (every epoch's). The last
     epoch is partial when `steps` is not a whole number of epochs. `small_steps`
@@ -574,10 +577,12 @@ def fit(t: Training, *, optimizer: str, learning_rate: float, weight_decay: floa
     warmup's end and after every epoch (`Replan`; one input size, a schedule to
     zero), at most `max_steps`; `replans`: what such a run recorded (then
     `steps` is its first entry's), replayed. Returns the History; the Replan
-    callback, if any, is `history.replan`."""
+    callback, if any, is `history.replan`. `ema` > 0: the momentum of a moving
+    average of the weights (Keras' `use_ema`), written into them at the end of
+    every epoch, so that validation, checkpoints and the next epoch see it."""
     per_epoch = steps_per_epoch(t, batch_size)
     lr = learning_rate_schedule(schedule, learning_rate, steps, int(round(warmup_epochs * per_epoch)))
-    opt = training.make_optimizer(optimizer, lr, weight_decay)
+    opt = training.make_optimizer(optimizer, lr, weight_decay, ema=ema, ema_every=per_epoch)
     progressive = t.small is not None and small_steps >= per_epoch
     replanning = (replan is not None or len(replans) > 1) and isinstance(lr, WarmupToZero) and not progressive
     if replanning:  # fit's epochs hold the longest plan

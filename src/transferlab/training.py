@@ -14,17 +14,23 @@ OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 _KERAS_NAMES = {"loss": "train_loss", "accuracy": "train_accuracy", "learning_rate": "learning_rate"}
 
 
-def make_optimizer(name: str, learning_rate, weight_decay: float | None = None):
-    """`learning_rate` may be a float or a keras LearningRateSchedule."""
-    decay = {"weight_decay": weight_decay} if weight_decay else {}
+def make_optimizer(name: str, learning_rate, weight_decay: float | None = None, ema: float = 0.0,
+                   ema_every: int | None = None):
+    """`learning_rate` may be a float or a keras LearningRateSchedule. `ema` > 0:
+    the optimizer keeps an exponential moving average of the weights with that
+    momentum (Keras' `use_ema`) and writes it into them every `ema_every` steps
+    and at the end of `fit` (`finalize_variable_values`)."""
+    options = {"weight_decay": weight_decay} if weight_decay else {}
+    if ema:
+        options.update(use_ema=True, ema_momentum=ema, ema_overwrite_frequency=ema_every)
     if name == "adam":
-        return keras.optimizers.Adam(learning_rate, **decay)
+        return keras.optimizers.Adam(learning_rate, **options)
     if name == "adamw":
-        return keras.optimizers.AdamW(learning_rate, weight_decay=weight_decay or 1e-4)
+        return keras.optimizers.AdamW(learning_rate, **{"weight_decay": 1e-4, **options})
     if name == "sgd":
-        return keras.optimizers.SGD(learning_rate, momentum=0.9, nesterov=True, **decay)
+        return keras.optimizers.SGD(learning_rate, momentum=0.9, nesterov=True, **options)
     if name == "rmsprop":
-        return keras.optimizers.RMSprop(learning_rate, **decay)
+        return keras.optimizers.RMSprop(learning_rate, **options)
     raise ValueError(f"unknown optimizer {name!r}; valid: {list(OPTIMIZERS)}")
 
 

@@ -416,7 +416,8 @@ class Objective:
         hist = finetune.fit(run, optimizer=f.optimizer, learning_rate=hp["learning_rate"],
                             weight_decay=hp["weight_decay"], schedule=f.schedule, warmup_epochs=f.warmup_epochs,
                             steps=t.finetune_epochs * finetune.steps_per_epoch(run, batch(f.batch_size)),
-                            batch_size=batch(f.batch_size), label_smoothing=hp["label_smoothing"], verbose=0,
+                            batch_size=batch(f.batch_size), label_smoothing=hp["label_smoothing"], ema=f.ema,
+                            verbose=0,
                             callbacks=[keep_best, pruning_callback(trial, self.monitor, step_offset=1, prune=prune,
                                                                         last_step=t.finetune_epochs),
                                        tracking.EpochLogger(step_offset=1)])

@@ -200,7 +200,7 @@ def train(spec, body, head_model, prepared: data.Prepared, f: config.FinetuneCon
     finetune.fit(t, optimizer=f.optimizer, learning_rate=f.learning_rate, weight_decay=f.weight_decay,
                  schedule=f.schedule, warmup_epochs=f.warmup_epochs, steps=first, batch_size=batch_size,
                  label_smoothing=f.label_smoothing, callbacks=cbs, verbose=training.verbosity(), small_steps=small,
-                 replan=replan, replans=replans, max_steps=plan.max_steps if plan is not None else 0)
+                 replan=replan, replans=replans, max_steps=plan.max_steps if plan is not None else 0, ema=f.ema)
     seconds = time.perf_counter() - start
     if plan is not None:
         steps = plan.steps
