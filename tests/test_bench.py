@@ -89,3 +89,33 @@ def test_the_peer_comparison_needs_ours_sooner_at_every_accuracy_the_peer_reache
     rows = recipes.targets(ours, None, peer(("finetune", 1200, 0.87)))
     assert [r["target"] for r in rows][-2:] == ["every accuracy fastai reached, ours reached sooner",
                                                 "ours' peak RSS <= 4 GB"]
+
+
+def test_an_ab_arm_may_change_only_what_the_arms_do_not_share():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import ab
+
+    assert ab.parse_arm("ema:finetune.ema=0.99,evaluate.tta=none") == ("ema", ["finetune.ema=0.99",
+                                                                             "evaluate.tta=none"])
+    with pytest.raises(SystemExit, match="changes a stage before the fine-tune"):
+        ab.parse_arm("big:backbone.input_size=160")
+    with pytest.raises(SystemExit, match="name:key=value"):
+        ab.parse_arm("finetune.ema=0.99")
+
+
+@pytest.mark.heavy
+def test_ab_bench_trains_each_arm_on_the_same_head_and_writes_the_table(tmp_path):
+    synth.make_image_folder(tmp_path / "imgs", per_class=12, test_per_class=4)
+    work, out = tmp_path / "work", tmp_path / "out"
+    subprocess.run([sys.executable, str(ROOT / "bench/ab.py"), "--data", str(tmp_path / "imgs"),
+                    "--workdir", str(work), "--out", str(out), "--set", "data.checksum=null",
+                    "--set", "backbone.weights=none", "--set", "backbone.input_size=32", "--set", "budget=0",
+                    "--set", "head.epochs=2", "--set", "finetune.unfreeze=1", "--set", "finetune.steps=3",
+                    "--set", "evaluate.baseline=false",
+                    "--arm", "off:finetune.ema=0", "--arm", "ema:finetune.ema=0.9"], check=True, capture_output=True)
+    report = json.loads((out / "ab.json").read_text())
+    assert [r["arm"] for r in report["arms"]] == ["off", "ema"]
+    assert [r["steps_run"] for r in report["arms"]] == [3, 3]
+    assert sorted(report["shared_seconds"]) == ["features", "head", "prepare"]  # once, for both arms
+    assert json.loads((work / "arms/ema/metrics/finetune.json").read_text())["steps_run"] == 3
+    assert "| ema | finetune.ema=0.9 |" in (out / "ab.md").read_text()

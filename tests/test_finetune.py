@@ -164,15 +164,21 @@ class StepRates(keras.callbacks.Callback):
         self.rates.append(float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)))
 
 
-def _fit_steps(steps, replan=None, replans=(), max_steps=0, warmup_epochs=0.8):
-    """100 samples in batches of 2: 50 steps an epoch; a warmup of 40 steps. A
-    small dense model: the schedule and the re-plans do not depend on the network."""
+def _dense_training():
+    """100 samples of 8 values, 3 classes, in batches of 2 (50 steps an epoch), a small dense model."""
     keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(100, 8)).astype(np.float32)
     y = np.arange(100) % 3
     model = head.build_head(8, 3, units=8, dropout=0.0)
-    t = finetune.Training(model, x, (x[:4], y[:4]), {"y": y, "batch_size": 2, "shuffle": True}, 100, "full")
+    return model, finetune.Training(model, x, (x[:4], y[:4]), {"y": y, "batch_size": 2, "shuffle": True}, 100,
+                                    "full")
+
+
+def _fit_steps(steps, replan=None, replans=(), max_steps=0, warmup_epochs=0.8):
+    """100 samples in batches of 2: 50 steps an epoch; a warmup of 40 steps. A
+    small dense model: the schedule and the re-plans do not depend on the network."""
+    model, t = _dense_training()
     rates = StepRates()
     hist = finetune.fit(t, optimizer="adamw", learning_rate=1e-3, weight_decay=1e-4, schedule="cosine",
                         warmup_epochs=warmup_epochs, steps=steps, batch_size=2, callbacks=[rates], verbose=0,
@@ -250,12 +256,7 @@ def test_a_moving_average_of_the_weights_is_what_every_epoch_validates():
     weights at each epoch's end (steps 50 and 100), and where the budget's stop
     ends the run mid-epoch (step 130), so that the partial epoch, too, is
     validated (and checkpointed) with the average, not its last step's weights."""
-    keras.utils.set_random_seed(0)
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(100, 8)).astype(np.float32)
-    y = np.arange(100) % 3
-    model = head.build_head(8, 3, units=8, dropout=0.0)
-    t = finetune.Training(model, x, (x[:4], y[:4]), {"y": y, "batch_size": 2, "shuffle": True}, 100, "full")
+    _, t = _dense_training()
     seen = Weights()
     finetune.fit(t, optimizer="adam", learning_rate=1e-2, weight_decay=0.0, schedule="linear", warmup_epochs=0.1,
                  steps=130, batch_size=2, callbacks=[seen], verbose=0, ema=0.9)
