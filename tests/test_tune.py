@@ -159,41 +159,30 @@ def test_trials_train_on_the_proxy_share_at_the_proxy_size(project):
     assert np.array_equal(d.y["train"], prepared.y["train"][index])
 
 
-def test_median_pruner_prunes_a_bad_trial_after_its_first_full_epoch(project):
-    write_params(project, n_trials=5, pruner="median", space={
-        "unfreeze": [0, 2], "head_learning_rate": [1e-7, 1e-2], "learning_rate": [1e-7, 1e-3], "units": [32, 64]})
-    params = config.load("params.yaml")
-    study = tune.start(params, PREPARED)  # trial 0: params.yaml
-    for _ in range(3):
-        study.enqueue_trial(GOOD)
-    # cannot learn in 6 head epochs, nor fine-tune far from there
-    study.enqueue_trial({**GOOD, "head_learning_rate": 1e-7, "learning_rate": 1e-7})
-    tune.work(params, None, PREPARED)
-    states = [t.state.name for t in load().get_trials()]
-    assert states == ["COMPLETE", "COMPLETE", "COMPLETE", "COMPLETE", "PRUNED"]
-    pruned = load().trials[4]
-    assert sorted(pruned.intermediate_values) == [1]  # after its first full fine-tune epoch, not before
-    run = mlflow.MlflowClient().get_run(pruned.user_attrs[tune.RUN_ATTR])
-    assert run.data.tags["state"] == "PRUNED" and run.info.status == "FINISHED"
-
-
-def test_the_params_yaml_trial_is_never_pruned(project):
-    """Even when it is the worst, the trial that stands for params.yaml runs to
-    the end: it is the value the search has to beat."""
+def test_median_pruner_prunes_a_bad_trial_after_its_first_full_epoch_but_never_the_params_yaml_one(project):
+    """Three good trials, then params.yaml's configuration and another one,
+    both unable to learn (6 head epochs at 1e-7, nor a fine-tune from there):
+    the median pruner stops the second after its first full fine-tune epoch,
+    while params.yaml's, the value the search has to beat, runs to its end."""
     bad = {"head": {"learning_rate": 1e-7}, "finetune": {"learning_rate": 1e-7}}
-    space = {"unfreeze": [0, 2], "head_learning_rate": [1e-7, 1e-2], "learning_rate": [1e-7, 1e-3],
-             "units": [32, 64]}
-    write_params(project, bad, n_trials=4, pruner="median", space=space)
+    write_params(project, bad, n_trials=5, pruner="median", space={
+        "unfreeze": [0, 2], "head_learning_rate": [1e-7, 1e-2], "learning_rate": [1e-7, 1e-3], "units": [32, 64]})
     params = config.load("params.yaml")
     study = tune.open_study(params)
     for _ in range(3):
         study.enqueue_trial(GOOD)
     study = tune.start(params, PREPARED)  # enqueues params.yaml's configuration: trial 3
+    study.enqueue_trial({**GOOD, "head_learning_rate": 1e-7, "learning_rate": 1e-7})
     tune.work(params, None, PREPARED)
-    trial = load().trials[3]
-    assert trial.user_attrs[tune.DEFAULT_ATTR] and trial.params["learning_rate"] == 1e-7
-    assert trial.state.name == "COMPLETE" and sorted(trial.intermediate_values) == [1, 2]
+    trials = load().trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE", "COMPLETE", "COMPLETE", "PRUNED"]
+    default, pruned = trials[3], trials[4]
+    assert default.user_attrs[tune.DEFAULT_ATTR] and default.params["learning_rate"] == 1e-7
+    assert sorted(default.intermediate_values) == [1, 2]  # ran to its end
     assert load().best_trial.number != 3
+    assert sorted(pruned.intermediate_values) == [1]  # after its first full fine-tune epoch, not before
+    run = mlflow.MlflowClient().get_run(pruned.user_attrs[tune.RUN_ATTR])
+    assert run.data.tags["state"] == "PRUNED" and run.info.status == "FINISHED"
 
 
 def test_a_space_without_the_params_yaml_configuration_is_an_error(project):
