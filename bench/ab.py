@@ -97,11 +97,11 @@ def table(report: dict) -> str:
              "| arm | overrides | best val acc (epoch) | val acc by epoch | test acc (single view) | steps | "
              "fine-tune s |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in report["arms"]:
-        single = r["single_view_test_accuracy"]
+        single = "-" if r["single_view_test_accuracy"] is None else f"{100 * r['single_view_test_accuracy']:.2f} %"
         lines.append(
             f"| {r['arm']} | {' '.join(r['overrides'])} | {100 * r['best_val_accuracy']:.2f} % ({r['best_epoch']}) | "
             f"{', '.join(f'{100 * v:.2f}' for v in r['val_accuracy_by_epoch'])} | {100 * r['test_accuracy']:.2f} % "
-            f"({'-' if single is None else f'{100 * single:.2f} %'}) | {r['steps_run']} | {r['finetune_seconds']:.0f} |")
+            f"({single}) | {r['steps_run']} | {r['finetune_seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
