@@ -482,6 +482,27 @@ def test_resume_after_interruption_continues_from_last_completed_epoch(tmp_path)
     assert len(checkpoint.history()["val_accuracy"]) == 6
 
 
+def test_a_fine_tune_with_a_moving_average_resumes_where_it_was_killed(tmp_path):
+    """ema 0.9 over 3 epochs of 50 steps, killed before epoch 3 and restarted: the
+    checkpoint holds the optimizer's state (its step counter, the average) with the
+    weights, so the restart ends with the uninterrupted run's weights."""
+    def run(directory, extra):
+        _, t = _dense_training()
+        t.fit_kwargs["shuffle"] = False  # the same batches in a restarted process
+        cbs, _ = finetune.callbacks(directory, patience=10, schedule="cosine", has_val=True, extra=extra)
+        finetune.fit(t, optimizer="adam", learning_rate=1e-2, weight_decay=0.0, schedule="cosine",
+                     warmup_epochs=0.1, steps=150, batch_size=2, callbacks=cbs, verbose=0, ema=0.9)
+        return t.model
+
+    whole = run(tmp_path / "whole", [])
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "killed", [Interrupt(2)])
+    resumed = run(tmp_path / "killed", [])
+    assert int(resumed.optimizer.iterations.numpy()) == 150
+    for a, b in zip(whole.get_weights(), resumed.get_weights()):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
 def test_progressive_resizing_resumes_at_the_size_of_the_epoch_it_was_killed_in(tmp_path):
     """Killed after the first full-size epoch: the restart trains no small epoch
     again and goes on at the full size with the optimizer's step count."""
