@@ -120,6 +120,38 @@ print(tracking.register_and_promote(uri, "race", accuracy))
 """
 
 
+class Killed(BaseException):
+    """Stands for a SIGKILL: raised inside MLflow's schema migrations, caught by nothing."""
+
+
+def test_a_run_killed_while_it_creates_the_store_leaves_no_half_built_store(in_tmp, monkeypatch):
+    """A `dvc repro` killed while MLflow migrated a new mlflow.db left one that
+    every later run failed on ("table ... already exists"). Killed after the
+    migrations' first new table, setup leaves no mlflow.db; the next run builds
+    the store, removes the killed run's partial file, and logs to it."""
+    from alembic.ddl.impl import DefaultImpl
+
+    create_table = DefaultImpl.create_table
+
+    def create_then_die(self, table, **kw):
+        create_table(self, table, **kw)
+        raise Killed(table.name)
+
+    monkeypatch.setattr(DefaultImpl, "create_table", create_then_die)
+    with pytest.raises(Killed):
+        tracking.setup("smoke")
+    assert not (in_tmp / "mlflow.db").exists()
+    assert list(in_tmp.glob("mlflow.db.creating-*")), "the killed run's partial store"
+
+    monkeypatch.setattr(DefaultImpl, "create_table", create_table)
+    store = tracking.setup("smoke")
+    with store.start_run():
+        store.log_metric("after_the_kill", 1.0)
+    assert not list(in_tmp.glob("mlflow.db.creating-*"))
+    runs = store.search_runs(experiment_names=["smoke"], output_format="list")
+    assert [r.data.metrics for r in runs] == [{"after_the_kill": 1.0}]
+
+
 def test_two_runs_finishing_together_leave_the_better_champion(in_tmp):
     mlflow.set_tracking_uri(tracking.tracking_uri())
     tracking.setup("race")

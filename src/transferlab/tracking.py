@@ -19,6 +19,7 @@ import logging
 import os
 import subprocess
 import time
+import uuid
 from pathlib import Path
 from typing import Iterator
 
@@ -79,11 +80,38 @@ def dvc_input_state(inputs: list[str], lock_path: str | Path = "dvc.lock") -> di
     return {f"dvc.dep.{p}": known.get(p, "not-in-dvc.lock") for p in inputs}
 
 
+def sqlite_path(uri: str) -> Path | None:
+    """The file of an sqlite:/// store URI; None for any other store."""
+    import urllib.parse
+
+    return Path(urllib.parse.unquote(uri[len("sqlite:///"):])) if uri.startswith("sqlite:///") else None
+
+
+def create_sqlite_store(path: Path) -> None:
+    """Build a new SQLite store under a temporary name and rename it into place
+    once MLflow's schema migrations are done: a run killed while they ran leaves
+    no half-migrated mlflow.db on which every later run would fail ("table ...
+    already exists"). Call under the "init" store lock, so that a temporary file
+    found here is one a killed creator left."""
+    import mlflow
+
+    for stale in path.parent.glob(f"{path.name}.creating-*"):
+        stale.unlink(missing_ok=True)
+    if path.exists():
+        return
+    # a new name each time: MLflow keeps an engine per URI, open on a file this may have removed
+    partial = path.with_name(f"{path.name}.creating-{uuid.uuid4().hex[:12]}")
+    mlflow.MlflowClient(tracking_uri=f"sqlite:///{partial}").search_experiments(max_results=1)  # migrates
+    os.replace(partial, path)
+
+
 def setup(experiment: str):
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri())
     with store_lock("init"):  # a new store's tables, and the experiment, created once
+        if (db := sqlite_path(tracking_uri())) is not None:
+            create_sqlite_store(db)
         exp = mlflow.get_experiment_by_name(experiment)
         if exp is None:
             mlflow.create_experiment(experiment, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
@@ -290,8 +318,8 @@ def store_lock(purpose: str) -> Iterator[None]:
     import urllib.parse
 
     uri = tracking_uri()
-    if uri.startswith("sqlite:///"):
-        lock = Path(urllib.parse.unquote(uri[len("sqlite:///"):]) + f".{purpose}.lock")
+    if (db := sqlite_path(uri)) is not None:
+        lock = db.with_name(f"{db.name}.{purpose}.lock")
     elif uri.startswith("file:") or "://" not in uri:
         lock = Path(urllib.parse.urlparse(uri).path or uri) / f".{purpose}.lock"
     else:
