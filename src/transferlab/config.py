@@ -83,6 +83,12 @@ class AugmentConfig:
     erase: float
 
 
+def augment_options(a: AugmentConfig) -> dict:
+    """The augmentation as finetune.prepare's `augment`: each field read by name
+    (so a stage's params check sees every key it reads)."""
+    return {f.name: getattr(a, f.name) for f in dataclasses.fields(AugmentConfig)}
+
+
 @dataclass(frozen=True)
 class ProgressiveConfig:
     # Progressive resizing (full path): the first `fraction` of the fine-tune's

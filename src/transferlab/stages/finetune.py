@@ -138,7 +138,7 @@ def train(spec, body, head_model, prepared: data.Prepared, f: config.FinetuneCon
         batch_size=batch_size, seed=seed, activations=activations, flip=a.flip,
         images=None if activations is not None else (prepared.x["train"], prepared.x["val"]),
         image_size=image_size, input_size=input_size,
-        augment={f.name: getattr(a, f.name) for f in dataclasses.fields(config.AugmentConfig)},  # each key read
+        augment=config.augment_options(a),
         small_size=small_size,
     )
     per_epoch = finetune.steps_per_epoch(t, batch_size)
