@@ -108,9 +108,10 @@ def create_sqlite_store(path: Path) -> None:
 def setup(experiment: str):
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri())
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
     with store_lock("init"):  # a new store's tables, and the experiment, created once
-        if (db := sqlite_path(tracking_uri())) is not None:
+        if (db := sqlite_path(uri)) is not None:
             create_sqlite_store(db)
         exp = mlflow.get_experiment_by_name(experiment)
         if exp is None:
