@@ -1,8 +1,9 @@
 """Throughput choices, measured: our feature extraction against a plain
 `model.predict`, batch size, tf.data prefetch and caching, XLA, thread settings,
-and XLA for the fine-tune's training step.
+and the fine-tune's training step by batch size, with and without XLA.
 
     python bench/throughput.py [--backbone efficientnet_lite0] [--input-size 96] [--images 2048]
+        [--unfreeze 5] [--train-batch-sizes 64,128]
 
 Every row runs the same model on the same uint8 32x32 images (random pixels:
 the speed does not depend on them) after one warm-up batch. Thread settings
@@ -87,7 +88,11 @@ def extraction_rows(backbone: str, input_size: int, weights: str, n: int, quick:
     return rows
 
 
-def training_rows(backbone: str, input_size: int, n: int, unfreeze: int) -> list[dict]:
+def training_rows(backbone: str, input_size: int, n: int, unfreeze: int, batch_sizes: list[int],
+                  jit_options: tuple[bool, ...] = (False, True)) -> list[dict]:
+    """The fine-tune's training step (the full path: augmentation, the frozen
+    lower blocks, the unfrozen ones and the head) at each batch size: the median
+    time of `n // batch` steps after two warm-up steps, as images per second."""
     import keras
     import numpy as np
 
@@ -96,27 +101,34 @@ def training_rows(backbone: str, input_size: int, n: int, unfreeze: int) -> list
     rows = []
     spec = backbones.get(backbone)
     rng = np.random.default_rng(0)
-    x = rng.integers(0, 255, (n, 32, 32, 3), dtype=np.uint8)
-    y = rng.integers(0, 10, n)
-    for jit in (False, True):
-        keras.utils.set_random_seed(0)
-        body = backbones.build_body(backbone, input_size, weights=None)
-        finetune.set_trainable(spec, body, unfreeze)
-        model = finetune.assemble(spec, body, head.build_head(spec.feature_dim, 10, 512, 0.5), 32, input_size,
-                                  finetune.augmentation(True, 0.1, 0, 0, 0))
-        model.compile(optimizer=keras.optimizers.AdamW(1e-4), loss="sparse_categorical_crossentropy",
-                      metrics=["accuracy"], jit_compile=jit)
-        start = time.perf_counter()
-        model.fit(x[:128], y[:128], batch_size=128, epochs=1, verbose=0)  # compile, warm up
-        compile_s = time.perf_counter() - start
-        rate = timed(lambda: model.fit(x, y, batch_size=128, epochs=1, verbose=0), n)
-        # Keras falls back to jit_compile=False (with a warning) for layers XLA cannot take
-        name = f"fine-tune step, unfreeze {unfreeze}, batch 128, jit_compile={model.jit_compile}"
-        if jit and not model.jit_compile:
-            name += " (asked for True: not supported by this model)"
-        rows.append({"what": "training", "variant": name, "images_per_second": round(rate, 1),
-                     "batch_size": 128, "compile_seconds": round(compile_s, 1)})
-        print(f"{name:45s} {rate:8.1f} img/s", flush=True)
+    for bs in batch_sizes:
+        x = rng.integers(0, 255, (bs, 32, 32, 3), dtype=np.uint8)
+        y = rng.integers(0, 10, bs)
+        for jit in jit_options:
+            keras.utils.set_random_seed(0)
+            body = backbones.build_body(backbone, input_size, weights=None)
+            finetune.set_trainable(spec, body, unfreeze)
+            model = finetune.assemble(spec, body, head.build_head(spec.feature_dim, 10, 512, 0.5), 32, input_size,
+                                      finetune.augmentation(True, 0.1, seed=0))
+            model.compile(optimizer=keras.optimizers.AdamW(1e-4), loss="sparse_categorical_crossentropy",
+                          metrics=["accuracy"], jit_compile=jit)
+            start = time.perf_counter()
+            model.train_on_batch(x, y)  # compile
+            compile_s = time.perf_counter() - start
+            model.train_on_batch(x, y)
+            times = []
+            for _ in range(max(2, n // bs)):
+                start = time.perf_counter()
+                model.train_on_batch(x, y)
+                times.append(time.perf_counter() - start)
+            rate = bs / float(np.median(times))
+            # Keras falls back to jit_compile=False (with a warning) for layers XLA cannot take
+            name = f"fine-tune step, unfreeze {unfreeze}, batch {bs}, jit_compile={model.jit_compile}"
+            if jit and not model.jit_compile:
+                name += " (asked for True: not supported by this model)"
+            rows.append({"what": "training", "variant": name, "images_per_second": round(rate, 1),
+                         "batch_size": bs, "compile_seconds": round(compile_s, 1)})
+            print(f"{name:45s} {rate:8.1f} img/s", flush=True)
     return rows
 
 
@@ -128,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=2048)
     p.add_argument("--train-images", type=int, default=512)
     p.add_argument("--unfreeze", type=int, default=5)
+    p.add_argument("--train-batch-sizes", default="64,128", help="comma-separated batch sizes of the training rows")
     p.add_argument("--threads", default="", help=argparse.SUPPRESS)  # "intra,inter": one child process
     p.add_argument("--quick", action="store_true", help="a few rows only (the test suite's smoke run)")
     p.add_argument("--out", default=str(ROOT / "bench/results"))
@@ -154,7 +167,12 @@ def main(argv: list[str] | None = None) -> int:
                 r["variant"] = f"threads intra,inter = {threads}: " + r["variant"]
                 print(f"{r['variant']:45s} {r['images_per_second']:8.1f} img/s", flush=True)
                 rows.append(r)
-        rows += training_rows(args.backbone, args.input_size, args.train_images, args.unfreeze)
+    batch_sizes = [int(b) for b in args.train_batch_sizes.split(",")]
+    if args.quick:  # one cheap training row: the training step still builds and runs
+        rows += training_rows(args.backbone, args.input_size, 2 * batch_sizes[0], args.unfreeze, batch_sizes[:1],
+                              jit_options=(False,))
+    else:
+        rows += training_rows(args.backbone, args.input_size, args.train_images, args.unfreeze, batch_sizes)
 
     ours = next(r for r in rows if r["variant"].startswith("ours") and r["batch_size"] == 64)
     plain = next(r for r in rows if r["variant"].startswith("plain model.predict"))

@@ -21,6 +21,7 @@ def test_throughput_quick_compares_ours_with_model_predict(tmp_path):
     result = json.loads((tmp_path / "throughput.json").read_text())
     variants = [r["variant"] for r in result["rows"]]
     assert any(v.startswith("ours") for v in variants) and any(v.startswith("plain model.predict") for v in variants)
+    assert any(v.startswith("fine-tune step") for v in variants)  # the training step builds and runs
     assert result["ratio_ours_to_predict"] > 0
     assert "ours / plain model.predict" in (tmp_path / "throughput.md").read_text()
 
