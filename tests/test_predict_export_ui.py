@@ -102,6 +102,27 @@ def test_export_matches_the_keras_model(model_file, in_tmp, tta):
     assert json.loads((in_tmp / "exports" / "classes.json").read_text()) == CLASSES
 
 
+def test_ui_builds_a_new_store_before_the_server_starts(in_tmp, monkeypatch):
+    """On a project with no store yet, `transferlab ui` builds mlflow.db itself
+    (atomically) before the server starts, rather than leaving it to the server's
+    migrations, which a Ctrl-C at start-up would leave half done."""
+    import subprocess
+
+    seen = {}
+
+    def fake_run(cmd, *a, **kw):
+        seen["db"] = (in_tmp / "mlflow.db").exists()
+        seen["partials"] = list(in_tmp.glob("mlflow.db.creating-*"))
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    assert not (in_tmp / "mlflow.db").exists()
+    assert ui.main(in_tmp / "params.yaml", "127.0.0.1", 5000) == 0
+    assert seen == {"db": True, "partials": []}
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{in_tmp / 'mlflow.db'}")
+    assert client.search_experiments(max_results=1)  # a migrated store
+
+
 def test_ui_binds_loopback_by_default_and_warns_when_exposed(in_tmp, caplog):
     args = cli._parser().parse_args(["ui"])
     with caplog.at_level(logging.WARNING):

@@ -45,11 +45,16 @@ def ui_url(host: str, port: int, experiment_id: str | None) -> str:
 def main(params_path: str | Path, host: str, port: int) -> int:
     import subprocess
 
+    from transferlab import tracking
+
+    # a new SQLite store is built here, atomically (tracking.create_sqlite_store), not by the
+    # UI server's migrations, which a Ctrl-C at start-up would leave half done
+    if (db := tracking.sqlite_path(tracking.tracking_uri())) is not None and not db.exists():
+        with tracking.store_lock("init"):
+            tracking.create_sqlite_store(db)
     experiment_id = None
     try:
         import mlflow
-
-        from transferlab import tracking
 
         if Path(params_path).exists() and (Path(tracking.DEFAULT_DB).exists()
                                            or os.environ.get("MLFLOW_TRACKING_URI")):
