@@ -49,7 +49,8 @@ def main(params_path: str | Path, host: str, port: int) -> int:
 
     # a new SQLite store is built here, atomically (tracking.create_sqlite_store), not by the
     # UI server's migrations, which a Ctrl-C at start-up would leave half done
-    if (db := tracking.sqlite_path(tracking.tracking_uri())) is not None and not db.exists():
+    uri = tracking.tracking_uri()
+    if (db := tracking.sqlite_path(uri)) is not None and not db.exists():
         with tracking.store_lock("init"):
             tracking.create_sqlite_store(db)
     experiment_id = None
@@ -58,7 +59,7 @@ def main(params_path: str | Path, host: str, port: int) -> int:
 
         if Path(params_path).exists() and (Path(tracking.DEFAULT_DB).exists()
                                            or os.environ.get("MLFLOW_TRACKING_URI")):
-            mlflow.set_tracking_uri(tracking.tracking_uri())
+            mlflow.set_tracking_uri(uri)
             exp = mlflow.get_experiment_by_name(config.load(params_path).tracking.experiment)
             experiment_id = exp.experiment_id if exp else None
     except Exception as exc:  # noqa: BLE001 - the link is a convenience; the UI starts anyway
