@@ -89,6 +89,40 @@ def test_batchnorm_statistics_do_not_move_in_a_finetune_step():
     assert not np.array_equal(conv.kernel.numpy(), kernel_before), "unfrozen weights did not train"
 
 
+@pytest.mark.parametrize("cached", [False, True], ids=["full", "cached"])
+def test_train_bn_trains_the_unfrozen_blocks_batchnorm_and_no_other(cached):
+    """finetune.train_bn: the top blocks' BatchNorm layers learn gamma and beta and
+    move their statistics; the frozen part's stay as they were, on both paths."""
+    keras.utils.set_random_seed(0)
+    spec = BACKBONES["efficientnet_lite0"]
+    body = backbones.build_body(spec.name, 32, weights=None)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 255, (16, 16, 16, 3)).astype(np.uint8)
+    y = np.arange(16) % 3
+    images = activations = None
+    if cached:
+        acts = finetune.cache_extractor(spec, finetune.split_body(spec, body, 2), 16, 32).predict(x, verbose=0)[0]
+        activations = {"train": acts, "val": acts[:4]}
+    else:
+        images = (x, x[:4])
+    t = finetune.prepare(spec, body, head.build_head(spec.feature_dim, 3, units=0, dropout=0.0), unfreeze=2,
+                         y_train=y, y_val=y[:4], batch_size=8, seed=0, images=images, image_size=16,
+                         input_size=32, activations=activations, flip=False, train_bn=True)
+    groups = backbones.layers_by_block(spec, body)
+    top = [layer for g in groups[-2:] for layer in g if isinstance(layer, layers.BatchNormalization)]
+    rest = [layer for g in groups[:-2] for layer in g if isinstance(layer, layers.BatchNormalization)]
+    assert top and rest and all(bn.trainable for bn in top) and not any(bn.trainable for bn in rest)
+    before = {id(w): w.numpy().copy() for bn in top + rest for w in bn.weights}
+    finetune.fit(t, optimizer="adam", learning_rate=1e-2, weight_decay=0.0, schedule="cosine", warmup_epochs=0,
+                 steps=4, batch_size=8, callbacks=[], verbose=0)
+    for bn in rest:
+        for w in bn.weights:
+            np.testing.assert_array_equal(w.numpy(), before[id(w)], err_msg=f"{bn.name}/{w.name} changed")
+    for bn in top:
+        for w in bn.weights:  # gamma, beta, moving mean and variance
+            assert not np.array_equal(w.numpy(), before[id(w)]), f"{bn.name}/{w.name} did not train"
+
+
 def test_frozen_blocks_do_not_train():
     keras.utils.set_random_seed(0)
     spec, body, model = _tiny_classifier("efficientnetb0", unfreeze=1)

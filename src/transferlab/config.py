@@ -126,6 +126,9 @@ class FinetuneConfig:
     # momentum of a moving average of the weights (Keras' use_ema), written into them
     # at every epoch's end; 0: none
     ema: float
+    # the unfrozen blocks' BatchNorm layers train too (batch statistics, gamma and beta,
+    # moving statistics); false: every BatchNorm stays frozen in inference mode
+    train_bn: bool
     batch_size: int
     patience: int
     augment: AugmentConfig

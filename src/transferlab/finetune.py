@@ -3,8 +3,12 @@ The finetune stage (`transferlab.stages.finetune`) and the search's trials both
 train through `prepare` and `fit`.
 
 The rules live here and only here:
-- the backbone is called with training=False and every BatchNormalization layer
-  stays frozen, so its moving statistics never change;
+- every BatchNormalization layer is frozen (trainable=False), which Keras 3 runs
+  in inference mode whatever the training flag, so its moving statistics never
+  change (the body's `training=False` alone would not hold: inside `fit` the
+  outer model's flag reaches a nested model's layers); with `train_bn` the
+  unfrozen blocks' BatchNorm layers train too (batch statistics, gamma and beta,
+  moving statistics) and the frozen part's stay as they are;
 - blocks are unfrozen by the registry's block names, the same meaning on every
   backbone; the model is compiled after `trainable` changes;
 - the learning rate is low: linear warmup then cosine decay, or ReduceLROnPlateau.
@@ -55,14 +59,14 @@ def uses_cache(spec: BackboneSpec, mode: str, unfreeze: int | str) -> bool:
     return mode == "cached" and 0 < n_unfrozen(spec, unfreeze) < len(spec.blocks)
 
 
-def set_trainable(spec: BackboneSpec, body: keras.Model, unfreeze: int | str) -> int:
-    """Unfreeze the top N blocks of `body`, BatchNorm excepted; returns the number
-    of trainable weight tensors in the body."""
+def set_trainable(spec: BackboneSpec, body: keras.Model, unfreeze: int | str, train_bn: bool = False) -> int:
+    """Unfreeze the top N blocks of `body`, BatchNorm excepted unless `train_bn`;
+    returns the number of trainable weight tensors in the body."""
     first = len(spec.blocks) - n_unfrozen(spec, unfreeze)
     body.trainable = True
     for layer in body.layers:
         is_bn = isinstance(layer, layers.BatchNormalization)
-        layer.trainable = backbones.block_index(spec, layer.name) >= first and not is_bn
+        layer.trainable = backbones.block_index(spec, layer.name) >= first and (train_bn or not is_bn)
     return len(body.trainable_weights)
 
 
@@ -522,6 +526,7 @@ def prepare(
     images: tuple[np.ndarray, np.ndarray] | None = None, image_size: int = 0, input_size: int = 0,
     augment: dict | None = None,
     activations: dict[str, np.ndarray] | None = None, flip: bool = True, small_size: int = 0,
+    train_bn: bool = False,
 ) -> Training:
     """Unfreeze the top `unfreeze` blocks and build the model of the path:
     - full (`images` = (train, val) uint8 arrays): augmentation (`augment`: the
@@ -530,8 +535,9 @@ def prepare(
       `unfreeze` blocks): upper blocks -> head, on a randomly flipped copy per
       sample and epoch (`flip`).
     `small_size` (full path): a second model at that input size for progressive
-    resizing; `body` must then be built for any input size."""
-    trainable = set_trainable(spec, body, unfreeze)
+    resizing; `body` must then be built for any input size. `train_bn`: the
+    unfrozen blocks' BatchNorm layers train too (`set_trainable`)."""
+    trainable = set_trainable(spec, body, unfreeze, train_bn)
     small = None
     has_val = len(y_val) > 0
     if activations is not None:
