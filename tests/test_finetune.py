@@ -123,6 +123,35 @@ def test_train_bn_trains_the_unfrozen_blocks_batchnorm_and_no_other(cached):
             assert not np.array_equal(w.numpy(), before[id(w)]), f"{bn.name}/{w.name} did not train"
 
 
+@pytest.mark.parametrize("train_depthwise", [True, False], ids=["trained", "kept"])
+def test_train_depthwise_false_keeps_the_unfrozen_blocks_depthwise_kernels(train_depthwise):
+    """finetune.train_depthwise: false keeps the top blocks' depthwise kernels as
+    they were while their other convolutions train; true trains both."""
+    keras.utils.set_random_seed(0)
+    spec = BACKBONES["efficientnetb0"]  # swish: random weights pass gradients (see above)
+    body = backbones.build_body(spec.name, 32, weights=None)
+    x = np.random.default_rng(0).integers(0, 255, (16, 16, 16, 3)).astype(np.uint8)
+    y = np.arange(16) % 3
+    t = finetune.prepare(spec, body, head.build_head(spec.feature_dim, 3, units=0, dropout=0.0), unfreeze=3,
+                         y_train=y, y_val=y[:4], batch_size=8, seed=0, images=(x, x[:4]), image_size=16,
+                         input_size=32, flip=False, train_depthwise=train_depthwise)
+    top = [layer for g in backbones.layers_by_block(spec, body)[-3:] for layer in g]
+    depthwise = [layer for layer in top if isinstance(layer, layers.DepthwiseConv2D)]
+    convs = [layer for layer in top if type(layer) is layers.Conv2D]
+    assert depthwise and convs
+    before = {id(w): w.numpy().copy() for layer in depthwise + convs for w in layer.weights}
+    finetune.fit(t, optimizer="adam", learning_rate=1e-2, weight_decay=0.0, schedule="cosine", warmup_epochs=0,
+                 steps=4, batch_size=8, callbacks=[], verbose=0)
+    def moved(group):
+        return [layer.name for layer in group if not np.array_equal(layer.kernel.numpy(), before[id(layer.kernel)])]
+
+    assert moved(convs), "no convolution of the unfrozen blocks trained"
+    if train_depthwise:
+        assert moved(depthwise), "no depthwise kernel trained"
+    else:
+        assert not moved(depthwise), f"depthwise kernels changed: {moved(depthwise)}"
+
+
 def test_frozen_blocks_do_not_train():
     keras.utils.set_random_seed(0)
     spec, body, model = _tiny_classifier("efficientnetb0", unfreeze=1)

@@ -129,6 +129,9 @@ class FinetuneConfig:
     # the unfrozen blocks' BatchNorm layers train too (batch statistics, gamma and beta,
     # moving statistics); false: every BatchNorm stays frozen in inference mode
     train_bn: bool
+    # the unfrozen blocks' depthwise convolutions train too; false: they keep their
+    # pretrained kernels, and the step skips their filter gradient
+    train_depthwise: bool
     batch_size: int
     patience: int
     augment: AugmentConfig

@@ -9,6 +9,9 @@ The rules live here and only here:
   outer model's flag reaches a nested model's layers); with `train_bn` the
   unfrozen blocks' BatchNorm layers train too (batch statistics, gamma and beta,
   moving statistics) and the frozen part's stay as they are;
+- with `train_depthwise` false the unfrozen blocks' depthwise convolutions keep
+  their pretrained kernels (gradients still flow through them): the step skips
+  their filter gradient;
 - blocks are unfrozen by the registry's block names, the same meaning on every
   backbone; the model is compiled after `trainable` changes;
 - the learning rate is low: linear warmup then cosine decay, or ReduceLROnPlateau.
@@ -59,14 +62,17 @@ def uses_cache(spec: BackboneSpec, mode: str, unfreeze: int | str) -> bool:
     return mode == "cached" and 0 < n_unfrozen(spec, unfreeze) < len(spec.blocks)
 
 
-def set_trainable(spec: BackboneSpec, body: keras.Model, unfreeze: int | str, train_bn: bool = False) -> int:
-    """Unfreeze the top N blocks of `body`, BatchNorm excepted unless `train_bn`;
-    returns the number of trainable weight tensors in the body."""
+def set_trainable(spec: BackboneSpec, body: keras.Model, unfreeze: int | str, train_bn: bool = False,
+                  train_depthwise: bool = True) -> int:
+    """Unfreeze the top N blocks of `body`, BatchNorm excepted unless `train_bn`
+    and depthwise convolutions excepted unless `train_depthwise`; returns the
+    number of trainable weight tensors in the body."""
     first = len(spec.blocks) - n_unfrozen(spec, unfreeze)
     body.trainable = True
     for layer in body.layers:
-        is_bn = isinstance(layer, layers.BatchNormalization)
-        layer.trainable = backbones.block_index(spec, layer.name) >= first and (train_bn or not is_bn)
+        kept = ((isinstance(layer, layers.BatchNormalization) and not train_bn)
+                or (isinstance(layer, layers.DepthwiseConv2D) and not train_depthwise))
+        layer.trainable = backbones.block_index(spec, layer.name) >= first and not kept
     return len(body.trainable_weights)
 
 
@@ -526,7 +532,7 @@ def prepare(
     images: tuple[np.ndarray, np.ndarray] | None = None, image_size: int = 0, input_size: int = 0,
     augment: dict | None = None,
     activations: dict[str, np.ndarray] | None = None, flip: bool = True, small_size: int = 0,
-    train_bn: bool = False,
+    train_bn: bool = False, train_depthwise: bool = True,
 ) -> Training:
     """Unfreeze the top `unfreeze` blocks and build the model of the path:
     - full (`images` = (train, val) uint8 arrays): augmentation (`augment`: the
@@ -535,9 +541,9 @@ def prepare(
       `unfreeze` blocks): upper blocks -> head, on a randomly flipped copy per
       sample and epoch (`flip`).
     `small_size` (full path): a second model at that input size for progressive
-    resizing; `body` must then be built for any input size. `train_bn`: the
-    unfrozen blocks' BatchNorm layers train too (`set_trainable`)."""
-    trainable = set_trainable(spec, body, unfreeze, train_bn)
+    resizing; `body` must then be built for any input size. `train_bn`,
+    `train_depthwise`: what of the unfrozen blocks trains (`set_trainable`)."""
+    trainable = set_trainable(spec, body, unfreeze, train_bn, train_depthwise)
     small = None
     has_val = len(y_val) > 0
     if activations is not None:

@@ -407,7 +407,7 @@ class Objective:
             spec, body, head_model, unfreeze=hp["unfreeze"], y_train=d.y["train"], y_val=d.y["val"],
             batch_size=batch(f.batch_size), seed=p.seed + trial.number, images=(d.x["train"], d.x["val"]),
             image_size=int(d.meta["image_size"]), input_size=proxy_size(p),
-            augment=config.augment_options(a), train_bn=f.train_bn,
+            augment=config.augment_options(a), train_bn=f.train_bn, train_depthwise=f.train_depthwise,
         )
         before = run.model.get_weights()
         keep_best = keras.callbacks.EarlyStopping(monitor=self.monitor, mode=training.mode(self.monitor),

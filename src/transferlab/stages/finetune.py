@@ -84,7 +84,7 @@ def _main(params: config.Params, prepared: data.Prepared, callbacks: list | None
             (PLOTS / "finetune" / "history.csv").write_text("epoch,train_accuracy,val_accuracy\n")
         if small_size:  # the saved model's body has the fixed input size, as without progressive resizing
             body.set_weights(trained.get_weights())
-            finetune.set_trainable(spec, body, f.unfreeze, f.train_bn)
+            finetune.set_trainable(spec, body, f.unfreeze, f.train_bn, f.train_depthwise)
         model = finetune.assemble(spec, body, head_model, image_size, size)
         model.save(out_dir / "model.keras")
         write_atomic(out_dir / "params.yaml", resolved(values))
@@ -139,7 +139,7 @@ def train(spec, body, head_model, prepared: data.Prepared, f: config.FinetuneCon
         images=None if activations is not None else (prepared.x["train"], prepared.x["val"]),
         image_size=image_size, input_size=input_size,
         augment=config.augment_options(a),
-        small_size=small_size, train_bn=f.train_bn,
+        small_size=small_size, train_bn=f.train_bn, train_depthwise=f.train_depthwise,
     )
     per_epoch = finetune.steps_per_epoch(t, batch_size)
     plan = deadline = resumed = None
