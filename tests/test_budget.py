@@ -115,6 +115,11 @@ def test_progressive_resizing_plans_the_steps_of_both_sizes():
     steps = small * 0.5 + (p.steps - small) * 0.8
     expected = 10.0 + 8.0 + budget.SLOWDOWN * steps + -(-p.steps // 352) * val
     assert budget.finetune_seconds(p.steps, 352, progressive, val) == pytest.approx(expected)
+    # re-planned from full-size steps only: the small ones stay as planned, and none is timed as the rest
+    q = budget.replan(p, step_seconds=0.7, steps_done=small + 352, seconds_left=1000.0)
+    assert q.small_steps == p.small_steps and q.steps > small + 352
+    with pytest.raises(ValueError, match="smaller input size"):
+        budget.replan(p, step_seconds=0.45, steps_done=small - 352, seconds_left=2000.0)
 
 
 def test_a_budget_too_small_names_the_smallest_that_fits():
@@ -235,6 +240,41 @@ def test_a_budget_plans_progressive_resizing_and_the_plan_replays(stages_done, m
     replayed = finetune.main(config.from_dict(tinyproject.full_params(
         {**tinyproject.TINY, **over, "finetune": {**over["finetune"], "steps": plan["steps"]}})), callbacks=[replay])
     assert replayed["small_steps"] == planned["small_steps"] and replay.sizes == sizes.sizes
+
+
+def test_progressive_resizing_is_planned_again_at_full_size_and_the_replans_replay(stages_done, monkeypatch):
+    """Under a budget, progressive resizing (64 px, the first whole epochs at 32)
+    re-plans as one size does, from the first full-size epoch's end on: the
+    probe's 10 s a step plan a run short of the recipe, the fine-tune's own
+    steps (milliseconds) raise it to the recipe's length, the small epochs stay
+    as the probe planned them, and the replans replay the run without the clock.
+    (Batches of one image: epochs long enough to time.)"""
+    recipe = {**tinyproject.TINY["finetune"], "epochs": 4, "patience": 1000, "warmup_epochs": 0.5, "batch_size": 1,
+              "progressive": {"scale": 0.5, "fraction": 0.6}}
+    over = {"backbone": {"name": "efficientnet_lite0", "weights": "none", "input_size": 64}}
+    sizes = tinyproject.input_sizes_callback()
+    monkeypatch.setattr("transferlab.finetune.probe", lambda t, batch_size: PROGRESSIVE)
+    monkeypatch.chdir(stages_done)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    params = tinyproject.full_params({**tinyproject.TINY, **over, "finetune": recipe})
+    planned = finetune.main(config.from_dict({**params, "budget": "12m"}), callbacks=[sizes])
+    plan = planned["plan"]
+    per, small = plan["steps_per_epoch"], planned["small_steps"]
+    assert small == plan["small_steps"] > 0 and small % per == 0
+    assert small + per < plan["probe_steps"] < 4 * per  # the probe's plan: a full-size epoch, short of the recipe
+    assert plan["steps"] == plan["max_steps"] == 4 * per == planned["steps_run"]
+    # no plan from the small steps' times: the first at the first full-size epoch's end
+    replans = [[0, plan["probe_steps"]], *([step, 4 * per] for step in range(small + per, 4 * per, per))]
+    assert plan["replans"] == replans
+    assert sizes.sizes == [32] * (small // per) + [64] * (4 - small // per)
+    rates = (stages_done / "plots" / "finetune" / "history.csv").read_text()
+
+    replay = tinyproject.input_sizes_callback()
+    replay_params = {**params, "finetune": {**params["finetune"], "replans": plan["replans"]}}
+    replayed = finetune.main(config.from_dict(replay_params), callbacks=[replay])
+    assert replayed["steps_run"] == plan["steps"] and replayed["small_steps"] == small
+    assert replay.sizes == sizes.sizes
+    assert (stages_done / "plots" / "finetune" / "history.csv").read_text() == rates  # the same schedule
 
 
 def test_the_fine_tune_plans_again_from_its_own_steps_and_the_replans_replay(stages_done, monkeypatch):

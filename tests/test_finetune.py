@@ -351,10 +351,10 @@ def _same(optimizer):  # under mixed precision (a GPU) compile wraps the optimiz
     return getattr(optimizer, "inner_optimizer", optimizer)
 
 
-def _fit_progressive(t, callbacks, steps=25, small=15):
+def _fit_progressive(t, callbacks, steps=25, small=15, **kwargs):
     return finetune.fit(t, optimizer="adamw", learning_rate=1e-3, weight_decay=1e-4, schedule="cosine",
                         warmup_epochs=0.2, steps=steps, batch_size=8, small_steps=small, verbose=0,
-                        callbacks=callbacks)
+                        callbacks=callbacks, **kwargs)
 
 
 def test_progressive_resizing_trains_the_first_epochs_small_then_goes_on_at_full_size():
@@ -371,6 +371,31 @@ def test_progressive_resizing_trains_the_first_epochs_small_then_goes_on_at_full
     rates = hist.history["learning_rate"]
     assert len(rates) == 5 and rates[3] < rates[2] and rates[-1] == 0.0
     assert len(hist.history["val_accuracy"]) == 5 and hist.epoch == [0, 1, 2, 3, 4]  # both phases' epochs
+
+
+def test_progressive_resizing_is_planned_again_once_the_full_size_trains(monkeypatch):
+    """Planned 25 steps of 5 an epoch, the first 15 at 32 px: the re-plans time
+    full-size steps only (none before step 15; none at its end either, whose
+    epoch ran small), so 30 steps are planned after epoch 4, the extra epoch
+    trains at the full size, and the recorded re-plans replay the run, sizes and
+    learning rates alike. (Epochs of 5 steps: every step of one is timed here.)"""
+    monkeypatch.setattr(finetune.Replan, "SKIP", 0)
+    monkeypatch.setattr(finetune.Replan, "MIN_TIMED", 3)
+    decide = _deciding({20: 30})
+    sizes, rates = tinyproject.input_sizes_callback(), StepRates()
+    _, _, t = _progressive()
+    hist = _fit_progressive(t, [sizes, rates], replan=decide, max_steps=40)
+    assert decide.asked == [20, 25]
+    assert hist.replan.replans == [[0, 25], [20, 30], [25, 30]]
+    assert int(t.model.optimizer.iterations.numpy()) == 30
+    assert sizes.sizes == [32, 32, 32, 64, 64, 64]
+    assert 0 < rates.rates[-1] < 0.05 * max(rates.rates)  # annealed at the new end
+
+    replay_sizes, replay_rates = tinyproject.input_sizes_callback(), StepRates()
+    _, _, t = _progressive()
+    _fit_progressive(t, [replay_sizes, replay_rates], replans=hist.replan.replans)
+    assert int(t.model.optimizer.iterations.numpy()) == 30 and replay_sizes.sizes == sizes.sizes
+    np.testing.assert_allclose(replay_rates.rates, rates.rates, rtol=1e-5)
 
 
 class ValidatedAtFullSize(keras.callbacks.Callback):

@@ -22,7 +22,9 @@ The fine-tune is the one stage whose length is free, so it is the one planned:
   the real run's pace by 5 to 15 % either way, and a shared machine's pace
   drifts by as much within the hour. The learning rate goes on from where it
   is and reaches zero at the new end; each re-plan is recorded (`replans`), and
-  replaying them without the clock trains the same run.
+  replaying them without the clock trains the same run. With progressive
+  resizing, the small epochs are planned once, by the probe, and the re-plans
+  begin once the larger size trains: they size the larger steps only.
 
 The plan (steps, sizes, the measured throughput, the re-plans) goes to
 metrics/finetune.json and the MLflow run. Replaying it needs no clock: `budget: 0`
@@ -213,7 +215,12 @@ def replan(p: Plan, *, step_seconds: float, steps_done: int, seconds_left: float
     """The plan again once `steps_done` steps of the fine-tune itself ran, the
     latest at `step_seconds` each, with `seconds_left` of its window
     (`Plan.window_seconds`): the most steps whose rest and validations fit, at
-    most the recipe's length and at least one more step (one input size only)."""
+    most the recipe's length and at least one more step. Every step to come is
+    timed as the latest: with progressive resizing, plan again only past its
+    small steps (`Plan.small_steps`, which stay as the probe planned them)."""
+    if steps_done < p.small_steps:
+        raise ValueError(f"replan: {steps_done} steps done, before the {p.small_steps} at the smaller input size "
+                         "end; the steps to come are not all timed alike")
     per = p.steps_per_epoch
 
     def rest(steps: int) -> float:  # the steps to come and the validations of the epochs not yet ended

@@ -364,9 +364,8 @@ def _validate_replans(f: FinetuneConfig, budget_seconds: float | None) -> None:
     r = f.replans
     if budget_seconds or f.steps:
         raise ConfigError("finetune.replans replays a budgeted run: set budget: 0 and finetune.steps: 0 with it")
-    if f.schedule not in ("cosine", "linear") or f.progressive.scale < 1:
-        raise ConfigError("finetune.replans needs finetune.schedule cosine or linear and one input size "
-                          "(progressive.scale: 1), as the budgeted run it replays")
+    if f.schedule not in ("cosine", "linear"):
+        raise ConfigError("finetune.replans needs finetune.schedule cosine or linear, as the budgeted run it replays")
     at = [pair[0] for pair in r if len(pair) == 2]
     if len(at) != len(r) or at[0] != 0 or at != sorted(set(at)) or any(b <= a for a, b in r):
         raise ConfigError(f"finetune.replans: expected [[0, steps], [step, steps], ...] with the steps at which "

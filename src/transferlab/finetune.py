@@ -259,15 +259,21 @@ class Replan(keras.callbacks.Callback):
 
     Replay (`replans` given, no `decide`): the same changes at the same steps,
     so the run is the one that was planned. A resumed run replays what its plan
-    saved and plans no more."""
+    saved and plans no more.
+
+    `from_step` (progressive resizing: its small steps, planned once): no plan
+    before the fine-tune passed it, so that every plan times steps at the input
+    size of all the steps still to come. One instance serves every phase of a
+    progressive fit."""
 
     SKIP = 3  # the first steps of an epoch: tracing, caches warming up
     MIN_TIMED = 20
 
     def __init__(self, schedule: WarmupToZero, stop: StopAtStep, steps_per_epoch: int, max_steps: int,
-                 decide=None, replans=()):
+                 decide=None, replans=(), from_step: int = 0):
         super().__init__()
         self.schedule, self.stop, self.decide = schedule, stop, decide
+        self.from_step, self.begun = from_step, False
         self.steps_per_epoch, self.max_steps = steps_per_epoch, max_steps
         self.replans = [[int(a), int(b)] for a, b in replans] or [[0, stop.steps]]
         self.pending = [r for r in self.replans if r[0] > 0]
@@ -275,6 +281,9 @@ class Replan(keras.callbacks.Callback):
         self.epoch, self.warmed = 0, False
 
     def on_train_begin(self, logs=None):
+        if self.begun:  # the next phase of progressive resizing: the same run goes on
+            return
+        self.begun = True
         done = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
         while self.pending and self.pending[0][0] <= done:  # resumed: the changes before the restart
             self._apply(*self.pending.pop(0))
@@ -292,13 +301,14 @@ class Replan(keras.callbacks.Callback):
         step = self.epoch * self.steps_per_epoch + batch + 1
         while self.pending and self.pending[0][0] == step:
             self._apply(*self.pending.pop(0))
-        if self.decide is not None and not self.warmed and step >= self.schedule.warmup_steps:
+        if self.decide is not None and not self.warmed and step >= max(self.schedule.warmup_steps,
+                                                                         self.from_step + 1):
             self.warmed = True
             self._plan(step)
 
     def on_epoch_end(self, epoch, logs=None):
         step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
-        if self.decide is not None and not self.model.stop_training and step < self.stop.steps:
+        if self.decide is not None and not self.model.stop_training and self.from_step < step < self.stop.steps:
             self._plan(step)
 
     def _plan(self, step: int) -> None:
@@ -586,9 +596,10 @@ def fit(t: Training, *, optimizer: str, learning_rate: float, weight_decay: floa
     (whole epochs, with `t.small`): the first steps at the smaller input size,
     then the rest at the larger one with the same optimizer and schedule.
     `replan(step_seconds, steps_done) -> steps`: a budget's plan again at the
-    warmup's end and after every epoch (`Replan`; one input size, a schedule to
-    zero), at most `max_steps`; `replans`: what such a run recorded (then
-    `steps` is its first entry's), replayed. Returns the History; the Replan
+    warmup's end and after every epoch (`Replan`; a schedule to zero; with
+    progressive resizing, only once the larger size trains), at most
+    `max_steps`; `replans`: what such a run recorded (then `steps` is its first
+    entry's), replayed. Returns the History; the Replan
     callback, if any, is `history.replan`. `ema` > 0: the momentum of a moving
     average of the weights (Keras' `use_ema`), written into them at the end of
     every epoch, so that validation, checkpoints and the next epoch see it."""
@@ -596,7 +607,7 @@ def fit(t: Training, *, optimizer: str, learning_rate: float, weight_decay: floa
     lr = learning_rate_schedule(schedule, learning_rate, steps, int(round(warmup_epochs * per_epoch)))
     opt = training.make_optimizer(optimizer, lr, weight_decay, ema=ema, ema_every=per_epoch)
     progressive = t.small is not None and small_steps >= per_epoch
-    replanning = (replan is not None or len(replans) > 1) and isinstance(lr, WarmupToZero) and not progressive
+    replanning = (replan is not None or len(replans) > 1) and isinstance(lr, WarmupToZero)
     if replanning:  # fit's epochs hold the longest plan
         max_steps = max(steps, max_steps, *(b for _, b in replans))
     else:
@@ -604,7 +615,8 @@ def fit(t: Training, *, optimizer: str, learning_rate: float, weight_decay: floa
     epochs = math.ceil(max_steps / per_epoch)
     length = [StopAtStep(steps, per_epoch)] if steps % per_epoch or replanning else []
     if replanning:
-        length.append(Replan(lr, length[0], per_epoch, max_steps, decide=replan, replans=replans))
+        length.append(Replan(lr, length[0], per_epoch, max_steps, decide=replan, replans=replans,
+                             from_step=small_steps if progressive else 0))
     phases = [(t.model, epochs, [])]  # (model, its last epoch, callbacks of its own)
     if progressive:
         validate = [FullSizeValidation(t.model, t.val, batch_size)] if t.val is not None else []

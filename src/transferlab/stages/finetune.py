@@ -158,7 +158,8 @@ def train(spec, body, head_model, prepared: data.Prepared, f: config.FinetuneCon
     if plan is not None:
         small = plan.small_steps
     else:
-        small = budget.small_steps(steps, per_epoch, f.progressive.fraction) if t.small is not None else 0
+        # as the budget planned them: a share of the steps planned before any re-plan
+        small = budget.small_steps(first, per_epoch, f.progressive.fraction) if t.small is not None else 0
     log.info("finetune: %d steps (%.2f epochs of %d steps), %s schedule to zero at the last step",
              steps, steps / per_epoch, per_epoch, f.schedule)
     if small:
