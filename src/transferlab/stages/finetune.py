@@ -160,6 +160,9 @@ def train(spec, body, head_model, prepared: data.Prepared, f: config.FinetuneCon
     else:
         # as the budget planned them: a share of the steps planned before any re-plan
         small = budget.small_steps(first, per_epoch, f.progressive.fraction) if t.small is not None else 0
+    if plan is None and replans:  # a replay: its first plan's length, then what it recorded
+        steps = replans[-1][1]
+        log.info("finetune: replaying finetune.replans %s: the schedule's end moves at those steps", replans)
     log.info("finetune: %d steps (%.2f epochs of %d steps), %s schedule to zero at the last step",
              steps, steps / per_epoch, per_epoch, f.schedule)
     if small:
@@ -207,8 +210,6 @@ def train(spec, body, head_model, prepared: data.Prepared, f: config.FinetuneCon
         steps = plan.steps
         log.info("budget: replay this fine-tune without the clock with budget: 0 and %s",
                  f"finetune.replans: {plan.replans}" if plan.replans else f"finetune.steps: {plan.steps}")
-    elif replans:
-        steps = replans[-1][1]
     ran = int(keras.ops.convert_to_numpy(t.model.optimizer.iterations))  # early stopping may end it sooner
     checkpoint.restore_best(t.model)  # the best epoch, not the last
     hist = checkpoint.history()
