@@ -10,6 +10,7 @@ import tensorflow as tf
 from transferlab import backbones, features, finetune
 from transferlab.backbones import BACKBONES
 from transferlab.folding import Folded, FoldedConvBN, fold_batchnorm
+from transferlab.head import build_head
 
 NAMES = sorted(BACKBONES)
 
@@ -66,8 +67,7 @@ def _lite_classifier(train_bn: bool = False, train_depthwise: bool = True):
     spec = backbones.get("efficientnet_lite0")
     body = backbones.build_body(spec.name, 64, weights=None)
     _random_statistics(body)
-    head = keras.Sequential([keras.Input((1280,)), keras.layers.Dense(10, activation="softmax", name="predictions")],
-                            name="head")
+    head = build_head(1280, 10, 8, 0.0)
     t = finetune.prepare(spec, body, head, unfreeze=3, y_train=np.zeros(8, int), y_val=np.zeros(0, int),
                          batch_size=4, seed=0, images=(np.zeros((8, 16, 16, 3), np.uint8), None), image_size=16,
                          input_size=64, train_bn=train_bn, train_depthwise=train_depthwise)
@@ -134,3 +134,51 @@ def test_folded_model_runs_under_mixed_precision():
     finally:
         keras.mixed_precision.set_global_policy("float32")
     assert np.abs(got - want).max() <= 0.05 * np.abs(want).max()  # bfloat16 keeps 8 bits of mantissa
+
+
+def test_the_registered_model_with_flips_and_temperature_folds_and_predict_uses_it(tmp_path, monkeypatch):
+    """The model evaluate registers calls the classifier twice (the image and its
+    mirror): folded, both calls share one folded body, and the probabilities are
+    the same; `transferlab predict` runs that folded model."""
+    from transferlab import folding, predict, tta
+
+    spec = backbones.get("efficientnet_lite0")
+    body = backbones.build_body(spec.name, 32, weights=None)
+    _random_statistics(body)
+    classifier = finetune.assemble(spec, body, build_head(1280, 3, 8, 0.0), 16, 32)
+    registered = tta.with_tta(classifier, "flip", temperature=1.5)
+    registered.save(tmp_path / "model.keras")
+    loaded = predict.load(path=tmp_path / "model.keras")
+    x = np.random.default_rng(5).integers(0, 255, (4, 16, 16, 3)).astype(np.uint8)
+    folded = fold_batchnorm(loaded.model, trained=False)
+    assert any(isinstance(layer, FoldedConvBN) for layer in _layers(folded))
+    want = np.asarray(loaded.model(x, training=False))
+    np.testing.assert_allclose(np.asarray(folded(x, training=False)), want, rtol=1e-4, atol=1e-6)
+
+    folds = []
+    monkeypatch.setattr(folding, "fold_batchnorm", lambda m, **kw: folds.append(m) or fold_batchnorm(m, **kw))
+    from PIL import Image
+
+    for i, image in enumerate(x):
+        Image.fromarray(image).save(tmp_path / f"{i}.png")
+    rows, _ = predict.predict(loaded, [tmp_path / f"{i}.png" for i in range(4)], top_k=1, progress=False)
+    assert folds[0] is loaded.model  # (then its nested models, folded in turn)
+    for row, p in zip(rows, want):
+        assert row["predictions"][0]["probability"] == pytest.approx(float(p.max()), abs=1e-5)
+
+
+def test_a_checkpoint_of_another_weights_layout_is_never_resumed(in_tmp, monkeypatch):
+    """The fine-tune's checkpoints hold the folded model's weights: one an older
+    version wrote (unfolded) is another key, removed, not loaded into this one."""
+    from transferlab.stages import MODELS
+    from transferlab.stages import finetune as stage
+
+    (MODELS / "head").mkdir(parents=True)
+    (MODELS / "head" / "model.keras").write_bytes(b"a head")
+    layout = finetune.CHECKPOINT_LAYOUT
+    monkeypatch.setattr(finetune, "CHECKPOINT_LAYOUT", "unfolded")
+    old = stage.checkpoint_dir("params")
+    old.mkdir(parents=True)
+    monkeypatch.setattr(finetune, "CHECKPOINT_LAYOUT", layout)
+    assert stage.checkpoint_dir("params") == stage.checkpoint_dir("params") != old
+    assert not old.exists()

@@ -32,7 +32,7 @@ SPLITS = ("train", "val", "test")
 def _forward(model: keras.Model):
     """One compiled inference function per model, reused across splits and passes;
     it runs the model with its BatchNorm layers folded into their convolutions
-    (`folding`: the same outputs, about 1.6x faster)."""
+    (`folding`: the same outputs, faster)."""
     fn = getattr(model, "_transferlab_forward", None)
     if fn is None:
         folded = fold_batchnorm(model, trained=False)

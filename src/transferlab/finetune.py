@@ -358,6 +358,11 @@ class FlipCacheDataset(keras.utils.PyDataset):
 # --------------------------------------------------------------------------- resume
 
 
+# The layout of the weights files a Checkpoint writes (the training model's: BatchNorm
+# folded); the stage keys its checkpoints by it, so one of another layout is never loaded.
+CHECKPOINT_LAYOUT = "batchnorm folded"
+
+
 class Checkpoint(keras.callbacks.Callback):
     """Resumable training state, written so that a kill at any instant leaves the
     previous checkpoint or the new one, never a partial one.

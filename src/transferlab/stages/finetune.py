@@ -107,10 +107,12 @@ def progressive_size(spec, input_size: int, f: config.FinetuneConfig, n_blocks: 
 
 def checkpoint_dir(resolved_params: str) -> Path:
     """Where an interrupted fine-tune resumes from. Keyed by the stage's resolved
-    params and the trained head, so a checkpoint of another configuration is never
-    restored into this one; checkpoints of other keys are stale and removed."""
+    params, the trained head and the weights files' layout, so a checkpoint of
+    another configuration (or one an older version wrote) is never restored into
+    this one; checkpoints of other keys are stale and removed."""
     key = hashlib.sha256(resolved_params.encode())
     key.update((MODELS / "head" / "model.keras").read_bytes())
+    key.update(finetune.CHECKPOINT_LAYOUT.encode())
     backup = CHECKPOINTS / f"finetune-{key.hexdigest()[:16]}"
     for stale in CHECKPOINTS.glob("finetune*"):
         if stale != backup:
