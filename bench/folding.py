@@ -32,7 +32,8 @@ from common import cpu_description, write_report  # noqa: E402
 def median_seconds(fn, steps: int) -> float:
     import numpy as np
 
-    fn(), fn()
+    for _ in range(2):  # warm-up
+        fn()
     times = []
     for _ in range(steps):
         start = time.perf_counter()

@@ -101,7 +101,7 @@ def foldable_pairs(model: keras.Model, trained: bool) -> dict[str, layers.BatchN
     mode (`trained`: only frozen ones)."""
     producers, uses, calls = _graph(model)
     pairs = {}
-    for tensor_id, (bn, inputs) in producers.items():
+    for bn, inputs in producers.values():
         if not isinstance(bn, layers.BatchNormalization) or (trained and bn.trainable) or len(inputs) != 1:
             continue
         conv, _ = producers.get(id(inputs[0]), (None, None))
