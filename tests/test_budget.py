@@ -1,9 +1,12 @@
 """The time budget: parsing, the plan's arithmetic, and the stages under a budget
 (planned, replayed without the clock, refused with the smallest budget that fits)."""
 
+import itertools
 import json
 import math
 import re
+import time
+import types
 
 import keras
 import pytest
@@ -314,6 +317,28 @@ def test_the_fine_tune_plans_again_from_its_own_steps_and_the_replans_replay(sta
                                                   "finetune": {**recipe, "replans": plan["replans"]}}))
     with pytest.raises(config.ConfigError, match=r"expected \[\[0, steps\]"):
         config.from_dict(tinyproject.full_params({**tinyproject.TINY, "finetune": {**recipe, "replans": [[5, 9]]}}))
+
+
+def test_a_fine_tune_past_its_window_ends_there_and_the_stop_replays(stages_done, monkeypatch):
+    """The machine slows down after the plan: the deadline's clock jumps past the
+    fine-tune's window after its sixth step. The run ends at that step, the plan
+    in metrics/ records it as [6, 6], and the recorded replans replay the run to
+    that step without the clock."""
+    calls, real = itertools.count(1), time.monotonic
+    monkeypatch.setattr(finetune_lib, "time", types.SimpleNamespace(
+        monotonic=lambda: real() + (1e6 if next(calls) > 5 else 0.0), perf_counter=time.perf_counter))
+    recipe = {**tinyproject.TINY["finetune"], "epochs": 1000, "batch_size": 1}
+    planned = _finetune(stages_done, monkeypatch, probe=SLOW, budget="10m", finetune=recipe)
+    plan = planned["plan"]
+    assert plan["probe_steps"] > 6 and plan["replans"][0] == [0, plan["probe_steps"]]
+    assert plan["replans"][-1] == [6, 6] and plan["steps"] == planned["steps"] == planned["steps_run"] == 6
+    assert json.loads((stages_done / "metrics" / "finetune.json").read_text())["plan"] == plan
+    monkeypatch.undo()
+    replayed = _finetune(stages_done, monkeypatch, finetune={**recipe, "replans": plan["replans"]})
+    assert replayed["steps"] == replayed["steps_run"] == 6
+    for wrong in ([[0, 47], [6, 5]], [[0, 47], [6, 6], [8, 9]], [[0, 0]]):  # only the last may end at its step
+        with pytest.raises(config.ConfigError, match=r"expected \[\[0, steps\]"):
+            config.from_dict(tinyproject.full_params({**tinyproject.TINY, "finetune": {**recipe, "replans": wrong}}))
 
 
 def test_min_steps_stretches_early_stopping_with_the_schedule(stages_done, monkeypatch):

@@ -2,6 +2,8 @@
 path, resume after an interruption."""
 
 import json
+import time
+import types
 
 import keras
 import numpy as np
@@ -238,14 +240,14 @@ def _dense_training():
                                     "full")
 
 
-def _fit_steps(steps, replan=None, replans=(), max_steps=0, warmup_epochs=0.8):
+def _fit_steps(steps, replan=None, replans=(), max_steps=0, warmup_epochs=0.8, extra=(), **kwargs):
     """100 samples in batches of 2: 50 steps an epoch; a warmup of 40 steps. A
     small dense model: the schedule and the re-plans do not depend on the network."""
     model, t = _dense_training()
     rates = StepRates()
     hist = finetune.fit(t, optimizer="adamw", learning_rate=1e-3, weight_decay=1e-4, schedule="cosine",
-                        warmup_epochs=warmup_epochs, steps=steps, batch_size=2, callbacks=[rates], verbose=0,
-                        replan=replan, replans=replans, max_steps=max_steps)
+                        warmup_epochs=warmup_epochs, steps=steps, batch_size=2, callbacks=[rates, *extra],
+                        verbose=0, replan=replan, replans=replans, max_steps=max_steps, **kwargs)
     return int(model.optimizer.iterations.numpy()), rates.rates, hist
 
 
@@ -298,6 +300,48 @@ def test_a_warmup_too_short_to_time_is_planned_again_after_the_first_epoch():
     decide = _deciding({50: 70})
     ran, _, _ = _fit_steps(60, replan=decide, max_steps=200, warmup_epochs=0.2)
     assert ran == 70 and decide.asked == [50]  # a warmup of 10 steps: not timed; the epoch's 50 are
+
+
+class StepClock(keras.callbacks.Callback):
+    """A clock for `Replan`'s deadline that reads the optimizer steps done (it
+    runs before the fit's own callbacks), and the validations run."""
+
+    def __init__(self):
+        super().__init__()
+        self.now, self.validated = 0.0, 0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.now = float(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+
+    def on_test_begin(self, logs=None):
+        self.validated += 1
+
+
+def test_a_deadline_ends_the_run_at_the_step_past_it_and_the_replay_stops_there(monkeypatch):
+    """Planned 130 steps at the warmup's end; the window ends after step 70 (the
+    machine slowed down after the last re-plan): the run stops at step 70, its
+    partial epoch validated, with the rates of the planned run up to there; the
+    stop is recorded as [70, 70] and the recorded replans replay it exactly."""
+    clock = StepClock()
+    monkeypatch.setattr(finetune, "time", types.SimpleNamespace(monotonic=clock.monotonic,
+                                                                perf_counter=time.perf_counter))
+    decide, stops = _deciding({40: 130}), []
+    ran, rates, hist = _fit_steps(90, replan=decide, max_steps=200, extra=[clock], deadline=70.0,
+                                  halted=stops.append)
+    assert ran == 70 and stops == [70] and clock.validated == 2  # epoch 1, and the partial epoch 2
+    assert hist.replan.replans == [[0, 90], [40, 130], [50, 130], [70, 70]]
+    planned_ran, planned_rates, _ = _fit_steps(90, replan=_deciding({40: 130}), max_steps=200)
+    assert planned_ran == 130
+    np.testing.assert_allclose(rates, planned_rates[:70], rtol=1e-5)
+    monkeypatch.undo()
+    replay_ran, replay_rates, _ = _fit_steps(90, replans=hist.replan.replans)
+    assert replay_ran == 70
+    np.testing.assert_allclose(replay_rates, rates, rtol=1e-5)
+    # a deadline never passed changes nothing
+    assert _fit_steps(90, replan=_deciding({40: 130}), max_steps=200, deadline=time.monotonic() + 3600)[0] == 130
 
 
 class Weights(keras.callbacks.Callback):

@@ -24,7 +24,11 @@ The fine-tune is the one stage whose length is free, so it is the one planned:
   is and reaches zero at the new end; each re-plan is recorded (`replans`), and
   replaying them without the clock trains the same run. With progressive
   resizing, the small epochs are planned once, by the probe, and the re-plans
-  begin once the larger size trains: they size the larger steps only.
+  begin once the larger size trains: they size the larger steps only;
+- a step that ends past the fine-tune's window (less its last validation)
+  ends the fine-tune there (`cut`), whatever the plan: a machine that slows
+  down after the last re-plan would otherwise overrun the budget, and the
+  steps dropped are the schedule's last, at a rate near zero.
 
 The plan (steps, sizes, the measured throughput, the re-plans) goes to
 metrics/finetune.json and the MLflow run. Replaying it needs no clock: `budget: 0`
@@ -209,6 +213,14 @@ def plan(*, budget_seconds: float, spent_seconds: float, evaluate_seconds: float
         small_steps=probe.small_steps_of(steps, steps_per_epoch),
         small_step_seconds=probe.small_step_seconds, val_seconds=val_seconds, max_steps=max_steps,
     )
+
+
+def cut(p: Plan, *, steps_done: int) -> Plan:
+    """The plan ended at `steps_done`: the fine-tune reached its deadline
+    (`finetune.Replan`) before the steps planned, so it stops there; recorded as
+    [steps_done, steps_done], which a replay stops at too."""
+    return replace(p, steps=steps_done, epochs=steps_done / p.steps_per_epoch, probe_steps=p.probe_steps or p.steps,
+                   replans=[*(p.replans or [[0, p.steps]]), [steps_done, steps_done]])
 
 
 def replan(p: Plan, *, step_seconds: float, steps_done: int, seconds_left: float) -> Plan:

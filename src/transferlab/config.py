@@ -367,9 +367,12 @@ def _validate_replans(f: FinetuneConfig, budget_seconds: float | None) -> None:
     if f.schedule not in ("cosine", "linear"):
         raise ConfigError("finetune.replans needs finetune.schedule cosine or linear, as the budgeted run it replays")
     at = [pair[0] for pair in r if len(pair) == 2]
-    if len(at) != len(r) or at[0] != 0 or at != sorted(set(at)) or any(b <= a for a, b in r):
+    # each plan past its step, except a last [step, step]: the budget's deadline ended the run there
+    if (len(at) != len(r) or at[0] != 0 or at != sorted(set(at)) or any(b <= a for a, b in r[:-1])
+            or r[-1][1] < r[-1][0] or r[-1] == [0, 0]):
         raise ConfigError(f"finetune.replans: expected [[0, steps], [step, steps], ...] with the steps at which "
-                          f"they were planned increasing and each plan past its step, received: {r!r}")
+                          f"they were planned increasing and each plan past its step (the last may end at its "
+                          f"step), received: {r!r}")
 
 
 def _validate_progressive(params: Params) -> None:

@@ -243,10 +243,15 @@ class StopAtStep(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         if self.epoch * self.steps_per_epoch + batch + 1 >= self.steps:
-            self.model.stop_training = True
-            # with a moving average of the weights (`fit`'s `ema`), the partial epoch is validated and
-            # checkpointed with the average too, as whole epochs are (no-op without one)
-            self.model.optimizer.finalize_variable_values(self.model.trainable_variables)
+            self.halt()
+
+    def halt(self) -> None:
+        if self.model.stop_training:
+            return
+        self.model.stop_training = True
+        # with a moving average of the weights (`fit`'s `ema`), the partial epoch is validated and
+        # checkpointed with the average too, as whole epochs are (no-op without one)
+        self.model.optimizer.finalize_variable_values(self.model.trainable_variables)
 
 
 class Replan(keras.callbacks.Callback):
@@ -267,15 +272,22 @@ class Replan(keras.callbacks.Callback):
     `from_step` (progressive resizing: its small steps, planned once): no plan
     before the fine-tune passed it, so that every plan times steps at the input
     size of all the steps still to come. One instance serves every phase of a
-    progressive fit."""
+    progressive fit.
+
+    `deadline` (live only; a `time.monotonic()` value): a step that ends past it
+    ends the run there, whatever the plan said: a machine that slows down after
+    the last re-plan would otherwise overrun the budget, and the steps it drops
+    are the schedule's last, at a rate near zero. The stop is recorded as
+    [step, step] (and `halted(step)` told), so a replay stops there too."""
 
     SKIP = 3  # the first steps of an epoch: tracing, caches warming up
     MIN_TIMED = 20
 
     def __init__(self, schedule: WarmupToZero, stop: StopAtStep, steps_per_epoch: int, max_steps: int,
-                 decide=None, replans=(), from_step: int = 0):
+                 decide=None, replans=(), from_step: int = 0, deadline: float | None = None, halted=None):
         super().__init__()
         self.schedule, self.stop, self.decide = schedule, stop, decide
+        self.deadline, self.halted = deadline, halted
         self.from_step, self.begun = from_step, False
         self.steps_per_epoch, self.max_steps = steps_per_epoch, max_steps
         self.replans = [[int(a), int(b)] for a, b in replans] or [[0, stop.steps]]
@@ -304,6 +316,15 @@ class Replan(keras.callbacks.Callback):
         step = self.epoch * self.steps_per_epoch + batch + 1
         while self.pending and self.pending[0][0] == step:
             self._apply(*self.pending.pop(0))
+        if (self.decide is not None and self.deadline is not None and step < self.stop.steps
+                and time.monotonic() >= self.deadline):
+            self.replans.append([step, step])
+            self._apply(step, step)
+            if self.halted is not None:
+                self.halted(step)
+        if self.stop.steps <= step:  # the last step (a deadline's stop, live or replayed: StopAtStep ran first)
+            self.stop.halt()
+            return
         if self.decide is not None and not self.warmed and step >= max(self.schedule.warmup_steps,
                                                                          self.from_step + 1):
             self.warmed = True
@@ -603,7 +624,8 @@ def steps_per_epoch(t: Training, batch_size: int) -> int:
 
 def fit(t: Training, *, optimizer: str, learning_rate: float, weight_decay: float, schedule: str,
         warmup_epochs: float, steps: int, batch_size: int, callbacks: list, label_smoothing: float = 0.0,
-        verbose: int = 1, small_steps: int = 0, replan=None, replans=(), max_steps: int = 0, ema: float = 0.0):
+        verbose: int = 1, small_steps: int = 0, replan=None, replans=(), max_steps: int = 0, ema: float = 0.0,
+        deadline: float | None = None, halted=None):
     """Compile with the schedule sized to `steps` optimizer steps (see
     `total_steps`) and train; returns Keras' History (every epoch's). The last
     epoch is partial when `steps` is not a whole number of epochs. `small_steps`
@@ -613,7 +635,8 @@ def fit(t: Training, *, optimizer: str, learning_rate: float, weight_decay: floa
     warmup's end and after every epoch (`Replan`; a schedule to zero; with
     progressive resizing, only once the larger size trains), at most
     `max_steps`; `replans`: what such a run recorded (then `steps` is its first
-    entry's), replayed. Returns the History; the Replan
+    entry's), replayed; `deadline`, `halted`: the live plan's hard stop (`Replan`).
+    Returns the History; the Replan
     callback, if any, is `history.replan`. `ema` > 0: the momentum of a moving
     average of the weights (Keras' `use_ema`), written into them at the end of
     every epoch, so that validation, checkpoints and the next epoch see it."""
@@ -630,7 +653,7 @@ def fit(t: Training, *, optimizer: str, learning_rate: float, weight_decay: floa
     length = [StopAtStep(steps, per_epoch)] if steps % per_epoch or replanning else []
     if replanning:
         length.append(Replan(lr, length[0], per_epoch, max_steps, decide=replan, replans=replans,
-                             from_step=small_steps if progressive else 0))
+                             from_step=small_steps if progressive else 0, deadline=deadline, halted=halted))
     phases = [(t.model, epochs, [])]  # (model, its last epoch, callbacks of its own)
     if progressive:
         validate = [FullSizeValidation(t.model, t.val, batch_size)] if t.val is not None else []

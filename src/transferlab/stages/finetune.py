@@ -183,7 +183,7 @@ def train(spec, body, head_model, prepared: data.Prepared, f: config.FinetuneCon
     patience = math.ceil(f.patience * recipe / max(1, f.epochs * per_epoch))
     cbs, checkpoint = finetune.callbacks(checkpoint_dir, patience=patience, schedule=f.schedule,
                                          has_val=t.val is not None, baseline=baseline, extra=extra)
-    replan = None
+    replan = halted = None
     if plan is not None:
         checkpoint.state["plan"] = plan.to_dict()
     if plan is not None and resumed is None:
@@ -202,11 +202,28 @@ def train(spec, body, head_model, prepared: data.Prepared, f: config.FinetuneCon
             mlflow.log_metrics({"planned_steps": plan.steps, "step_seconds": step_seconds}, step=steps_done)
             return plan.steps
 
+        def halted(steps_done: int) -> None:
+            """The fine-tune's window is over (finetune.Replan's deadline): it ends at this step."""
+            nonlocal plan
+            planned = plan.steps
+            plan = budget.cut(plan, steps_done=steps_done)
+            progress.plan = plan
+            checkpoint.note(plan=plan.to_dict())
+            log.warning("budget: the fine-tune's window is over after %d of the %d steps planned (the machine "
+                        "ran slower than the last re-plan timed): it ends here, to finish within the budget",
+                        steps_done, planned)
+            import mlflow
+
+            mlflow.log_metric("planned_steps", steps_done, step=steps_done)
+
     start = time.perf_counter()
     finetune.fit(t, optimizer=f.optimizer, learning_rate=f.learning_rate, weight_decay=f.weight_decay,
                  schedule=f.schedule, warmup_epochs=f.warmup_epochs, steps=first, batch_size=batch_size,
                  label_smoothing=f.label_smoothing, callbacks=cbs, verbose=training.verbosity(), small_steps=small,
-                 replan=replan, replans=replans, max_steps=plan.max_steps if plan is not None else 0, ema=f.ema)
+                 replan=replan, replans=replans, max_steps=plan.max_steps if plan is not None else 0, ema=f.ema,
+                 # the last validation still has to run inside the window
+                 deadline=deadline - plan.val_seconds if replan is not None else None,
+                 halted=halted)
     seconds = time.perf_counter() - start
     if plan is not None:
         steps = plan.steps
