@@ -161,6 +161,7 @@ def run_ours(workdir: Path, params_path: Path, overrides: list[str]) -> dict:
         "after_head": _test_at_best_val(head_points),
         "after_finetune": evaluated["test_accuracy"],
         "wall_seconds": round(wall, 2),
+        "budget_seconds": ft_m.get("plan", {}).get("budget_seconds"),  # None: no budget
         "stages": stages,
         "extract_images_per_second": feat_m["features_images_per_second"],
         "train_images_per_second": {
@@ -283,6 +284,11 @@ def targets(ours: dict, seeds: dict | None, peer: dict | None = None) -> list[di
         rows.append({"target": f">= {acc:.0%} test accuracy within {limit // 60} min",
                      "measured": f"reached at {t / 60:.1f} min" if t else f"best {best:.2%}, not reached",
                      "met": t is not None and t <= limit})
+    budget = ours.get("budget_seconds")
+    if budget:  # issue #15: a budgeted run is met only if it also finished within its budget
+        wall = ours["wall_seconds"]
+        rows.append({"target": f"ours finished within its budget of {budget / 60:g} min",
+                     "measured": f"{wall / 60:.1f} min ({wall - budget:+.0f} s)", "met": wall <= budget})
     if peer is not None:
         rows.append(sooner_than_peer(ours, peer))
     if seeds is not None:

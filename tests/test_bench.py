@@ -92,6 +92,20 @@ def test_the_peer_comparison_needs_ours_sooner_at_every_accuracy_the_peer_reache
                                                 "ours' peak RSS <= 4 GB"]
 
 
+def test_a_budgeted_run_is_met_only_if_it_finished_within_its_budget():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import recipes
+
+    ours = {"recipe": "ours", "peak_rss_gb": 2.0, "wall_seconds": 1224.1, "budget_seconds": 1200.0,
+            "points": _points(("head", 60, 0.80), ("finetune", 991, 0.919), ("final", 1224.1, 0.925))}
+    row = {r["target"]: r for r in recipes.targets(ours, None)}["ours finished within its budget of 20 min"]
+    assert not row["met"] and row["measured"] == "20.4 min (+24 s)"
+    rows = recipes.targets({**ours, "wall_seconds": 1190.0}, None)
+    assert [r["met"] for r in rows if r["target"].startswith("ours finished")] == [True]
+    assert not any(r["target"].startswith("ours finished") for r in recipes.targets({**ours, "budget_seconds": None},
+                                                                                     None))
+
+
 def test_an_ab_arm_may_change_only_what_the_arms_do_not_share():
     sys.path.insert(0, str(ROOT / "bench"))
     import ab
