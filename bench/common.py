@@ -22,7 +22,8 @@ class Clock:
 
 def cpu_description() -> str:
     """The CPU's model name, family/model numbers and the flags that decide its
-    speed here (AVX-512, native bf16, AMX), as /proc/cpuinfo gives them, and the core count."""
+    speed here (AVX-512, native bf16, AMX), as /proc/cpuinfo gives them, and the core count (and how
+    many of them this process may run on, where `taskset` or a container's affinity restricts it)."""
     info: dict[str, str] = {}
     try:
         for line in open("/proc/cpuinfo"):
@@ -31,9 +32,12 @@ def cpu_description() -> str:
     except OSError:
         return f"{platform.machine()}, {os.cpu_count()} CPU cores"
     flags = set(info.get("flags", "").split())
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = f"{os.cpu_count()} CPU cores" + (f", {usable} of them usable here (affinity)" if usable != os.cpu_count()
+                                              else "")
     wanted = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
     return (f"{info.get('model name', platform.machine())} (family {info.get('cpu family', '?')}, model "
-            f"{info.get('model', '?')}; {' '.join(wanted) or 'no AVX2'}), {os.cpu_count()} CPU cores")
+            f"{info.get('model', '?')}; {' '.join(wanted) or 'no AVX2'}), {cores}")
 
 
 def write_report(out: str | Path, name: str, text: str, results) -> None:

@@ -3,6 +3,8 @@ data, weights none: the figures themselves come from real runs)."""
 
 import csv
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -104,6 +106,14 @@ def test_a_budgeted_run_is_met_only_if_it_finished_within_its_budget():
     assert [r["met"] for r in rows if r["target"].startswith("ours finished")] == [True]
     assert not any(r["target"].startswith("ours finished") for r in recipes.targets({**ours, "budget_seconds": None},
                                                                                      None))
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2 or not shutil.which("taskset"), reason="needs two CPUs and taskset")
+def test_the_cpu_description_names_the_cores_a_pinned_run_may_use():
+    code = "import sys; sys.path.insert(0, sys.argv[1]); from common import cpu_description; print(cpu_description())"
+    pinned = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", code, str(ROOT / "bench")], check=True,
+                            capture_output=True, text=True).stdout
+    assert f"{os.cpu_count()} CPU cores, 1 of them usable here (affinity)" in pinned
 
 
 def test_an_ab_arm_may_change_only_what_the_arms_do_not_share():
