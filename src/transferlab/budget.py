@@ -215,12 +215,17 @@ def plan(*, budget_seconds: float, spent_seconds: float, evaluate_seconds: float
     )
 
 
+def _planned_again(p: Plan, steps_done: int, steps: int, **changes) -> Plan:
+    """`p` now `steps` long, as planned after `steps_done` steps, recorded in `replans`."""
+    return replace(p, steps=steps, epochs=steps / p.steps_per_epoch, probe_steps=p.probe_steps or p.steps,
+                   replans=[*(p.replans or [[0, p.steps]]), [steps_done, steps]], **changes)
+
+
 def cut(p: Plan, *, steps_done: int) -> Plan:
     """The plan ended at `steps_done`: the fine-tune reached its deadline
     (`finetune.Replan`) before the steps planned, so it stops there; recorded as
     [steps_done, steps_done], which a replay stops at too."""
-    return replace(p, steps=steps_done, epochs=steps_done / p.steps_per_epoch, probe_steps=p.probe_steps or p.steps,
-                   replans=[*(p.replans or [[0, p.steps]]), [steps_done, steps_done]])
+    return _planned_again(p, steps_done, steps_done)
 
 
 def replan(p: Plan, *, step_seconds: float, steps_done: int, seconds_left: float) -> Plan:
@@ -248,10 +253,8 @@ def replan(p: Plan, *, step_seconds: float, steps_done: int, seconds_left: float
     if tail and tail < min(MIN_USEFUL_STEPS, per // 4) and steps - tail > steps_done:
         steps -= tail  # a last epoch of a few steps costs a whole validation, at a rate near zero
     steps = max(steps, steps_done + 1)
-    return replace(p, steps=steps, epochs=steps / per, probe_steps=p.probe_steps or p.steps,
-                   trained_step_seconds=step_seconds,
-                   finetune_seconds=p.window_seconds - seconds_left + rest(steps),
-                   replans=[*(p.replans or [[0, p.steps]]), [steps_done, steps]])
+    return _planned_again(p, steps_done, steps, trained_step_seconds=step_seconds,
+                          finetune_seconds=p.window_seconds - seconds_left + rest(steps))
 
 
 def evaluate_reserve(*, n_val: int, n_test: int, views: int, inference_images_per_second: float,
