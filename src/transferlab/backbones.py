@@ -22,6 +22,7 @@ import numpy as np
 from keras import layers
 
 from transferlab import efficientnet_lite
+from transferlab.errors import WeightsUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -130,10 +131,6 @@ def get(name: str) -> BackboneSpec:
         return BACKBONES[name]
     except KeyError:
         raise ValueError(f"unknown backbone {name!r}; registered: {sorted(BACKBONES)}") from None
-
-
-class WeightsUnavailable(RuntimeError):
-    """ImageNet weights that could not be fetched or found."""
 
 
 def _resolve_weights(weights: str | None) -> str | None:

@@ -42,6 +42,8 @@ import math
 import re
 from dataclasses import asdict, dataclass, field, replace
 
+from transferlab.errors import BudgetError
+
 MARGIN = 0.03  # of the budget, kept free for what the estimates miss (DVC's hashing, logging)
 # Long fine-tunes on CIFAR-10 here took 5 to 18 % longer than planned from the probe's few steps
 # (README, "A time budget"): the data pipeline over the whole set, checkpoints, the machine's own
@@ -62,10 +64,6 @@ MIN_USEFUL_STEPS = 50  # fewer fine-tune steps than this (or than one epoch) are
 SHORT_SECONDS, SHORT_SIZE, LONG_SIZE = 40 * 60, 128, 160
 
 _UNITS = {"h": 3600, "m": 60, "s": 1}
-
-
-class BudgetError(ValueError):
-    """A budget that cannot hold the pipeline; the message says the smallest one that can."""
 
 
 def parse(value: str | int | float | None) -> float | None:

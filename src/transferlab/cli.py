@@ -135,19 +135,17 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from transferlab import config, stages
+    from transferlab import stages
+    from transferlab.errors import ConfigError, UserError
 
     stages.setup_logging()
-    from transferlab.run import ProjectBusy
-    from transferlab.tune import TuneError
-
     try:
         return _dispatch(args)
-    except config.ConfigError as exc:
+    except ConfigError as exc:
         log.error("%s", exc)
         return 2
-    # LookupError covers predict.ModelNotFound and compare's missing experiment
-    except (*stages.user_errors(), LookupError, ProjectBusy, TuneError) as exc:
+    # LookupError: compare's missing experiment
+    except (UserError, FileNotFoundError, LookupError) as exc:
         log.error("%s", exc)
         return 1
 

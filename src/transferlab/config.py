@@ -18,12 +18,10 @@ from typing import Any
 
 import yaml
 
+from transferlab.errors import ConfigError
+
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
-
-
-class ConfigError(ValueError):
-    """A params file that does not describe a valid pipeline."""
 
 
 @dataclass(frozen=True)

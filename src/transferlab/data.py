@@ -37,15 +37,12 @@ from tqdm import tqdm
 from transferlab.config import CIFAR10_MD5, CIFAR10_URL
 from transferlab.files import atomic_dir, file_digest, tree_digest
 from transferlab.redact import redact
+from transferlab.errors import DataError
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 FEW_IMAGES = 10  # a class with fewer training images than this gets a warning
-
-
-class DataError(ValueError):
-    """Input data that cannot be used; the message names the file and the fix."""
 
 
 @dataclass

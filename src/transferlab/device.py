@@ -13,6 +13,8 @@ import os
 
 import keras
 
+from transferlab.errors import DistributeError
+
 log = logging.getLogger(__name__)
 
 
@@ -51,10 +53,6 @@ _strategies: dict = {}
 # two-layer model (Keras 3.15, TF 2.21); tests/test_distribute.py checks that this is
 # still so, and fails once it is fixed upstream.
 MULTI_WORKER_ISSUE = "https://github.com/keras-team/keras/issues/20585"
-
-
-class DistributeError(RuntimeError):
-    """A distribution setting this code cannot train under."""
 
 
 def strategy(mode: str = "auto"):

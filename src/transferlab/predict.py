@@ -22,11 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
+from transferlab.errors import ModelNotFound
+
 log = logging.getLogger(__name__)
-
-
-class ModelNotFound(LookupError):
-    """A registered model, alias, version or file that does not exist."""
 
 
 @dataclass

@@ -22,6 +22,7 @@ import yaml
 
 from transferlab import config
 from transferlab.redact import redact_tree
+from transferlab.errors import ProjectBusy
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +86,6 @@ def apply_overrides(path: Path, overrides: list[str]) -> dict:
         path.write_text(original)
         raise
     return changes
-
-
-class ProjectBusy(RuntimeError):
-    """Another pipeline run (or DVC command) holds this project folder."""
 
 
 @contextlib.contextmanager

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from transferlab.errors import WeightsFileError
+
 _DTYPES = {
     "FloatStorage": np.float32,
     "DoubleStorage": np.float64,
@@ -51,10 +53,6 @@ class _TensorRef:
 
 def _rebuild_tensor(storage, storage_offset, size, stride, *_ignored):
     return _TensorRef(storage[0], storage_offset, tuple(size), tuple(stride))
-
-
-class WeightsFileError(ValueError):
-    """A weights file that is malformed or holds anything but a state dict."""
 
 
 class _PlainUnpickler(pickle.Unpickler):

@@ -46,6 +46,7 @@ import numpy as np
 from tqdm import tqdm
 
 from transferlab import budget, config
+from transferlab.errors import TuneError
 from transferlab.files import write_json
 from transferlab.redact import redact, redact_tree
 
@@ -57,10 +58,6 @@ MODEL_ATTR = "model_logged"
 STATE_TAG = "state"
 TUNE_DIR = Path("data/tune")
 STORAGE_ENV = "TRANSFERLAB_TUNE_STORAGE"  # the storage URL, kept off command lines
-
-
-class TuneError(RuntimeError):
-    """A study that cannot run as configured."""
 
 
 # --------------------------------------------------------------------------- optuna parts

@@ -19,6 +19,7 @@ from typing import Callable
 import yaml
 
 from transferlab import config
+from transferlab.errors import ConfigError, UserError
 
 log = logging.getLogger("transferlab")
 
@@ -74,26 +75,14 @@ def setup_logging() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def user_errors() -> tuple[type, ...]:
-    """Errors whose message says what is wrong and how to fix it: logged as they
-    are (no traceback), exit status 1."""
-    from transferlab.backbones import WeightsUnavailable
-    from transferlab.budget import BudgetError
-    from transferlab.data import DataError
-    from transferlab.device import DistributeError
-    from transferlab.torch_weights import WeightsFileError
-
-    return DataError, WeightsUnavailable, WeightsFileError, BudgetError, DistributeError, FileNotFoundError
-
-
 def run(main: Callable[[config.Params], object], params_path: str | Path = "params.yaml") -> int:
     """Load params, run one stage; the exit status: 0, 1 (a user error) or 2 (params)."""
     try:
         main(config.load(params_path))
-    except config.ConfigError as exc:
+    except ConfigError as exc:
         log.error("%s", exc)
         return 2
-    except user_errors() as exc:
+    except (UserError, FileNotFoundError) as exc:
         log.error("%s", exc)
         return 1
     return 0
