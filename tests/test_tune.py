@@ -25,7 +25,8 @@ import yaml
 import pgserver
 import synth
 import tinyproject
-from transferlab import cli, config, data, tune
+from transferlab import cli, config, data
+from transferlab.search import objective as tune
 from transferlab.stages import PREPARED
 from transferlab.redact import redact
 

@@ -118,10 +118,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return compare.main(args.experiment or config.load(args.params).tracking.experiment, args.last, args.out)
     device.configure_device()
     if args.stage == "tune":
-        from transferlab import tune
+        from transferlab import search
 
-        return tune.main(Path(args.params), args.set, args.storage, args.workers, args.worker, args.worker_id,
-                         args.apply)
+        return search.main(Path(args.params), args.set, args.storage, args.workers, args.worker, args.worker_id,
+                           args.apply)
     from transferlab import predict
 
     loaded = predict.load_for(args.model_path, args.model, args.alias, args.version, args.params)
