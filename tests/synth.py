@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import io
+import pickle
 import tarfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
-
-from transferlab.data import cifar10_batch_bytes
 
 CLASSES = ["circle", "square", "stripes"]
 
@@ -41,6 +40,14 @@ def make_image_folder(root: Path, per_class: int = 8, test_per_class: int = 4, s
     return root
 
 
+def cifar10_batch_bytes(x: np.ndarray, y: np.ndarray) -> bytes:
+    """One batch in the canonical CIFAR-10 format: rows of 3x32x32, channel first."""
+    data = x.transpose(0, 3, 1, 2).reshape(len(x), -1)
+    buf = io.BytesIO()
+    pickle.dump({b"data": data, b"labels": [int(v) for v in y]}, buf, protocol=2)
+    return buf.getvalue()
+
+
 def make_cifar10_archive(path: Path, n_train: int = 20, n_test: int = 10, seed: int = 0) -> Path:
     """A canonical-format CIFAR-10 python archive in miniature."""
     rng = np.random.default_rng(seed)
@@ -52,8 +59,6 @@ def make_cifar10_archive(path: Path, n_train: int = 20, n_test: int = 10, seed: 
 
     members = {f"cifar-10-batches-py/data_batch_{i}": batch(n_train // 2) for i in (1, 2)}
     members["cifar-10-batches-py/test_batch"] = batch(n_test)
-    import pickle
-
     members["cifar-10-batches-py/batches.meta"] = pickle.dumps(
         {b"label_names": [c.encode() for c in CLASSES]}, protocol=2
     )

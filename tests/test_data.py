@@ -17,6 +17,8 @@ from PIL import Image
 
 import synth
 from transferlab import data, files
+from transferlab.data import archives, cifar
+from transferlab.errors import DataError
 
 
 def load(source, tmp_path, **kw):
@@ -127,7 +129,7 @@ def test_a_class_with_few_images_gets_a_warning(tmp_path, caplog):
 def test_empty_class_is_an_error_naming_it(tmp_path):
     root = synth.make_image_folder(tmp_path / "imgs", per_class=2, test_per_class=1)
     (root / "train" / "zebra").mkdir()
-    with pytest.raises(data.DataError, match=r"\['zebra'\] hold no images"):
+    with pytest.raises(DataError, match=r"\['zebra'\] hold no images"):
         load(root, tmp_path)
 
 
@@ -136,12 +138,12 @@ def test_test_class_missing_from_train_is_an_error(tmp_path):
     extra = root / "test" / "zebra"
     extra.mkdir()
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(extra / "a.png")
-    with pytest.raises(data.DataError, match=r"\['zebra'\] are in the test split but not in"):
+    with pytest.raises(DataError, match=r"\['zebra'\] are in the test split but not in"):
         load(root, tmp_path)
 
 
 def test_missing_source_names_the_path(tmp_path):
-    with pytest.raises(data.DataError, match="nowhere.*does not exist"):
+    with pytest.raises(DataError, match="nowhere.*does not exist"):
         load(tmp_path / "nowhere", tmp_path)
 
 
@@ -162,7 +164,7 @@ def test_image_folder_archive(tmp_path, kind):
     # extracted once, reused: a second load extracts nothing
     assert list((tmp_path / "cache" / "extracted").glob("*/.complete"))
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(data, "safe_extract", lambda *a: pytest.fail("extracted a second time"))
+        mp.setattr(archives, "safe_extract", lambda *a: pytest.fail("extracted a second time"))
         again, _ = load(archive, tmp_path)
     np.testing.assert_array_equal(again.x_train, ds.x_train)
 
@@ -172,7 +174,7 @@ def test_archive_checksum_mismatch_is_a_hard_error(tmp_path):
     archive = tmp_path / "imgs.tar"
     with tarfile.open(archive, "w") as tar:
         tar.add(root, arcname=".")
-    with pytest.raises(data.DataError, match="checksum mismatch"):
+    with pytest.raises(DataError, match="checksum mismatch"):
         load(archive, tmp_path, checksum="sha256:" + "0" * 64)
 
 
@@ -195,8 +197,8 @@ def test_archive_members_outside_target_are_refused(tmp_path, name, link):
     archive = tmp_path / "evil.tar"
     _evil_tar(archive, name, link)
     dest = tmp_path / "deep" / "dest"
-    with pytest.raises(data.DataError, match="refusing to extract"):
-        data.safe_extract(archive, dest)
+    with pytest.raises(DataError, match="refusing to extract"):
+        archives.safe_extract(archive, dest)
     assert not (tmp_path / "deep" / "escape.txt").exists()
     assert not (tmp_path / "escape.txt").exists()
     assert not Path("/tmp/abs-escape.txt").exists()
@@ -207,8 +209,8 @@ def test_zip_member_outside_target_is_refused(tmp_path):
     archive = tmp_path / "evil.zip"
     with zipfile.ZipFile(archive, "w") as zf:
         zf.writestr("../escape.txt", "owned")
-    with pytest.raises(data.DataError, match="refusing to extract member '../escape.txt'"):
-        data.safe_extract(archive, tmp_path / "dest")
+    with pytest.raises(DataError, match="refusing to extract member '../escape.txt'"):
+        archives.safe_extract(archive, tmp_path / "dest")
     assert not (tmp_path / "escape.txt").exists()
 
 
@@ -230,8 +232,8 @@ def test_cifar10_images_keep_their_layout(tmp_path):
     y = np.array([0, 1, 2, 0])
     root = tmp_path / "cifar-10-batches-py"
     root.mkdir()
-    (root / "data_batch_1").write_bytes(data.cifar10_batch_bytes(x, y))
-    (root / "test_batch").write_bytes(data.cifar10_batch_bytes(x[:2], y[:2]))
+    (root / "data_batch_1").write_bytes(synth.cifar10_batch_bytes(x, y))
+    (root / "test_batch").write_bytes(synth.cifar10_batch_bytes(x[:2], y[:2]))
     (root / "batches.meta").write_bytes(pickle.dumps({b"label_names": [b"a", b"b", b"c"]}))
     ds, _ = load(tmp_path, tmp_path / "x", fmt="cifar10")  # a local directory
     np.testing.assert_array_equal(ds.x_train, x)
@@ -241,8 +243,8 @@ def test_cifar10_images_keep_their_layout(tmp_path):
 def test_unverified_cifar10_archive_is_not_unpickled(tmp_path, monkeypatch):
     archive = synth.make_cifar10_archive(tmp_path / "cifar.tar.gz")
     called = []
-    monkeypatch.setattr(data, "_load_batch", lambda p: called.append(p))
-    with pytest.raises(data.DataError, match="unpickled only after its checksum passes"):
+    monkeypatch.setattr(cifar, "_load_batch", lambda p: called.append(p))
+    with pytest.raises(DataError, match="unpickled only after its checksum passes"):
         load(archive, tmp_path)
     assert called == []
 
@@ -254,8 +256,8 @@ def test_cifar_unpickler_refuses_code(tmp_path):
 
     path = tmp_path / "data_batch_1"
     path.write_bytes(pickle.dumps({b"data": Evil()}))
-    with pytest.raises(data.DataError, match="refusing to load"):
-        data._load_batch(path)
+    with pytest.raises(DataError, match="refusing to load"):
+        cifar._load_batch(path)
 
 
 # --------------------------------------------------------------------------- download
@@ -292,18 +294,18 @@ def test_download_verifies_and_caches(tmp_path, http_dir):
 def test_download_checksum_mismatch_removes_the_file(tmp_path, http_dir):
     served, base = http_dir
     synth.make_cifar10_archive(served / "cifar-10-python.tar.gz")
-    with pytest.raises(data.DataError, match="checksum mismatch"):
+    with pytest.raises(DataError, match="checksum mismatch"):
         data.download(f"{base}/cifar-10-python.tar.gz", tmp_path / "dl", "md5:" + "0" * 32)
     assert list((tmp_path / "dl").iterdir()) == []
 
 
 def test_download_needs_a_checksum(tmp_path):
-    with pytest.raises(data.DataError, match="downloads need data.checksum"):
+    with pytest.raises(DataError, match="downloads need data.checksum"):
         data.download("http://127.0.0.1:9/x.tar.gz", tmp_path, None)
 
 
 def test_unreachable_url_says_how_to_work_offline(tmp_path):
-    with pytest.raises(data.DataError, match="On an offline machine, copy the file"):
+    with pytest.raises(DataError, match="On an offline machine, copy the file"):
         data.download("http://127.0.0.1:9/x.tar.gz", tmp_path, "md5:" + "0" * 32)
 
 

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from transferlab import data
+from transferlab.data import cifar
+from transferlab.errors import DataError
 from transferlab.torch_weights import WeightsFileError, load_state_dict
 
 
@@ -178,8 +179,8 @@ def test_cifar10_batch_with_code_is_refused(tmp_path, payload):
     marker = tmp_path / "owned"
     path = tmp_path / "data_batch_1"
     path.write_bytes(pickle.dumps({b"data": _payloads(marker)[payload]}, protocol=2))
-    with pytest.raises(data.DataError, match=str(path)):
-        data._load_batch(path)
+    with pytest.raises(DataError, match=str(path)):
+        cifar._load_batch(path)
     assert not _ran(marker, payload)
 
 
@@ -195,8 +196,8 @@ def test_cifar10_batch_codec_other_than_latin1_is_refused(tmp_path):
 
     path = tmp_path / "data_batch_1"
     path.write_bytes(pickle.dumps({b"data": OtherCodec()}, protocol=2))
-    with pytest.raises(data.DataError, match="refusing _codecs.encode"):
-        data._load_batch(path)
+    with pytest.raises(DataError, match="refusing _codecs.encode"):
+        cifar._load_batch(path)
     # ...while latin1 bytes, as CIFAR-10's own batches hold them, still load
     path.write_bytes(pickle.dumps({b"labels": [1, 2], b"name": b"\xff\x00"}, protocol=2))
-    assert data._load_batch(path) == {b"labels": [1, 2], b"name": b"\xff\x00"}
+    assert cifar._load_batch(path) == {b"labels": [1, 2], b"name": b"\xff\x00"}
