@@ -4,7 +4,8 @@ import keras
 import numpy as np
 import pytest
 
-from transferlab import backbones, features, head, training
+from transferlab import backbones, features, head
+from transferlab.train import recipe as recipes
 
 
 def test_extract_streams_in_batches_and_matches_predict(tmp_path):
@@ -55,9 +56,9 @@ def test_head_learns_separable_features_and_stops_early():
     assert acc > 0.95
 
 
-@pytest.mark.parametrize("name", training.OPTIMIZERS)
+@pytest.mark.parametrize("name", recipes.OPTIMIZERS)
 def test_optimizers(name):
-    opt = training.make_optimizer(name, 1e-3, weight_decay=1e-5)
+    opt = recipes.make_optimizer(name, 1e-3, weight_decay=1e-5)
     kinds = {"adam": keras.optimizers.Adam, "adamw": keras.optimizers.AdamW, "sgd": keras.optimizers.SGD,
              "rmsprop": keras.optimizers.RMSprop}
     assert type(opt) is kinds[name]

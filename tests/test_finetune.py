@@ -11,10 +11,25 @@ import pytest
 from keras import layers
 
 import tinyproject
-from transferlab import backbones, budget, finetune, head, training
+import trainkit
+from transferlab import backbones, budget, head
+from transferlab.budget import callback, plans
+from transferlab.budget.callback import StepBudget
+from transferlab.train import checkpoint as checkpoints
+from transferlab.train import recipe as recipes
+from transferlab.train import schedule, surgery, trainer
 from transferlab.backbones import BACKBONES
 
 NAMES = sorted(BACKBONES)
+
+
+def _train(t, *, steps=0, small_steps=0, replans=(), length=None, callbacks=(), verbose=0, **recipe):
+    """trainer.fit for `steps` (or the recorded `replans`, or a `length` of the caller's); the
+    StepBudget used is `history.length`."""
+    length = length or StepBudget(steps=steps, replans=replans, small_steps=small_steps)
+    hist = trainer.fit(t, trainkit.recipe(**recipe), length, callbacks=list(callbacks), verbose=verbose)
+    hist.length = length
+    return hist
 
 
 def expected_trainable(spec, body, n):
@@ -31,12 +46,12 @@ def test_unfreeze_exactly_the_requested_blocks(name):
     spec = BACKBONES[name]
     body = backbones.build_body(name, 32, weights=None)
     for n in (0, 1, 2, "all"):
-        count = finetune.set_trainable(spec, body, n)
+        count = surgery.set_trainable(spec, body, n)
         k = len(spec.blocks) if n == "all" else n
         assert count == expected_trainable(spec, body, k), f"{name} unfreeze={n}"
         assert not any(layer.trainable for layer in body.layers if isinstance(layer, layers.BatchNormalization))
     # the top block is really trainable, the bottom one really not
-    finetune.set_trainable(spec, body, 1)
+    surgery.set_trainable(spec, body, 1)
     groups = backbones.layers_by_block(spec, body)
     assert any(layer.trainable_weights for layer in groups[-1])
     assert not any(layer.trainable_weights for layer in groups[0])
@@ -46,7 +61,7 @@ def test_unfreeze_exactly_the_requested_blocks(name):
 def test_split_at_the_boundary_is_the_same_function(name):
     spec = BACKBONES[name]
     body = backbones.build_body(name, 32, weights=None)
-    split = finetune.split_body(spec, body, 2)
+    split = surgery.split_body(spec, body, 2)
     x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
     whole = body(x, training=False).numpy()
     parts = split.upper(split.lower(x, training=False), training=False).numpy()
@@ -59,15 +74,15 @@ def test_all_leaves_nothing_to_cache():
     spec = BACKBONES["efficientnet_lite0"]
     body = backbones.build_body("efficientnet_lite0", 32, weights=None)
     with pytest.raises(ValueError, match="no frozen part to cache"):
-        finetune.split_body(spec, body, "all")
+        surgery.split_body(spec, body, "all")
 
 
 def _tiny_classifier(name="efficientnet_lite0", unfreeze="all"):
     spec = BACKBONES[name]
     body = backbones.build_body(name, 32, weights=None)
     hm = head.build_head(spec.feature_dim, 3, units=0, dropout=0.0)  # no ReLU to die
-    finetune.set_trainable(spec, body, unfreeze)
-    model = finetune.assemble(spec, body, hm, 16, 32)
+    surgery.set_trainable(spec, body, unfreeze)
+    model = surgery.assemble(spec, body, hm, 16, 32)
     return spec, body, model
 
 
@@ -82,7 +97,7 @@ def test_batchnorm_statistics_do_not_move_in_a_finetune_step():
     before = [[w.numpy().copy() for w in bn.weights] for bn in bns]
     conv = body.get_layer("top_conv")
     kernel_before = conv.kernel.numpy().copy()
-    training.compile_model(model, "sgd", 0.1, None)
+    recipes.compile_model(model, "sgd", 0.1, None)
     x = np.random.default_rng(0).integers(0, 255, (8, 16, 16, 3)).astype(np.uint8)
     model.fit(x, np.arange(8) % 3, epochs=1, batch_size=8, verbose=0)
     for bn, old in zip(bns, before):
@@ -103,11 +118,11 @@ def test_train_bn_trains_the_unfrozen_blocks_batchnorm_and_no_other(cached):
     y = np.arange(16) % 3
     images = activations = None
     if cached:
-        acts = finetune.cache_extractor(spec, finetune.split_body(spec, body, 2), 16, 32).predict(x, verbose=0)[0]
+        acts = surgery.cache_extractor(spec, surgery.split_body(spec, body, 2), 16, 32).predict(x, verbose=0)[0]
         activations = {"train": acts, "val": acts[:4]}
     else:
         images = (x, x[:4])
-    t = finetune.prepare(spec, body, head.build_head(spec.feature_dim, 3, units=0, dropout=0.0), unfreeze=2,
+    t = trainkit.build(spec, body, head.build_head(spec.feature_dim, 3, units=0, dropout=0.0), unfreeze=2,
                          y_train=y, y_val=y[:4], batch_size=8, seed=0, images=images, image_size=16,
                          input_size=32, activations=activations, flip=False, train_bn=True)
     groups = backbones.layers_by_block(spec, body)
@@ -115,7 +130,7 @@ def test_train_bn_trains_the_unfrozen_blocks_batchnorm_and_no_other(cached):
     rest = [layer for g in groups[:-2] for layer in g if isinstance(layer, layers.BatchNormalization)]
     assert top and rest and all(bn.trainable for bn in top) and not any(bn.trainable for bn in rest)
     before = {id(w): w.numpy().copy() for bn in top + rest for w in bn.weights}
-    finetune.fit(t, optimizer="adam", learning_rate=1e-2, weight_decay=0.0, schedule="cosine", warmup_epochs=0,
+    _train(t, optimizer="adam", learning_rate=1e-2, weight_decay=0.0, schedule="cosine", warmup_epochs=0,
                  steps=4, batch_size=8, callbacks=[], verbose=0)
     for bn in rest:
         for w in bn.weights:
@@ -134,7 +149,7 @@ def test_train_depthwise_false_keeps_the_unfrozen_blocks_depthwise_kernels(train
     body = backbones.build_body(spec.name, 32, weights=None)
     x = np.random.default_rng(0).integers(0, 255, (16, 16, 16, 3)).astype(np.uint8)
     y = np.arange(16) % 3
-    t = finetune.prepare(spec, body, head.build_head(spec.feature_dim, 3, units=0, dropout=0.0), unfreeze=3,
+    t = trainkit.build(spec, body, head.build_head(spec.feature_dim, 3, units=0, dropout=0.0), unfreeze=3,
                          y_train=y, y_val=y[:4], batch_size=8, seed=0, images=(x, x[:4]), image_size=16,
                          input_size=32, flip=False, train_depthwise=train_depthwise)
     top = [layer for g in backbones.layers_by_block(spec, body)[-3:] for layer in g]
@@ -142,7 +157,7 @@ def test_train_depthwise_false_keeps_the_unfrozen_blocks_depthwise_kernels(train
     convs = [layer for layer in top if type(layer) is layers.Conv2D]
     assert depthwise and convs
     before = {id(w): w.numpy().copy() for layer in depthwise + convs for w in layer.weights}
-    finetune.fit(t, optimizer="adam", learning_rate=1e-2, weight_decay=0.0, schedule="cosine", warmup_epochs=0,
+    _train(t, optimizer="adam", learning_rate=1e-2, weight_decay=0.0, schedule="cosine", warmup_epochs=0,
                  steps=4, batch_size=8, callbacks=[], verbose=0)
     def moved(group):
         return [layer.name for layer in group if not np.array_equal(layer.kernel.numpy(), before[id(layer.kernel)])]
@@ -159,7 +174,7 @@ def test_frozen_blocks_do_not_train():
     spec, body, model = _tiny_classifier("efficientnetb0", unfreeze=1)
     frozen = body.get_layer("block1a_dwconv").kernel.numpy().copy()
     top = body.get_layer("top_conv").kernel.numpy().copy()
-    training.compile_model(model, "sgd", 0.1, None)
+    recipes.compile_model(model, "sgd", 0.1, None)
     x = np.random.default_rng(1).integers(0, 255, (8, 16, 16, 3)).astype(np.uint8)
     model.fit(x, np.arange(8) % 3, epochs=1, batch_size=8, verbose=0)
     np.testing.assert_array_equal(body.get_layer("block1a_dwconv").kernel.numpy(), frozen)
@@ -170,8 +185,8 @@ def test_flip_cache_dataset_mixes_both_caches_reproducibly():
     plain = np.zeros((40, 2, 2, 1), np.float16)
     flipped = np.ones((40, 2, 2, 1), np.float16)
     y = np.arange(40)
-    a = finetune.FlipCacheDataset(plain, flipped, y, 16, seed=3)
-    b = finetune.FlipCacheDataset(plain, flipped, y, 16, seed=3)
+    a = trainer.FlipCacheDataset(plain, flipped, y, 16, seed=3)
+    b = trainer.FlipCacheDataset(plain, flipped, y, 16, seed=3)
     assert len(a) == 3
     xa, ya = a[0]
     xb, yb = b[0]
@@ -184,7 +199,7 @@ def test_flip_cache_dataset_mixes_both_caches_reproducibly():
 
 @pytest.mark.parametrize("shape", ["cosine", "linear"])
 def test_learning_rate_warms_up_then_decays_to_zero_at_the_last_step(shape):
-    lr = finetune.learning_rate_schedule(shape, 1e-2, total_steps=40, warmup_steps=10)
+    lr = schedule.learning_rate_schedule(shape, 1e-2, total_steps=40, warmup_steps=10)
     values = [float(lr(s)) for s in (0, 10, 25, 39, 40, 60)]
     assert values[0] == pytest.approx(1e-3)
     assert values[1] == pytest.approx(1e-2, rel=1e-3)
@@ -195,13 +210,13 @@ def test_learning_rate_warms_up_then_decays_to_zero_at_the_last_step(shape):
         assert float(lr(17.5)) == pytest.approx(7.5e-3, rel=1e-3)
     else:
         assert float(lr(17.5)) == pytest.approx(1e-2 * 0.5 * (1 + np.cos(np.pi * 0.25)), rel=1e-3)
-    assert finetune.learning_rate_schedule("plateau", 1e-3, 40, 10) == 1e-3
+    assert schedule.learning_rate_schedule("plateau", 1e-3, 40, 10) == 1e-3
 
 
 def test_total_steps_floor_in_steps_for_small_data_sets():
-    assert finetune.total_steps(epochs=5, steps_per_epoch=352, min_steps=500) == 1760  # CIFAR-10: epochs rule
-    assert finetune.total_steps(epochs=5, steps_per_epoch=22, min_steps=500) == 500  # 2,800 images: the floor
-    assert finetune.total_steps(epochs=5, steps_per_epoch=22, min_steps=500, steps=77) == 77  # a replayed plan
+    assert schedule.total_steps(epochs=5, steps_per_epoch=352, min_steps=500) == 1760  # CIFAR-10: epochs rule
+    assert schedule.total_steps(epochs=5, steps_per_epoch=22, min_steps=500) == 500  # 2,800 images: the floor
+    assert schedule.total_steps(epochs=5, steps_per_epoch=22, min_steps=500, steps=77) == 77  # a replayed plan
 
 
 def test_fit_takes_exactly_the_planned_steps_and_ends_at_zero_learning_rate(tmp_path):
@@ -209,9 +224,9 @@ def test_fit_takes_exactly_the_planned_steps_and_ends_at_zero_learning_rate(tmp_
     rng = np.random.default_rng(0)
     x = rng.integers(0, 255, (40, 16, 16, 3)).astype(np.uint8)
     y = np.arange(40) % 3
-    t = finetune.Training(model, x, (x[:8], y[:8]), {"y": y, "batch_size": 8, "shuffle": True}, 40, "full")
-    hist = finetune.fit(t, optimizer="adamw", learning_rate=1e-3, weight_decay=1e-4, schedule="linear",
-                        warmup_epochs=0.2, steps=13, batch_size=8, callbacks=[training.LearningRateLogger()],
+    t = trainer.FineTuning(model, x, (x[:8], y[:8]), {"y": y, "batch_size": 8, "shuffle": True}, 40, "full")
+    hist = _train(t, optimizer="adamw", learning_rate=1e-3, weight_decay=1e-4, schedule="linear",
+                        warmup_epochs=0.2, steps=13, batch_size=8, callbacks=[recipes.LearningRateLogger()],
                         verbose=0)
     assert int(model.optimizer.iterations.numpy()) == 13  # 2 epochs of 5 steps and 3 of a third
     assert len(hist.history["val_accuracy"]) == 3  # the partial epoch is validated too
@@ -236,74 +251,82 @@ def _dense_training():
     x = rng.normal(size=(100, 8)).astype(np.float32)
     y = np.arange(100) % 3
     model = head.build_head(8, 3, units=8, dropout=0.0)
-    return model, finetune.Training(model, x, (x[:4], y[:4]), {"y": y, "batch_size": 2, "shuffle": True}, 100,
+    return model, trainer.FineTuning(model, x, (x[:4], y[:4]), {"y": y, "batch_size": 2, "shuffle": True}, 100,
                                     "full")
 
 
-def _fit_steps(steps, replan=None, replans=(), max_steps=0, warmup_epochs=0.8, extra=(), **kwargs):
+def _live(steps, answers, max_steps, per_epoch=50, monkeypatch=None):
+    """A StepBudget planned live to `steps` of `per_epoch` an epoch, at most `max_steps`: each
+    re-plan answers from `answers` ({steps done: steps}), else as it last answered; the steps
+    done it was asked at are `length.asked`. (The budget's own re-plan arithmetic is
+    test_budget's; here, what the callback does with the answers.)"""
+    asked = []
+
+    def replan(p, *, step_seconds, steps_done, seconds_left):
+        asked.append(steps_done)
+        assert step_seconds > 0
+        return plans._planned_again(p, steps_done, answers.get(steps_done, p.steps))
+
+    monkeypatch.setattr(plans, "replan", replan)
+    plan = plans.Plan(budget_seconds=1e6, spent_seconds=0.0, evaluate_seconds=0.0, margin_seconds=0.0,
+                      step_seconds=1.0, train_images_per_second=1.0, inference_images_per_second=1.0,
+                      steps_per_epoch=per_epoch, steps=steps, epochs=steps / per_epoch, finetune_seconds=0.0,
+                      max_steps=max_steps)
+    length = StepBudget(plan=plan, live=True)
+    length.asked = asked
+    return length
+
+
+def _fit_steps(steps, length=None, replans=(), warmup_epochs=0.8, extra=(), **kwargs):
     """100 samples in batches of 2: 50 steps an epoch; a warmup of 40 steps. A
     small dense model: the schedule and the re-plans do not depend on the network."""
     model, t = _dense_training()
     rates = StepRates()
-    hist = finetune.fit(t, optimizer="adamw", learning_rate=1e-3, weight_decay=1e-4, schedule="cosine",
-                        warmup_epochs=warmup_epochs, steps=steps, batch_size=2, callbacks=[rates, *extra],
-                        verbose=0, replan=replan, replans=replans, max_steps=max_steps, **kwargs)
+    hist = _train(t, optimizer="adamw", learning_rate=1e-3, weight_decay=1e-4, schedule="cosine",
+                  warmup_epochs=warmup_epochs, steps=steps, batch_size=2, callbacks=[rates, *extra],
+                  verbose=0, replans=replans, length=length, **kwargs)
     return int(model.optimizer.iterations.numpy()), rates.rates, hist
 
 
-def _deciding(answers):
-    """A `decide` that answers from `answers` ({steps done: steps}), else as it last answered."""
-    asked, last = [], []
-
-    def decide(step_seconds, steps_done):
-        asked.append(steps_done)
-        assert step_seconds > 0
-        last.append(answers.get(steps_done, last[-1] if last else 0))
-        return last[-1]
-
-    decide.asked = asked
-    return decide
-
-
-def test_a_replan_at_the_warmups_end_trains_what_a_run_of_that_length_trains():
+def test_a_replan_at_the_warmups_end_trains_what_a_run_of_that_length_trains(monkeypatch):
     """Planned 90 steps, 130 at the warmup's end (step 40), unchanged after each
     epoch: every step's learning rate is the one of a run of 130 from the start."""
-    decide = _deciding({40: 130})
-    ran, rates, hist = _fit_steps(90, replan=decide, max_steps=200)
+    decide = _live(90, {40: 130}, 200, monkeypatch=monkeypatch)
+    ran, rates, hist = _fit_steps(90, length=decide)
     plain_ran, plain_rates, _ = _fit_steps(130)
     assert ran == plain_ran == 130 and decide.asked == [40, 50, 100]  # the warmup's end, then every epoch's
     np.testing.assert_allclose(rates, plain_rates, rtol=1e-5)
-    assert hist.replan.replans == [[0, 90], [40, 130], [50, 130], [100, 130]]
+    assert hist.length.replans == [[0, 90], [40, 130], [50, 130], [100, 130]]
 
 
-def test_replans_after_every_epoch_follow_the_pace_and_replay_exactly():
+def test_replans_after_every_epoch_follow_the_pace_and_replay_exactly(monkeypatch):
     """Re-planned at the warmup's end and after epochs 1 and 2 (the last much
     shorter: the machine slowed down): the rate goes on from where it was at
     each change and still ends annealed; the recorded replans replay the run
     step for step without asking anyone."""
-    decide = _deciding({40: 130, 50: 150, 100: 112})
-    ran, rates, hist = _fit_steps(90, replan=decide, max_steps=200)
+    decide = _live(90, {40: 130, 50: 150, 100: 112}, 200, monkeypatch=monkeypatch)
+    ran, rates, hist = _fit_steps(90, length=decide)
     assert ran == 112
-    recorded = hist.replan.replans
+    recorded = hist.length.replans
     assert recorded == [[0, 90], [40, 130], [50, 150], [100, 112]]
     peak = max(rates)
     assert abs(rates[100] - rates[99]) < 0.05 * peak  # no jump where the end moved
     assert 0 < rates[-1] < 0.05 * peak  # annealed at the new end
-    replay_ran, replay_rates, _ = _fit_steps(90, replans=recorded, max_steps=0)
+    replay_ran, replay_rates, _ = _fit_steps(90, replans=recorded)
     assert replay_ran == ran
     np.testing.assert_allclose(replay_rates, rates, rtol=1e-5)
     # and capped at the recipe's length
-    assert _fit_steps(90, replan=_deciding({40: 500}), max_steps=120)[0] == 120
+    assert _fit_steps(90, length=_live(90, {40: 500}, 120, monkeypatch=monkeypatch))[0] == 120
 
 
-def test_a_warmup_too_short_to_time_is_planned_again_after_the_first_epoch():
-    decide = _deciding({50: 70})
-    ran, _, _ = _fit_steps(60, replan=decide, max_steps=200, warmup_epochs=0.2)
+def test_a_warmup_too_short_to_time_is_planned_again_after_the_first_epoch(monkeypatch):
+    decide = _live(60, {50: 70}, 200, monkeypatch=monkeypatch)
+    ran, _, _ = _fit_steps(60, length=decide, warmup_epochs=0.2)
     assert ran == 70 and decide.asked == [50]  # a warmup of 10 steps: not timed; the epoch's 50 are
 
 
 class StepClock(keras.callbacks.Callback):
-    """A clock for `Replan`'s deadline that reads the optimizer steps done (it
+    """A clock for the StepBudget's deadline that reads the optimizer steps done (it
     runs before the fit's own callbacks), and the validations run."""
 
     def __init__(self):
@@ -326,22 +349,23 @@ def test_a_deadline_ends_the_run_at_the_step_past_it_and_the_replay_stops_there(
     partial epoch validated, with the rates of the planned run up to there; the
     stop is recorded as [70, 70] and the recorded replans replay it exactly."""
     clock = StepClock()
-    monkeypatch.setattr(finetune, "time", types.SimpleNamespace(monotonic=clock.monotonic,
+    decide = _live(90, {40: 130}, 200, monkeypatch=monkeypatch)
+    decide.window_end = 70.0  # the plan's validation takes no time here: the stop is at the window's end
+    monkeypatch.setattr(callback, "time", types.SimpleNamespace(monotonic=clock.monotonic,
                                                                 perf_counter=time.perf_counter))
-    decide, stops = _deciding({40: 130}), []
-    ran, rates, hist = _fit_steps(90, replan=decide, max_steps=200, extra=[clock], deadline=70.0,
-                                  halted=stops.append)
-    assert ran == 70 and stops == [70] and clock.validated == 2  # epoch 1, and the partial epoch 2
-    assert hist.replan.replans == [[0, 90], [40, 130], [50, 130], [70, 70]]
-    planned_ran, planned_rates, _ = _fit_steps(90, replan=_deciding({40: 130}), max_steps=200)
+    ran, rates, hist = _fit_steps(90, length=decide, extra=[clock])
+    assert ran == 70 and clock.validated == 2  # epoch 1, and the partial epoch 2
+    assert hist.length.replans == [[0, 90], [40, 130], [50, 130], [70, 70]]
+    assert decide.plan.steps == 70 and decide.plan.replans[-1] == [70, 70]  # the plan says where it stopped
+    monkeypatch.undo()
+    planned_ran, planned_rates, _ = _fit_steps(90, length=_live(90, {40: 130}, 200, monkeypatch=monkeypatch))
     assert planned_ran == 130
     np.testing.assert_allclose(rates, planned_rates[:70], rtol=1e-5)
-    monkeypatch.undo()
-    replay_ran, replay_rates, _ = _fit_steps(90, replans=hist.replan.replans)
+    replay_ran, replay_rates, _ = _fit_steps(90, replans=hist.length.replans)
     assert replay_ran == 70
     np.testing.assert_allclose(replay_rates, rates, rtol=1e-5)
     # a deadline never passed changes nothing
-    assert _fit_steps(90, replan=_deciding({40: 130}), max_steps=200, deadline=time.monotonic() + 3600)[0] == 130
+    assert _fit_steps(90, length=_live(90, {40: 130}, 200, monkeypatch=monkeypatch))[0] == 130
 
 
 class Weights(keras.callbacks.Callback):
@@ -365,7 +389,7 @@ def test_a_moving_average_of_the_weights_is_what_every_epoch_validates():
     validated (and checkpointed) with the average, not its last step's weights."""
     _, t = _dense_training()
     seen = Weights()
-    finetune.fit(t, optimizer="adam", learning_rate=1e-2, weight_decay=0.0, schedule="linear", warmup_epochs=0.1,
+    _train(t, optimizer="adam", learning_rate=1e-2, weight_decay=0.0, schedule="linear", warmup_epochs=0.1,
                  steps=130, batch_size=2, callbacks=[seen], verbose=0, ema=0.9)
     assert [step for step, _ in seen.validated] == [50, 100, 130]
     # the average, step by step, from the weights each step left: where the average was written
@@ -385,7 +409,7 @@ def _progressive(small_size=32, name="efficientnet_lite0"):
     rng = np.random.default_rng(0)
     x = rng.integers(0, 255, (40, 16, 16, 3)).astype(np.uint8)
     y = np.arange(40) % 3
-    t = finetune.prepare(spec, body, head.build_head(spec.feature_dim, 3, units=0, dropout=0.0), unfreeze=2,
+    t = trainkit.build(spec, body, head.build_head(spec.feature_dim, 3, units=0, dropout=0.0), unfreeze=2,
                          y_train=y, y_val=y[:8], batch_size=8, seed=0, images=(x, x[:8]), image_size=16,
                          input_size=64, augment={"flip": True}, small_size=small_size)
     return spec, body, t
@@ -396,7 +420,7 @@ def _same(optimizer):  # under mixed precision (a GPU) compile wraps the optimiz
 
 
 def _fit_progressive(t, callbacks, steps=25, small=15, **kwargs):
-    return finetune.fit(t, optimizer="adamw", learning_rate=1e-3, weight_decay=1e-4, schedule="cosine",
+    return _train(t, optimizer="adamw", learning_rate=1e-3, weight_decay=1e-4, schedule="cosine",
                         warmup_epochs=0.2, steps=steps, batch_size=8, small_steps=small, verbose=0,
                         callbacks=callbacks, **kwargs)
 
@@ -407,7 +431,7 @@ def test_progressive_resizing_trains_the_first_epochs_small_then_goes_on_at_full
     sizes = tinyproject.input_sizes_callback()
     small = budget.small_steps(25, 5, 0.6)
     assert small == 15  # 3 whole epochs of 5 steps
-    hist = _fit_progressive(t, [training.LearningRateLogger(), sizes], small=small)
+    hist = _fit_progressive(t, [recipes.LearningRateLogger(), sizes], small=small)
     assert sizes.sizes == [32, 32, 32, 64, 64]
     # one optimizer, one schedule across the switch: the step counter goes on and the rate keeps decaying
     assert _same(t.model.optimizer) is _same(t.small.optimizer)
@@ -423,21 +447,22 @@ def test_progressive_resizing_is_planned_again_once_the_full_size_trains(monkeyp
     epoch ran small), so 30 steps are planned after epoch 4, the extra epoch
     trains at the full size, and the recorded re-plans replay the run, sizes and
     learning rates alike. (Epochs of 5 steps: every step of one is timed here.)"""
-    monkeypatch.setattr(finetune.Replan, "SKIP", 0)
-    monkeypatch.setattr(finetune.Replan, "MIN_TIMED", 3)
-    decide = _deciding({20: 30})
+    monkeypatch.setattr(StepBudget, "SKIP", 0)
+    monkeypatch.setattr(StepBudget, "MIN_TIMED", 3)
+    decide = _live(25, {20: 30}, 40, per_epoch=5, monkeypatch=monkeypatch)
+    decide.small_steps = 15
     sizes, rates = tinyproject.input_sizes_callback(), StepRates()
     _, _, t = _progressive()
-    hist = _fit_progressive(t, [sizes, rates], replan=decide, max_steps=40)
+    hist = _fit_progressive(t, [sizes, rates], length=decide)
     assert decide.asked == [20, 25]
-    assert hist.replan.replans == [[0, 25], [20, 30], [25, 30]]
+    assert hist.length.replans == [[0, 25], [20, 30], [25, 30]]
     assert int(t.model.optimizer.iterations.numpy()) == 30
     assert sizes.sizes == [32, 32, 32, 64, 64, 64]
     assert 0 < rates.rates[-1] < 0.05 * max(rates.rates)  # annealed at the new end
 
     replay_sizes, replay_rates = tinyproject.input_sizes_callback(), StepRates()
     _, _, t = _progressive()
-    _fit_progressive(t, [replay_sizes, replay_rates], replans=hist.replan.replans)
+    _fit_progressive(t, [replay_sizes, replay_rates], replans=hist.length.replans)
     assert int(t.model.optimizer.iterations.numpy()) == 30 and replay_sizes.sizes == sizes.sizes
     np.testing.assert_allclose(replay_rates.rates, rates.rates, rtol=1e-5)
 
@@ -484,7 +509,7 @@ def test_a_body_of_one_input_size_cannot_train_progressively():
     spec = BACKBONES["efficientnet_lite0"]
     x = np.zeros((8, 16, 16, 3), np.uint8)
     with pytest.raises(ValueError, match="any_size=True"):
-        finetune.prepare(spec, backbones.build_body(spec.name, 64, weights=None),
+        trainkit.build(spec, backbones.build_body(spec.name, 64, weights=None),
                          head.build_head(spec.feature_dim, 3, units=0, dropout=0.0), unfreeze=2,
                          y_train=np.zeros(8), y_val=np.zeros(0), batch_size=8, seed=0, images=(x, x[:0]),
                          image_size=16, input_size=64, small_size=32)
@@ -492,26 +517,26 @@ def test_a_body_of_one_input_size_cannot_train_progressively():
 
 def test_small_input_size_is_a_multiple_of_32_and_never_below_the_backbone_minimum():
     spec = BACKBONES["efficientnet_lite0"]
-    assert finetune.small_input_size(spec, 128, 0.75, 0.6) == 96
-    assert finetune.small_input_size(spec, 224, 0.75, 0.6) == 160  # 168, down to a multiple of 32
-    assert finetune.small_input_size(spec, 64, 0.4, 0.6) == 32  # the backbone's smallest
-    assert finetune.small_input_size(spec, 32, 0.75, 0.6) == 0  # nothing smaller: one size
-    assert finetune.small_input_size(spec, 100, 0.75, 0.6) == 0  # input no multiple of 32: one size
-    assert finetune.small_input_size(spec, 128, 1.0, 0.6) == 0  # off
-    assert finetune.small_input_size(spec, 128, 0.75, 0.0) == 0  # no step at the smaller size
+    assert surgery.small_input_size(spec, 128, 0.75, 0.6) == 96
+    assert surgery.small_input_size(spec, 224, 0.75, 0.6) == 160  # 168, down to a multiple of 32
+    assert surgery.small_input_size(spec, 64, 0.4, 0.6) == 32  # the backbone's smallest
+    assert surgery.small_input_size(spec, 32, 0.75, 0.6) == 0  # nothing smaller: one size
+    assert surgery.small_input_size(spec, 100, 0.75, 0.6) == 0  # input no multiple of 32: one size
+    assert surgery.small_input_size(spec, 128, 1.0, 0.6) == 0  # off
+    assert surgery.small_input_size(spec, 128, 0.75, 0.0) == 0  # no step at the smaller size
 
 
 def test_probe_times_both_sizes_of_progressive_resizing(monkeypatch):
     _, _, t = _progressive()
-    timed, real = [], finetune._time_steps
+    timed, real = [], trainer._time_steps
 
     def spy(model, *args):
         timed.append(model)
         return real(model, *args)
 
-    monkeypatch.setattr(finetune, "_time_steps", spy)
+    monkeypatch.setattr(trainer, "_time_steps", spy)
     before = [np.array(v) for v in t.model.variables + t.small.variables]
-    measured = finetune.probe(t, batch_size=8, steps=4)
+    measured = trainer.probe(t, batch_size=8, steps=4)
     assert timed == [t.model, t.small]
     assert measured.step_seconds > 0 and measured.small_step_seconds > 0
     for v, b in zip(t.model.variables + t.small.variables, before):
@@ -519,7 +544,7 @@ def test_probe_times_both_sizes_of_progressive_resizing(monkeypatch):
 
 
 def test_the_step_timer_counts_from_one_step_start_to_the_next():
-    timer = finetune._StepTimer()
+    timer = trainer._StepTimer()
     timer.starts = [10.0, 13.0, 14.0, 15.5]
     assert timer.seconds == [3.0, 1.0, 1.5]
     timer.starts, timer.end = [10.0], 12.5  # one batch (a tiny data set): its own time
@@ -528,13 +553,13 @@ def test_the_step_timer_counts_from_one_step_start_to_the_next():
 
 def test_probe_leaves_the_model_as_it_found_it():
     spec, body, model = _tiny_classifier()
-    aug = finetune.augmentation(True, 0.1, 0.0, 0.0, erase=0.5, seed=3)
-    model = finetune.assemble(spec, body, head.build_head(spec.feature_dim, 3, 0, 0.2), 16, 32, aug)
+    aug = surgery.augmentation(True, 0.1, 0.0, 0.0, erase=0.5, seed=3)
+    model = surgery.assemble(spec, body, head.build_head(spec.feature_dim, 3, 0, 0.2), 16, 32, aug)
     x = np.random.default_rng(0).integers(0, 255, (48, 16, 16, 3)).astype(np.uint8)
-    t = finetune.Training(model, x, None, {"y": np.arange(48) % 3, "batch_size": 8, "shuffle": True}, 48, "full")
+    t = trainer.FineTuning(model, x, None, {"y": np.arange(48) % 3, "batch_size": 8, "shuffle": True}, 48, "full")
     before = [np.array(v) for v in model.variables]
     assert any("seed" in v.path for v in model.variables)  # the augmentation's random state is a variable
-    measured = finetune.probe(t, batch_size=8, steps=5)
+    measured = trainer.probe(t, batch_size=8, steps=5)
     assert measured.step_seconds > 0 and measured.first_step_seconds >= measured.step_seconds
     for v, b in zip(model.variables, before):
         np.testing.assert_array_equal(np.array(v), b, err_msg=f"the probe changed {v.path}")
@@ -543,21 +568,21 @@ def test_probe_leaves_the_model_as_it_found_it():
 def test_erase_replaces_a_patch_of_the_given_share_of_images_in_training_only():
     """`erase: p`: each image loses one patch with probability p (Keras' own
     factor, a single float, would draw p from [0, p] per image)."""
-    (layer,) = finetune.augmentation(erase=0.5, seed=1)
+    (layer,) = surgery.augmentation(erase=0.5, seed=1)
     x = np.full((400, 16, 16, 3), 128, np.uint8)
     changed = np.any(np.asarray(layer(x, training=True)) != 128, axis=(1, 2, 3))
     assert 0.4 < changed.mean() < 0.6
     np.testing.assert_array_equal(np.asarray(layer(x, training=False)), x)
-    assert finetune.augmentation(flip=True, seed=1)[0].name == "aug_flip"  # erase: 0 adds no layer
+    assert surgery.augmentation(flip=True, seed=1)[0].name == "aug_flip"  # erase: 0 adds no layer
 
 
 def test_label_smoothing_loss_matches_the_categorical_one():
     y = np.array([0, 2, 1])
     p = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8], [0.3, 0.4, 0.3]], np.float32)
-    ours = training.SmoothedSparseCrossentropy(0.1)(y, p)
+    ours = recipes.SmoothedSparseCrossentropy(0.1)(y, p)
     ref = keras.losses.CategoricalCrossentropy(label_smoothing=0.1)(np.eye(3)[y], p)
     np.testing.assert_allclose(float(ours), float(ref), rtol=1e-6)
-    assert float(training.SmoothedSparseCrossentropy(0.1)(y, p)) != pytest.approx(
+    assert float(recipes.SmoothedSparseCrossentropy(0.1)(y, p)) != pytest.approx(
         float(keras.losses.SparseCategoricalCrossentropy()(y, p)))
 
 
@@ -577,13 +602,13 @@ def _toy_problem():
     x = rng.normal(size=(64, 8)).astype(np.float32)
     y = (x[:, 0] > 0).astype(np.int64)
     model = head.build_head(8, 2, units=8, dropout=0.0)
-    training.compile_model(model, "adam", 1e-2, None)
+    recipes.compile_model(model, "adam", 1e-2, None)
     return x, y, model
 
 
 def _fit(tmp_path, epochs, extra):
     x, y, model = _toy_problem()
-    cbs, checkpoint = finetune.callbacks(tmp_path / "backup", patience=10, schedule="cosine", has_val=True,
+    cbs, checkpoint = checkpoints.callbacks(tmp_path / "backup", patience=10, schedule="cosine", has_val=True,
                                          extra=extra)
     model.fit(x, y, validation_data=(x, y), epochs=epochs, batch_size=16, callbacks=cbs, verbose=0)
     return model, checkpoint
@@ -621,8 +646,8 @@ def test_a_fine_tune_with_a_moving_average_resumes_where_it_was_killed(tmp_path)
     def run(directory, extra):
         _, t = _dense_training()
         t.fit_kwargs["shuffle"] = False  # the same batches in a restarted process
-        cbs, _ = finetune.callbacks(directory, patience=10, schedule="cosine", has_val=True, extra=extra)
-        finetune.fit(t, optimizer="adam", learning_rate=1e-2, weight_decay=0.0, schedule="cosine",
+        cbs, _ = checkpoints.callbacks(directory, patience=10, schedule="cosine", has_val=True, extra=extra)
+        _train(t, optimizer="adam", learning_rate=1e-2, weight_decay=0.0, schedule="cosine",
                      warmup_epochs=0.1, steps=150, batch_size=2, callbacks=cbs, verbose=0, ema=0.9)
         return t.model
 
@@ -641,9 +666,9 @@ def test_progressive_resizing_resumes_at_the_size_of_the_epoch_it_was_killed_in(
     def run(extra):
         _, _, t = _progressive()
         sizes = tinyproject.input_sizes_callback()
-        cbs, checkpoint = finetune.callbacks(tmp_path / "backup", patience=10, schedule="cosine", has_val=True,
+        cbs, checkpoint = checkpoints.callbacks(tmp_path / "backup", patience=10, schedule="cosine", has_val=True,
                                              extra=[sizes, *extra])
-        finetune.fit(t, optimizer="adamw", learning_rate=1e-3, weight_decay=1e-4, schedule="cosine",
+        _train(t, optimizer="adamw", learning_rate=1e-3, weight_decay=1e-4, schedule="cosine",
                      warmup_epochs=0.2, steps=20, batch_size=8, small_steps=10, verbose=0, callbacks=cbs)
         return t, sizes, checkpoint
 
@@ -663,7 +688,7 @@ def test_a_truncated_checkpoint_is_never_loaded(tmp_path, caplog):
     data = latest.read_bytes()
     latest.write_bytes(data[: len(data) // 2])
     record = Record()
-    with caplog.at_level("WARNING", logger="transferlab.finetune"):
+    with caplog.at_level("WARNING", logger="transferlab.train.checkpoint"):
         _, checkpoint = _fit(tmp_path, 6, [record])
     assert "does not match its recorded sha256" in caplog.text
     assert record.seen == [0, 1, 2, 3, 4, 5]
@@ -684,7 +709,7 @@ def test_a_partial_write_left_by_a_kill_is_ignored_and_removed(tmp_path):
 
 def test_an_epoch_must_beat_the_baseline_to_replace_the_starting_weights(tmp_path):
     x, y, model = _toy_problem()
-    cbs, checkpoint = finetune.callbacks(tmp_path / "b", patience=10, schedule="cosine", has_val=True,
+    cbs, checkpoint = checkpoints.callbacks(tmp_path / "b", patience=10, schedule="cosine", has_val=True,
                                          baseline=1.0)
     start = [w.copy() for w in model.get_weights()]
     model.fit(x, y, validation_data=(x, y), epochs=2, batch_size=16, callbacks=cbs, verbose=0)
@@ -698,7 +723,7 @@ def test_between_epochs_of_equal_score_the_lower_loss_is_kept(tmp_path):
     """Under a schedule to zero, the last epochs often tie on validation accuracy;
     the annealed one (lower loss) is kept, and a tie with the baseline is no win."""
     x, y, model = _toy_problem()
-    checkpoint = finetune.Checkpoint(tmp_path / "b", "val_accuracy", baseline=0.5)
+    checkpoint = checkpoints.Checkpoint(tmp_path / "b", "val_accuracy", baseline=0.5)
     checkpoint.set_model(model)
     checkpoint.on_train_begin()
     for epoch, (acc, loss) in enumerate([(0.5, 0.1), (0.9, 0.40), (0.9, 0.30), (0.9, 0.35), (0.8, 0.1)]):

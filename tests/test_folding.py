@@ -7,10 +7,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from transferlab import backbones, features, finetune
+import trainkit
+from transferlab import backbones, features
 from transferlab.backbones import BACKBONES
 from transferlab.folding import Folded, FoldedConvBN, fold_batchnorm
 from transferlab.head import build_head
+from transferlab.train import checkpoint as checkpoints
+from transferlab.train import surgery
 
 NAMES = sorted(BACKBONES)
 
@@ -68,7 +71,7 @@ def _lite_classifier(train_bn: bool = False, train_depthwise: bool = True):
     body = backbones.build_body(spec.name, 64, weights=None)
     _random_statistics(body)
     head = build_head(1280, 10, 8, 0.0)
-    t = finetune.prepare(spec, body, head, unfreeze=3, y_train=np.zeros(8, int), y_val=np.zeros(0, int),
+    t = trainkit.build(spec, body, head, unfreeze=3, y_train=np.zeros(8, int), y_val=np.zeros(0, int),
                          batch_size=4, seed=0, images=(np.zeros((8, 16, 16, 3), np.uint8), None), image_size=16,
                          input_size=64, train_bn=train_bn, train_depthwise=train_depthwise)
     return spec, body, head, t
@@ -76,7 +79,7 @@ def _lite_classifier(train_bn: bool = False, train_depthwise: bool = True):
 
 def test_the_fine_tune_trains_the_folded_model_with_the_originals_gradients():
     spec, body, head, t = _lite_classifier()
-    original = finetune.assemble(spec, body, head, 16, 64)
+    original = surgery.assemble(spec, body, head, 16, 64)
     folded = [layer for layer in _layers(t.model) if isinstance(layer, FoldedConvBN)]
     assert len(folded) == sum(isinstance(layer, keras.layers.BatchNormalization) for layer in body.layers)
     # the same variables, in the same order: what the optimizer steps is the original model's
@@ -145,7 +148,7 @@ def test_the_registered_model_with_flips_and_temperature_folds_and_predict_uses_
     spec = backbones.get("efficientnet_lite0")
     body = backbones.build_body(spec.name, 32, weights=None)
     _random_statistics(body)
-    classifier = finetune.assemble(spec, body, build_head(1280, 3, 8, 0.0), 16, 32)
+    classifier = surgery.assemble(spec, body, build_head(1280, 3, 8, 0.0), 16, 32)
     registered = tta.with_tta(classifier, "flip", temperature=1.5)
     registered.save(tmp_path / "model.keras")
     loaded = predict.load(path=tmp_path / "model.keras")
@@ -175,10 +178,10 @@ def test_a_checkpoint_of_another_weights_layout_is_never_resumed(in_tmp, monkeyp
 
     (MODELS / "head").mkdir(parents=True)
     (MODELS / "head" / "model.keras").write_bytes(b"a head")
-    layout = finetune.CHECKPOINT_LAYOUT
-    monkeypatch.setattr(finetune, "CHECKPOINT_LAYOUT", "unfolded")
+    layout = checkpoints.CHECKPOINT_LAYOUT
+    monkeypatch.setattr(checkpoints, "CHECKPOINT_LAYOUT", "unfolded")
     old = stage.checkpoint_dir("params")
     old.mkdir(parents=True)
-    monkeypatch.setattr(finetune, "CHECKPOINT_LAYOUT", layout)
+    monkeypatch.setattr(checkpoints, "CHECKPOINT_LAYOUT", layout)
     assert stage.checkpoint_dir("params") == stage.checkpoint_dir("params") != old
     assert not old.exists()

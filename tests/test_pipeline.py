@@ -56,7 +56,7 @@ def test_dvc_repro_runs_every_stage(reproduced):
     # the shipped params.yaml's fine-tune path (the tiny config leaves finetune.mode as shipped)
     shipped_mode = yaml.safe_load((ROOT / "params.yaml").read_text())["finetune"]["mode"]
     assert yaml.safe_load((dest / "params.yaml").read_text())["finetune"]["mode"] == shipped_mode
-    assert json.loads((dest / "metrics/finetune.json").read_text())["path"] == shipped_mode
+    assert json.loads((dest / "metrics/finetune.json").read_text())["mode"] == shipped_mode
     cache = dest / "data/features/efficientnet_lite0-32/activations/train_flip.npy"
     assert cache.exists() == (shipped_mode == "cached")
     evaluated = json.loads((dest / "metrics/evaluate.json").read_text())

@@ -7,7 +7,7 @@ import keras
 import numpy as np
 from keras import layers
 
-from transferlab import training
+from transferlab.train import recipe
 
 def build_head(feature_dim: int, n_classes: int, units: int, dropout: float, name: str = "head") -> keras.Model:
     """Pooled features -> Dense(units, relu) -> Dropout -> Dense(n_classes) -> softmax."""
@@ -43,11 +43,11 @@ def train_head(
     """Train with early stopping on the validation split's `monitor` (accuracy or
     loss; the training batches' when there is no validation split); the best
     weights are kept."""
-    training.compile_model(model, optimizer, learning_rate)
+    recipe.compile_model(model, optimizer, learning_rate)
     has_val = len(y_val) > 0
-    watched = training.monitor(has_val, monitor)
+    watched = recipe.monitor(has_val, monitor)
     stop = keras.callbacks.EarlyStopping(
-        monitor=watched, mode=training.mode(watched), patience=patience, restore_best_weights=True
+        monitor=watched, mode=recipe.mode(watched), patience=patience, restore_best_weights=True
     )
     return model.fit(
         x_train,
@@ -57,5 +57,5 @@ def train_head(
         batch_size=batch_size,
         callbacks=[stop, *(callbacks or [])],
         shuffle=True,
-        verbose=training.verbosity() if verbose is None else verbose,
+        verbose=recipe.verbosity() if verbose is None else verbose,
     )

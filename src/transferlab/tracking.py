@@ -27,7 +27,7 @@ import keras
 import yaml
 
 from transferlab.redact import redact
-from transferlab.training import metric_name
+from transferlab.train.recipe import metric_name
 
 log = logging.getLogger(__name__)
 

@@ -9,6 +9,7 @@ command; `transferlab <name>` runs the same function.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -35,15 +36,35 @@ PLOTS = Path("plots")
 _clock = time.monotonic()
 
 
-def stage_seconds(end: bool = False) -> float:
-    """Seconds since this stage began (this process started, or the previous stage
-    run in it ended); `end=True` restarts the clock for a next stage."""
+def stage_seconds() -> float:
+    """Seconds since this stage began: this process started, or the previous
+    stage run in it ended (`end_stage`)."""
+    return time.monotonic() - _clock
+
+
+def end_stage() -> float:
+    """The stage's seconds (`stage_seconds`), and the clock restarted for a next stage in this process."""
     global _clock
     now = time.monotonic()
-    seconds = now - _clock
-    if end:
-        _clock = now
+    seconds, _clock = now - _clock, now
     return seconds
+
+
+def recorded_stage_seconds(*names: str) -> float:
+    """Wall seconds the stages `names` took, as they recorded them in metrics/
+    (`stage_seconds`), whether they ran now or DVC restored them from its cache:
+    the clock a budget counts."""
+    from transferlab.errors import BudgetError
+
+    spent = 0.0
+    for name in names:
+        path = METRICS / f"{name}.json"
+        recorded = json.loads(path.read_text()).get("stage_seconds") if path.exists() else None
+        if recorded is None:
+            raise BudgetError(f"{path}: no stage_seconds recorded, so the budget cannot count the {name} "
+                              f"stage; run `dvc repro --force {name}` (or `budget: 0`)")
+        spent += float(recorded)
+    return spent
 
 
 def features_dir(backbone: str, input_size: int | str) -> Path:

@@ -20,7 +20,7 @@ import yaml
 
 from transferlab import config, evaluate, tracking
 from transferlab.files import write_json
-from transferlab.stages import begin, METRICS, MODELS, PLOTS, PREPARED, entry, stage_seconds
+from transferlab.stages import begin, METRICS, MODELS, PLOTS, PREPARED, entry, end_stage
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def main(params: config.Params) -> dict:
                    parameters=parameters)
     if e.baseline:  # did transfer pay off? the trivial model beside ours
         metrics.update(evaluate.pixel_baseline(prepared.x["train"], prepared.y["train"], x, y, params.seed))
-    metrics["stage_seconds"] = round(stage_seconds(end=True), 2)
+    metrics["stage_seconds"] = round(end_stage(), 2)
     write_json(METRICS / "evaluate.json", metrics)
     reliability = evaluate.reliability_png(
         {"before calibration": (result["raw_probs"], y), f"T = {result['temperature']:.3f}": (result["probs"], y)},

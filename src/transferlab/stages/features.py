@@ -16,9 +16,10 @@ import time
 
 import numpy as np
 
-from transferlab import backbones, budget, config, data, features, finetune, tracking
+from transferlab import backbones, budget, config, data, features, tracking
 from transferlab.files import write_atomic, write_json
-from transferlab.stages import begin, METRICS, PREPARED, entry, features_dir, resolved, stage_seconds
+from transferlab.stages import begin, METRICS, PREPARED, entry, features_dir, resolved, end_stage
+from transferlab.train import surgery
 
 KEYS = ("seed", "deterministic", "budget", "backbone", "features", "finetune.unfreeze", "finetune.mode",
         "tracking.experiment")
@@ -32,10 +33,10 @@ def main(params: config.Params) -> dict:
     image_size = int(prepared.x["train"].shape[1])
     size = budget.input_size(b.input_size, params.budget)
     meta = {"backbone": b.name, "input_size": size, "weights": b.weights, "image_size": image_size}
-    if finetune.uses_cache(spec, f.mode, f.unfreeze):
+    if surgery.uses_cache(spec, f.mode, f.unfreeze):
         body = backbones.build_body(b.name, size, b.weights)
-        split = finetune.split_body(spec, body, f.unfreeze)
-        model = finetune.cache_extractor(spec, split, image_size, size)
+        split = surgery.split_body(spec, body, f.unfreeze)
+        model = surgery.cache_extractor(spec, split, image_size, size)
         meta.update(boundary=split.boundary, unfreeze=f.unfreeze)
     else:
         model = backbones.build_feature_extractor(b.name, image_size, size, b.weights)
@@ -55,7 +56,7 @@ def main(params: config.Params) -> dict:
     total = sum(t["images"] for t in meta["timings"].values())
     summary = {"input_size": size, "features_seconds": round(seconds, 2),
                "features_images_per_second": round(total / seconds, 1),
-               "stage_seconds": round(stage_seconds(end=True), 2)}
+               "stage_seconds": round(end_stage(), 2)}
     write_json(METRICS / "features.json", summary)
     with tracking.stage_run("features", experiment=params.tracking.experiment, backbone=b.name,
                             params=config.flatten(values), inputs=[str(PREPARED)]):

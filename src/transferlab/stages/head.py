@@ -11,9 +11,10 @@ import time
 
 import numpy as np
 
-from transferlab import config, device, evaluate, features, head, tracking, training
+from transferlab import config, device, evaluate, features, head, tracking
 from transferlab.files import write_atomic, write_json
-from transferlab.stages import begin, METRICS, MODELS, PLOTS, PREPARED, entry, features_dir, resolved, stage_seconds
+from transferlab.stages import begin, METRICS, MODELS, PLOTS, PREPARED, entry, features_dir, resolved, end_stage
+from transferlab.train import recipe
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ def main(params: config.Params, callbacks: list | None = None) -> dict:
         y_pred = model.predict(feats[split], batch_size=1024, verbose=0).argmax(axis=1)
         acc = float((y_pred == y_true).mean())
         hist = history.history
-        best = int(np.argmax(hist[training.monitor(has_val)]))
+        best = int(np.argmax(hist[recipe.monitor(has_val)]))
         # The kept (best) model's figures carry a best_ prefix, here and in MLflow, so
         # that they add no point to the per-epoch train_*/val_* curves.
         metrics = {
@@ -69,9 +70,9 @@ def main(params: config.Params, callbacks: list | None = None) -> dict:
             metrics["best_val_loss"] = round(float(hist["val_loss"][best]), 5)
         model.save(out_dir / "model.keras")
         write_atomic(out_dir / "params.yaml", resolved(values))
-        metrics["stage_seconds"] = round(stage_seconds(end=True), 2)
+        metrics["stage_seconds"] = round(end_stage(), 2)
         write_json(METRICS / "head.json", metrics)
-        training.write_history(PLOTS / "head" / "history.csv", hist)
+        recipe.write_history(PLOTS / "head" / "history.csv", hist)
         cm = evaluate.confusion(y_true, y_pred, len(prepared.classes))
         png = evaluate.confusion_png(cm, prepared.classes, PLOTS / "head" / f"confusion_{split}.png",
                                      f"head on {b.name} features: {split} accuracy {acc:.3f}")

@@ -13,7 +13,7 @@ from pathlib import Path
 from transferlab import config, data, tracking
 from transferlab.files import write_atomic, write_json
 from transferlab.redact import redact
-from transferlab.stages import METRICS, PREPARED, entry, resolved, stage_seconds
+from transferlab.stages import METRICS, PREPARED, entry, resolved, end_stage
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def main(params: config.Params) -> dict:
     write_atomic(PREPARED / "params.yaml", resolved(values))
     seconds = time.perf_counter() - start
     summary = {**{f"{k}_images": v for k, v in manifest["totals"].items()}, "num_skipped": manifest["num_skipped"],
-               "prepare_seconds": round(seconds, 2), "stage_seconds": round(stage_seconds(end=True), 2)}
+               "prepare_seconds": round(seconds, 2), "stage_seconds": round(end_stage(), 2)}
     write_json(METRICS / "prepare.json", summary)
     log.info("prepare: %s in %.1f s; skipped %d file(s)", manifest["totals"], seconds, manifest["num_skipped"])
     with tracking.stage_run("prepare", experiment=params.tracking.experiment, backbone=params.backbone.name,

@@ -1,10 +1,13 @@
 """What the head, the fine-tune and the search share when they train: the
-optimizer, the compile recipe and the metric they watch."""
+optimizer, the compile recipe (loss, label smoothing), the metric they watch,
+the epoch logs, and the fine-tune's `Recipe`."""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import keras
@@ -12,6 +15,39 @@ import keras
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 # Keras history names -> our metric names (train_, val_, test_ prefixes everywhere).
 _KERAS_NAMES = {"loss": "train_loss", "accuracy": "train_accuracy", "learning_rate": "learning_rate"}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a fine-tune trains: what `trainer.build` and `trainer.fit` read. The
+    finetune stage fills it from params.yaml (`from_params`); a search trial
+    replaces what it tries (`dataclasses.replace`)."""
+
+    unfreeze: int | str  # blocks from the top, or "all"
+    batch_size: int  # one step's, over every replica
+    seed: int
+    optimizer: str
+    learning_rate: float  # the peak of the schedule
+    weight_decay: float
+    schedule: str  # cosine | linear | plateau
+    warmup_epochs: float
+    label_smoothing: float
+    ema: float  # momentum of a moving average of the weights; 0: off
+    train_bn: bool
+    train_depthwise: bool
+    flip: bool  # cached mode: a randomly flipped copy per sample and epoch
+    augment: dict  # full mode: the keywords of surgery.augmentation
+
+    @classmethod
+    def from_params(cls, f, *, seed: int, batch_size: int) -> "Recipe":
+        """From params.yaml's finetune section (`f`, a config.FinetuneConfig),
+        each key read by name (so a stage's params check sees every key it reads)."""
+        a = f.augment
+        return cls(unfreeze=f.unfreeze, batch_size=batch_size, seed=seed, optimizer=f.optimizer,
+                   learning_rate=f.learning_rate, weight_decay=f.weight_decay, schedule=f.schedule,
+                   warmup_epochs=f.warmup_epochs, label_smoothing=f.label_smoothing, ema=f.ema,
+                   train_bn=f.train_bn, train_depthwise=f.train_depthwise, flip=a.flip,
+                   augment={field.name: getattr(a, field.name) for field in dataclasses.fields(a)})
 
 
 def make_optimizer(name: str, learning_rate, weight_decay: float | None = None, ema: float = 0.0,

@@ -1,5 +1,6 @@
 """A wall-time budget for the whole pipeline (`budget: 20m` in params.yaml,
-`transferlab run --budget 20m`, `mlflow run . -P budget=20m`).
+`transferlab run --budget 20m`, `mlflow run . -P budget=20m`): the arithmetic.
+How the fine-tune applies it while it trains is `transferlab.budget.callback`.
 
 The budget picks the input size where `backbone.input_size` is "auto"
 (`input_size`): a short budget trains at 128 px, where its fine-tune sees more
@@ -9,31 +10,23 @@ The fine-tune is the one stage whose length is free, so it is the one planned:
 - the stages before it recorded how long they took (`stage_seconds` in
   metrics/prepare.json, features.json, head.json), so the clock counts them
   even when DVC restored them from its cache;
-- the evaluate stage still to come is reserved for, from the inference speed
-  the features stage measured on the same network and input size;
-- a probe times a few training steps on this machine (`finetune.probe`), at
-  both input sizes when progressive resizing trains the first whole epochs at
-  a smaller one (`small_steps`);
-- the rest, less a safety margin, sizes the fine-tune in steps, and the
-  learning rate decays to zero exactly at the last one (Li et al., "Budgeted
-  Training", ICLR 2020);
-- at the end of the warmup and after every epoch, the fine-tune's own recent
-  steps, timed, size it again (`replan`): a few steps on the first batches miss
-  the real run's pace by 5 to 15 % either way, and a shared machine's pace
-  drifts by as much within the hour. The learning rate goes on from where it
-  is and reaches zero at the new end; each re-plan is recorded (`replans`), and
-  replaying them without the clock trains the same run. With progressive
-  resizing, the small epochs are planned once, by the probe, and the re-plans
-  begin once the larger size trains: they size the larger steps only;
-- a step that ends past the fine-tune's window (less its last validation)
-  ends the fine-tune there (`cut`), whatever the plan: a machine that slows
-  down after the last re-plan would otherwise overrun the budget, and the
-  steps dropped are the schedule's last, at a rate near zero.
+- the evaluate stage still to come is reserved for (`evaluate_reserve`), from
+  the inference speed the features stage measured on the same network;
+- a probe times a few training steps on this machine (`Probe`), at both input
+  sizes when progressive resizing trains the first whole epochs at a smaller
+  one (`small_steps`);
+- the rest, less a safety margin, sizes the fine-tune in steps (`plan`), and
+  the learning rate decays to zero exactly at the last one (Li et al.,
+  "Budgeted Training", ICLR 2020);
+- the fine-tune's own steps, timed, size it again as it goes (`replan`): a few
+  steps on the first batches miss the real run's pace by 5 to 15 % either way,
+  and a shared machine's pace drifts by as much within the hour;
+- a step past the fine-tune's window ends it there (`cut`).
 
 The plan (steps, sizes, the measured throughput, the re-plans) goes to
-metrics/finetune.json and the MLflow run. Replaying it needs no clock: `budget: 0`
-with `finetune.replans: <plan.replans>` (or, where there were none,
-`finetune.steps: <the planned steps>`) trains the same schedule.
+metrics/finetune.json and the MLflow run; `budget: 0` with
+`finetune.replans: <plan.replans>` (or `finetune.steps: <plan.steps>` where
+there were none) replays it without the clock.
 """
 
 from __future__ import annotations
@@ -46,7 +39,7 @@ from transferlab.errors import BudgetError
 
 MARGIN = 0.03  # of the budget, kept free for what the estimates miss (DVC's hashing, logging)
 # Long fine-tunes on CIFAR-10 here took 5 to 18 % longer than planned from the probe's few steps
-# (README, "A time budget"): the data pipeline over the whole set, checkpoints, the machine's own
+# (docs/budget.md): the data pipeline over the whole set, checkpoints, the machine's own
 # drift from epoch to epoch. The plan counts each step this much longer than the probe measured.
 SLOWDOWN = 1.10
 # Once the fine-tune's own steps are timed (`replan`, after the warmup and every epoch), what is left
@@ -56,7 +49,7 @@ FINISH_SECONDS = 10.0  # the fine-tune stage's own end: the model saved, MLflow 
 BASELINE_SECONDS = 30.0  # the evaluate stage's raw-pixel baseline (capped in evaluate.baseline)
 MIN_USEFUL_STEPS = 50  # fewer fine-tune steps than this (or than one epoch) are not worth running
 # `backbone.input_size: auto`: a budget under SHORT_SECONDS trains at SHORT_SIZE, a longer one (or
-# none) at LONG_SIZE. On this project's 2-core CPUs (README: Results), 20 minutes reached 90.9 to
+# none) at LONG_SIZE. On this project's 2-core CPUs (RESULTS.md), 20 minutes reached 90.9 to
 # 91.6 % at 128 px (two to three epochs) against 90.0 % at 160 (one); the hour 93.2 % at 160 (five)
 # against 92.6 % at 128 (seven and a half). Interpolated linearly, the differences cross at 42 to 47
 # minutes (over the three 20-minute runs at 128 px); nothing was measured in between, so the line
