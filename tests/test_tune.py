@@ -26,7 +26,13 @@ import pgserver
 import synth
 import tinyproject
 from transferlab import cli, config, data
-from transferlab.search import objective as tune
+from transferlab.errors import ConfigError, TuneError
+from transferlab.search import command
+from transferlab.search.objective import RUN_ATTR
+from transferlab.search.proxy import cache_dir, ensure_cache, load_trial_data
+from transferlab.search.report import apply_best, verdict
+from transferlab.search.space import DEFAULT_ATTR, defaults, pruning_callback
+from transferlab.search.study import PARENT_ATTR, make_storage, open_study, optimize, start, work
 from transferlab.stages import PREPARED
 from transferlab.redact import redact
 
@@ -70,7 +76,7 @@ def prepared(tmp_path_factory):
     os.chdir(root)
     try:
         assert cli.main(["prepare"]) == 0
-        tune.ensure_cache(config.load("params.yaml"), PREPARED)
+        ensure_cache(config.load("params.yaml"), PREPARED)
     finally:
         os.chdir(cwd)
     return root
@@ -105,11 +111,11 @@ def test_tiny_study_nests_trials_and_registers_the_best(project):
     assert all(t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) for t in trials)
     # the first trial is params.yaml's own configuration
     params = config.load("params.yaml")
-    assert trials[0].user_attrs[tune.DEFAULT_ATTR] and trials[0].params == tune.defaults(params)
+    assert trials[0].user_attrs[DEFAULT_ATTR] and trials[0].params == defaults(params)
     assert trials[0].params["head_learning_rate"] == params.head.learning_rate
 
     client = mlflow.MlflowClient()
-    parent = client.get_run(study.user_attrs[tune.PARENT_ATTR])
+    parent = client.get_run(study.user_attrs[PARENT_ATTR])
     assert parent.data.tags["stage"] == "tune" and parent.info.status == "FINISHED"
     assert parent.data.params["best.units"] == str(study.best_params["units"])
     assert "test_accuracy" in parent.data.metrics and parent.data.tags["verdict"]
@@ -120,7 +126,7 @@ def test_tiny_study_nests_trials_and_registers_the_best(project):
     children = {int(r.data.tags["trial_number"]): r for r in runs_of(parent.info.run_id)}
     assert sorted(children) == [0, 1, 2, 3]
     assert children[0].data.tags["params_yaml"] == "true"
-    share = len(tune.load_trial_data(params, PREPARED, tune.cache_dir(params)).y["train"])
+    share = len(load_trial_data(params, PREPARED, cache_dir(params)).y["train"])
     for t in trials:
         run = children[t.number]
         assert run.data.tags["state"] == t.state.name
@@ -146,8 +152,8 @@ def test_trials_train_on_the_proxy_share_at_the_proxy_size(project):
     the whole validation split, the backbone at tune.input_size."""
     write_params(project, input_size=48)
     params = config.load("params.yaml")
-    cache = tune.ensure_cache(params, PREPARED)
-    d = tune.load_trial_data(params, PREPARED, cache)
+    cache = ensure_cache(params, PREPARED)
+    d = load_trial_data(params, PREPARED, cache)
     prepared = data.load_prepared(PREPARED)
     n_train, n_classes = len(prepared.y["train"]), len(prepared.classes)
     assert len(d.y["train"]) == round(n_train * 0.5)
@@ -169,27 +175,27 @@ def test_median_pruner_prunes_a_bad_trial_after_its_first_full_epoch_but_never_t
     write_params(project, bad, n_trials=5, pruner="median", space={
         "unfreeze": [0, 2], "head_learning_rate": [1e-7, 1e-2], "learning_rate": [1e-7, 1e-3], "units": [32, 64]})
     params = config.load("params.yaml")
-    study = tune.open_study(params)
+    study = open_study(params)
     for _ in range(3):
         study.enqueue_trial(GOOD)
-    study = tune.start(params, PREPARED)  # enqueues params.yaml's configuration: trial 3
+    study = start(params, PREPARED)  # enqueues params.yaml's configuration: trial 3
     study.enqueue_trial({**GOOD, "head_learning_rate": 1e-7, "learning_rate": 1e-7})
-    tune.work(params, None, PREPARED)
+    work(params, None, PREPARED)
     trials = load().trials
     assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE", "COMPLETE", "COMPLETE", "PRUNED"]
     default, pruned = trials[3], trials[4]
-    assert default.user_attrs[tune.DEFAULT_ATTR] and default.params["learning_rate"] == 1e-7
+    assert default.user_attrs[DEFAULT_ATTR] and default.params["learning_rate"] == 1e-7
     assert sorted(default.intermediate_values) == [1, 2]  # ran to its end
     assert load().best_trial.number != 3
     assert sorted(pruned.intermediate_values) == [1]  # after its first full fine-tune epoch, not before
-    run = mlflow.MlflowClient().get_run(pruned.user_attrs[tune.RUN_ATTR])
+    run = mlflow.MlflowClient().get_run(pruned.user_attrs[RUN_ATTR])
     assert run.data.tags["state"] == "PRUNED" and run.info.status == "FINISHED"
 
 
 def test_a_space_without_the_params_yaml_configuration_is_an_error(project):
     write_params(project, {"head": {"units": 48}})
-    with pytest.raises(config.ConfigError, match=r"head.units is 48, outside tune.space.units \[32, 64\]"):
-        tune.defaults(config.load("params.yaml"))
+    with pytest.raises(ConfigError, match=r"head.units is 48, outside tune.space.units \[32, 64\]"):
+        defaults(config.load("params.yaml"))
     assert cli.main(["tune"]) == 2  # refused before any work
     assert not Path("optuna.db").exists()
 
@@ -199,20 +205,20 @@ def _study_with(values: dict[int, float], default: int) -> optuna.Study:
     for number, value in sorted(values.items()):
         trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
         if number == default:
-            trial.set_user_attr(tune.DEFAULT_ATTR, True)
+            trial.set_user_attr(DEFAULT_ATTR, True)
         study.tell(trial, value)
     return study
 
 
 def test_the_verdict_says_whether_the_search_beat_params_yaml():
     study = _study_with({0: 0.80, 1: 0.85, 2: 0.70}, default=0)
-    v = tune.verdict(study, study.best_trial, "val_accuracy")
+    v = verdict(study, study.best_trial, "val_accuracy")
     assert not v["default_wins"] and v["default_val_accuracy"] == 0.8 and "+0.0500" in v["verdict"]
     study = _study_with({0: 0.80, 1: 0.75}, default=0)
-    v = tune.verdict(study, study.best_trial, "val_accuracy")
+    v = verdict(study, study.best_trial, "val_accuracy")
     assert v["default_wins"] and "nothing to apply" in v["verdict"]
     study = _study_with({0: 0.80, 1: 0.80}, default=1)  # a tie is no improvement
-    assert tune.verdict(study, study.trials[0], "val_accuracy")["default_wins"]
+    assert verdict(study, study.trials[0], "val_accuracy")["default_wins"]
 
 
 def test_apply_writes_the_winner_into_params_yaml_keeping_comments(project):
@@ -221,10 +227,10 @@ def test_apply_writes_the_winner_into_params_yaml_keeping_comments(project):
     params = config.load("params.yaml")
     best = {"unfreeze": 2, "learning_rate": 3.3333333e-4, "weight_decay": 1e-5, "label_smoothing": 0.1234567,
             "head_learning_rate": 5e-3, "dropout": 0.2, "units": 64}
-    assert tune.apply_best(Path("params.yaml"), params, {"default_wins": True, "verdict": "x",
+    assert apply_best(Path("params.yaml"), params, {"default_wins": True, "verdict": "x",
                                                           "best_params": best}, "run1") == {}
     assert Path("params.yaml").read_text() == text
-    changes = tune.apply_best(Path("params.yaml"), params, {"default_wins": False, "best_params": best}, "run1")
+    changes = apply_best(Path("params.yaml"), params, {"default_wins": False, "best_params": best}, "run1")
     after = config.load("params.yaml")
     assert "# kept comment" in Path("params.yaml").read_text()
     assert after.finetune.learning_rate == 3.333e-4 and after.finetune.label_smoothing == 0.1235
@@ -232,7 +238,7 @@ def test_apply_writes_the_winner_into_params_yaml_keeping_comments(project):
     assert after.head.learning_rate == 5e-3 and after.tracking.tuned_by == "run1"
     assert changes["finetune.unfreeze"] == 2
     # every block unfrozen is written as "all"
-    tune.apply_best(Path("params.yaml"), params, {"default_wins": False, "best_params": {"unfreeze": 5}}, "r")
+    apply_best(Path("params.yaml"), params, {"default_wins": False, "best_params": {"unfreeze": 5}}, "r")
     assert config.load("params.yaml").finetune.unfreeze == "all"
 
 
@@ -256,22 +262,96 @@ def test_a_trial_is_never_pruned_at_its_last_epoch_nor_when_it_is_params_yaml():
     study = optuna.create_study(direction="maximize", pruner=optuna.pruners.ThresholdPruner(lower=2.0))
     logs = {"val_accuracy": 0.5}
     with pytest.raises(optuna.TrialPruned):  # the pruner prunes every value below 2
-        tune.pruning_callback(study.ask(), "val_accuracy", last_step=2).on_epoch_end(0, logs)
+        pruning_callback(study.ask(), "val_accuracy", last_step=2).on_epoch_end(0, logs)
     last = study.ask()
-    tune.pruning_callback(last, "val_accuracy", last_step=2).on_epoch_end(1, logs)  # step 2: the last
+    pruning_callback(last, "val_accuracy", last_step=2).on_epoch_end(1, logs)  # step 2: the last
     default = study.ask()
-    tune.pruning_callback(default, "val_accuracy", prune=False, last_step=2).on_epoch_end(0, logs)
+    pruning_callback(default, "val_accuracy", prune=False, last_step=2).on_epoch_end(0, logs)
     reported = {t.number: t.intermediate_values for t in study.get_trials()}
     assert reported[1] == {2: 0.5} and reported[2] == {1: 0.5}
 
 
 def test_a_misnamed_monitor_is_an_error_not_a_silent_no_prune():
     trial = optuna.create_study(direction="maximize").ask()
-    callback = tune.pruning_callback(trial, "val_acc")
-    with pytest.raises(tune.TuneError, match="val_accuracy"):
+    callback = pruning_callback(trial, "val_acc")
+    with pytest.raises(TuneError, match="val_accuracy"):
         callback.on_epoch_end(0, {"val_accuracy": 0.5, "val_loss": 1.0})
-    with pytest.raises(config.ConfigError, match="tune.monitor"):
+    with pytest.raises(ConfigError, match="tune.monitor"):
         config.from_dict(tinyproject.full_params({"tune": {"monitor": "val_acc"}}))
+
+
+def test_a_configuration_error_stops_the_worker_other_errors_fail_only_their_trial():
+    """A TuneError (every trial would fail the same way) ends the worker once
+    Optuna has recorded its trial FAIL; any other error fails its trial only,
+    until 3 in a row."""
+    def misconfigured(trial):
+        raise TuneError("tune.monitor is 'val_acc'")
+
+    study = optuna.create_study()
+    with pytest.raises(TuneError, match="val_acc"):
+        optimize(study, misconfigured, n_trials=5, timeout=10)
+    assert [t.state.name for t in study.trials] == ["FAIL"]
+
+    errors = iter([ValueError, None, ValueError, ValueError, ValueError, None])
+
+    def unlucky(trial):
+        error = next(errors)
+        if error is not None:
+            raise error("a trial's own failure")
+        return 1.0
+
+    study = optuna.create_study()
+    with pytest.raises(TuneError, match="3 trials in a row failed"):
+        optimize(study, unlucky, n_trials=10, timeout=10)
+    assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE", "FAIL", "FAIL", "FAIL"]
+
+
+DYING_WORKER = """
+import sys, time
+import optuna
+from transferlab.search.study import make_storage
+
+
+def objective(trial):
+    trial.suggest_float("x", 0, 1)
+    time.sleep(600)  # SIGKILLed long before
+
+
+study = optuna.load_study(study_name="toy", storage=make_storage(sys.argv[1], heartbeat_seconds=1))
+study.optimize(objective, n_trials=1)
+"""
+
+
+def test_a_worker_stays_for_a_running_trial_and_retries_it_when_its_worker_dies(tmp_path):
+    """The study holds n_trials = 2 once this worker's trial is done, the other
+    still running: Optuna's loop alone would return there. That other worker is
+    SIGKILLed; this one stays, sees its heartbeat stop, and runs the retry with
+    the same params, and no trial more."""
+    url = f"sqlite:///{tmp_path / 'toy.db'}"
+    study = optuna.create_study(study_name="toy", storage=make_storage(url, heartbeat_seconds=1),
+                                direction="maximize")
+    other = subprocess.Popen([sys.executable, "-c", DYING_WORKER, url])
+    try:
+        deadline = time.monotonic() + 60
+        while not study.get_trials(states=(optuna.trial.TrialState.RUNNING,)):
+            assert time.monotonic() < deadline and other.poll() is None, "the other worker never started"
+            time.sleep(0.1)
+        ran = []
+
+        def objective(trial):
+            ran.append(trial.number)
+            if len(ran) == 1:
+                other.send_signal(signal.SIGKILL)  # dies while this worker's first trial runs
+            return trial.suggest_float("x", 0, 1)
+
+        optimize(study, objective, n_trials=2, poll_seconds=0.2)
+    finally:
+        other.kill()
+        other.wait()
+    trials = study.get_trials()
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE", "COMPLETE"]
+    assert ran == [1, 2]
+    assert trials[2].system_attrs["failed_trial"] == 0 and trials[2].params == trials[0].params
 
 
 def test_sqlite_refuses_several_workers(project, caplog):
@@ -287,8 +367,8 @@ def test_storage_password_never_reaches_mlflow(project):
     write_params(project, storage=secret_url)
     params = config.load("params.yaml")
     assert params.tune.storage == secret_url
-    study = tune.start(params, PREPARED, "sqlite:///optuna.db")  # the study itself on SQLite
-    run = mlflow.MlflowClient().get_run(study.user_attrs[tune.PARENT_ATTR])
+    study = start(params, PREPARED, "sqlite:///optuna.db")  # the study itself on SQLite
+    run = mlflow.MlflowClient().get_run(study.user_attrs[PARENT_ATTR])
     assert run.data.params["tune.storage"] == redact(secret_url) != secret_url
     store = (project / "mlflow.db").read_bytes()
     assert b"s3cret" not in store and b"me:***@db" in store
@@ -297,16 +377,16 @@ def test_storage_password_never_reaches_mlflow(project):
 def test_worker_processes_get_the_storage_url_in_their_environment_not_their_arguments(monkeypatch):
     url = "postgresql+psycopg2://me:s3cret@db:5432/optuna"
     started = []
-    monkeypatch.setattr(tune.subprocess, "Popen", lambda cmd, env: started.append((cmd, env)))
-    tune.spawn_workers(2, Path("params.yaml"), url)
+    monkeypatch.setattr(command.subprocess, "Popen", lambda cmd, env: started.append((cmd, env)))
+    command.spawn_workers(2, Path("params.yaml"), url)
     assert len(started) == 2
     for cmd, env in started:
         assert not any("s3cret" in part for part in cmd)  # `ps` shows arguments to every user
-        assert env[tune.STORAGE_ENV] == url
+        assert env[command.STORAGE_ENV] == url
 
 
 def test_tune_reads_the_storage_url_from_the_environment(project, monkeypatch, caplog):
-    monkeypatch.setenv(tune.STORAGE_ENV, "sqlite:///from-env.db")
+    monkeypatch.setenv(command.STORAGE_ENV, "sqlite:///from-env.db")
     assert cli.main(["tune", "--workers", "2"]) == 2  # refused for SQLite, naming the URL it resolved
     assert "from-env.db" in caplog.text
 
@@ -336,11 +416,11 @@ def _assert_nothing_lost(study: optuna.Study, n_trials: int, parent_id: str) -> 
     assert not [t for t in trials if t.state.name in ("RUNNING", "WAITING")]
     numbers = [t.number for t in trials]
     assert sorted(numbers) == list(range(len(trials))), "trial numbers lost or duplicated"
-    run_ids = [t.user_attrs[tune.RUN_ATTR] for t in done]
+    run_ids = [t.user_attrs[RUN_ATTR] for t in done]
     assert len(set(run_ids)) == n_trials, "two trials share an MLflow run"
     children = {r.info.run_id: r for r in runs_of(parent_id)}
     for t in done:
-        assert children[t.user_attrs[tune.RUN_ATTR]].data.tags["state"] == t.state.name
+        assert children[t.user_attrs[RUN_ATTR]].data.tags["state"] == t.state.name
     return trials
 
 
@@ -351,7 +431,7 @@ def test_workers_on_postgresql_complete_the_study(project, postgres):
     subprocess.run([sys.executable, "-m", "transferlab.cli", "tune", "--workers", "3"],
                    check=True, timeout=600)
     study = load(url)
-    trials = _assert_nothing_lost(study, 6, study.user_attrs[tune.PARENT_ATTR])
+    trials = _assert_nothing_lost(study, 6, study.user_attrs[PARENT_ATTR])
     assert len({t.user_attrs["worker"] for t in trials}) > 1, "one worker ran every trial"
     assert yaml.safe_load(Path("metrics/tune.json").read_text())["best_trial"] == study.best_trial.number
 
@@ -364,8 +444,8 @@ def test_a_killed_workers_trial_is_failed_and_retried(project, postgres):
     n_trials = int(os.environ.get("TUNE_KILL_TRIALS", 6))
     url = _pg_project(project, postgres, "killed_worker", n_trials=n_trials)
     params = config.load("params.yaml")
-    study = tune.start(params, PREPARED)
-    procs = tune.spawn_workers(int(os.environ.get("TUNE_KILL_WORKERS", 3)), Path("params.yaml"), None)
+    study = start(params, PREPARED)
+    procs = command.spawn_workers(int(os.environ.get("TUNE_KILL_WORKERS", 3)), Path("params.yaml"), None)
     victim = procs[0]
     killed = None
     deadline = time.monotonic() + 300
@@ -381,12 +461,12 @@ def test_a_killed_workers_trial_is_failed_and_retried(project, postgres):
     for p in procs[1:]:
         assert p.wait(timeout=600) == 0
     victim.wait()
-    trials = _assert_nothing_lost(load(url), n_trials, study.user_attrs[tune.PARENT_ATTR])
+    trials = _assert_nothing_lost(load(url), n_trials, study.user_attrs[PARENT_ATTR])
     assert trials[killed].state.name == "FAIL"
     retries = [t for t in trials if t.system_attrs.get("failed_trial") == killed]
     assert len(retries) == 1 and retries[0].state.name in ("COMPLETE", "PRUNED")
     assert retries[0].params == trials[killed].params
-    dead_run = mlflow.MlflowClient().get_run(trials[killed].user_attrs[tune.RUN_ATTR])
+    dead_run = mlflow.MlflowClient().get_run(trials[killed].user_attrs[RUN_ATTR])
     assert dead_run.info.status == "FAILED" and dead_run.data.tags["state"] == "FAIL"
     states = [t.state.name for t in trials]
     print(f"{len(procs)} workers, {n_trials} trials asked: {len(trials)} trials, "
@@ -421,7 +501,7 @@ def test_mlflow_run_tune_entry_nests_the_trials_under_its_run(project):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "tune --apply:" in out.stderr  # -P apply=true reached the search
     run_id = re.search(r"Run \(ID '([0-9a-f]+)'\) succeeded", out.stderr + out.stdout).group(1)
-    assert load().user_attrs[tune.PARENT_ATTR] == run_id
+    assert load().user_attrs[PARENT_ATTR] == run_id
     parent = mlflow.MlflowClient().get_run(run_id)
     assert parent.data.tags["stage"] == "tune" and "test_accuracy" in parent.data.metrics
     trials = runs_of(run_id)
