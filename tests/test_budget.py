@@ -16,6 +16,7 @@ from transferlab import config
 from transferlab import head as head_lib
 from transferlab.budget import callback, plans
 from transferlab.budget.callback import StepBudget
+from transferlab.config import pipeline
 from transferlab.stages import evaluate, features, finetune, head, prepare
 
 
@@ -140,11 +141,12 @@ def test_a_budget_too_small_names_the_smallest_that_fits():
 
 def test_budget_and_fixed_steps_cannot_both_size_the_fine_tune():
     with pytest.raises(config.ConfigError, match="replay a plan"):
-        config.from_dict(tinyproject.full_params({"budget": "20m", "finetune": {"steps": 100}}))
+        pipeline.check(config.from_dict(tinyproject.full_params({"budget": "20m", "finetune": {"steps": 100}})))
     with pytest.raises(config.ConfigError, match="cosine or linear"):
-        config.from_dict(tinyproject.full_params({"budget": "20m", "finetune": {"schedule": "plateau"}}))
+        pipeline.check(config.from_dict(tinyproject.full_params({"budget": "20m",
+                                                                 "finetune": {"schedule": "plateau"}})))
     with pytest.raises(config.ConfigError, match="duration"):
-        config.from_dict(tinyproject.full_params({"budget": "twenty minutes"}))
+        pipeline.check(config.from_dict(tinyproject.full_params({"budget": "twenty minutes"})))
 
 
 @pytest.fixture(scope="module")
@@ -314,8 +316,8 @@ def test_the_fine_tune_plans_again_from_its_own_steps_and_the_replans_replay(sta
     assert replayed["steps"] == replayed["steps_run"] == plan["steps"] and "plan" not in replayed
     assert replayed["epochs_run"] == planned["epochs_run"]
     with pytest.raises(config.ConfigError, match="replays a budgeted run"):
-        config.from_dict(tinyproject.full_params({**tinyproject.TINY, "budget": "10m",
-                                                  "finetune": {**recipe, "replans": plan["replans"]}}))
+        pipeline.check(config.from_dict(tinyproject.full_params({**tinyproject.TINY, "budget": "10m",
+                                                  "finetune": {**recipe, "replans": plan["replans"]}})))
     with pytest.raises(config.ConfigError, match=r"expected \[\[0, steps\]"):
         config.from_dict(tinyproject.full_params({**tinyproject.TINY, "finetune": {**recipe, "replans": [[5, 9]]}}))
 
@@ -414,8 +416,8 @@ def test_the_head_can_train_on_a_share_of_the_training_features(stages_done, mon
         assert abs(got - rows) <= 1 and meta["timings"]["train"]["images"] == got
         assert ("train_index" in meta) == (rows < n)
     with pytest.raises(config.ConfigError, match="needs finetune.mode: full"):
-        config.from_dict(tinyproject.full_params({**tinyproject.TINY, "features": {"train_fraction": 0.5},
-                                                  "finetune": {"mode": "cached", "unfreeze": 2}}))
+        pipeline.check(config.from_dict(tinyproject.full_params({**tinyproject.TINY, "features": {"train_fraction": 0.5},
+                                                  "finetune": {"mode": "cached", "unfreeze": 2}})))
 
 
 def test_features_and_fine_tune_resolve_auto_input_size_alike(tmp_path, monkeypatch):

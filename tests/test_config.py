@@ -5,12 +5,13 @@ import yaml
 
 import tinyproject
 from transferlab import config
+from transferlab.config import pipeline
 
 ROOT_PARAMS = tinyproject.ROOT / "params.yaml"
 
 
 def test_repo_params_file_is_valid():
-    params = config.load(config.Path(__file__).parents[1] / "params.yaml")
+    params = pipeline.check(config.load(ROOT_PARAMS))
     assert params.backbone.name == "efficientnet_lite0"
     assert params.data.checksum.startswith("sha256:")
 
@@ -73,8 +74,17 @@ def test_int_is_accepted_for_float():
 
 
 def test_unknown_backbone_lists_registry():
+    params = config.from_dict(tinyproject.full_params({"backbone": {"name": "vgg17"}}))  # the data stage's read
     with pytest.raises(config.ConfigError, match="registered: .*efficientnet_lite0.*vgg16"):
-        config.from_dict(tinyproject.full_params({"backbone": {"name": "vgg17"}}))
+        pipeline.check(params)  # what the model stages, run and tune check first
+
+
+def test_unfreeze_is_checked_against_the_backbones_blocks():
+    params = config.from_dict(tinyproject.full_params({"finetune": {"unfreeze": 12}}))
+    with pytest.raises(config.ConfigError, match=r"finetune.unfreeze must be 0..9 \(blocks of efficientnet_lite0\)"):
+        pipeline.check(params)
+    with pytest.raises(config.ConfigError, match="finetune.unfreeze must be a number of blocks or 'all'"):
+        config.from_dict(tinyproject.full_params({"finetune": {"unfreeze": -1}}))
 
 
 def test_choices_are_checked():

@@ -180,8 +180,9 @@ def test_a_checkpoint_of_another_weights_layout_is_never_resumed(in_tmp, monkeyp
     (MODELS / "head" / "model.keras").write_bytes(b"a head")
     layout = checkpoints.CHECKPOINT_LAYOUT
     monkeypatch.setattr(checkpoints, "CHECKPOINT_LAYOUT", "unfolded")
-    old = stage.checkpoint_dir("params")
+    old = checkpoints.keyed_directory(stage.CHECKPOINTS, "params", MODELS / "head" / "model.keras")
     old.mkdir(parents=True)
     monkeypatch.setattr(checkpoints, "CHECKPOINT_LAYOUT", layout)
-    assert stage.checkpoint_dir("params") == stage.checkpoint_dir("params") != old
+    new = checkpoints.keyed_directory(stage.CHECKPOINTS, "params", MODELS / "head" / "model.keras")
+    assert new == checkpoints.keyed_directory(stage.CHECKPOINTS, "params", MODELS / "head" / "model.keras") != old
     assert not old.exists()

@@ -21,8 +21,9 @@ from pathlib import Path
 import yaml
 
 from transferlab import config
-from transferlab.redact import redact_tree
+from transferlab.config import pipeline
 from transferlab.errors import ProjectBusy
+from transferlab.redact import redact_tree
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ def apply_overrides(path: Path, overrides: list[str]) -> dict:
     with path.open("w") as fh:
         ryaml.dump(doc, fh)
     try:
-        config.load(path)
+        pipeline.check(config.load(path))
     except config.ConfigError:
         path.write_text(original)
         raise
@@ -145,7 +146,7 @@ def _run_pipeline(params_path: Path, overrides: list[str]) -> int:
     changes = apply_overrides(params_path, overrides)
     if changes:
         log.info("params.yaml overrides: %s", redact_tree(changes))
-    params = config.load(params_path)
+    params = pipeline.check(config.load(params_path))
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     own_parent = None

@@ -27,9 +27,16 @@ import keras
 import yaml
 
 from transferlab.redact import redact
-from transferlab.train.recipe import metric_name
 
 log = logging.getLogger(__name__)
+
+# Keras history names -> our metric names (train_, val_, test_ prefixes everywhere).
+_KERAS_NAMES = {"loss": "train_loss", "accuracy": "train_accuracy", "learning_rate": "learning_rate"}
+
+
+def metric_name(keras_name: str) -> str:
+    return _KERAS_NAMES.get(keras_name, keras_name)
+
 
 DEFAULT_DB = "mlflow.db"
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"

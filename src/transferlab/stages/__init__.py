@@ -73,16 +73,6 @@ def features_dir(backbone: str, input_size: int | str) -> Path:
     return Path("data/features") / f"{backbone}-{input_size}"
 
 
-def begin(params: config.Params):
-    """How every stage after prepare starts: the device, the seeds (and
-    deterministic ops), then the prepared data (memory-mapped)."""
-    from transferlab import data, device
-
-    device.configure_device()
-    device.seed_everything(params.seed, params.deterministic)
-    return data.load_prepared(PREPARED)
-
-
 def resolved(values: dict) -> str:
     """The params a stage read, as written beside its outputs (URL secrets masked)."""
     from transferlab.redact import redact_tree
@@ -97,9 +87,13 @@ def setup_logging() -> None:
 
 
 def run(main: Callable[[config.Params], object], params_path: str | Path = "params.yaml") -> int:
-    """Load params, run one stage; the exit status: 0, 1 (a user error) or 2 (params)."""
+    """Load params, check them as the stage asks (its module's PARAMS_CHECKS), run it; the
+    exit status: 0, 1 (a user error) or 2 (params)."""
     try:
-        main(config.load(params_path))
+        params = config.load(params_path)
+        for check in getattr(sys.modules[main.__module__], "PARAMS_CHECKS", ()):  # stages.common's
+            check(params)
+        main(params)
     except ConfigError as exc:
         log.error("%s", exc)
         return 2

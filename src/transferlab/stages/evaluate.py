@@ -20,7 +20,8 @@ import yaml
 
 from transferlab import config, evaluate, tracking
 from transferlab.files import write_json
-from transferlab.stages import begin, METRICS, MODELS, PLOTS, PREPARED, entry, end_stage
+from transferlab.stages import METRICS, MODELS, PLOTS, PREPARED, entry, end_stage
+from transferlab.stages.common import PARAMS_CHECKS, begin  # noqa: F401 (PARAMS_CHECKS: for stages.run)
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,8 @@ import numpy as np
 
 from transferlab import backbones, budget, config, data, features, tracking
 from transferlab.files import write_atomic, write_json
-from transferlab.stages import begin, METRICS, PREPARED, entry, features_dir, resolved, end_stage
+from transferlab.stages import METRICS, PREPARED, entry, features_dir, resolved, end_stage
+from transferlab.stages.common import PARAMS_CHECKS, begin  # noqa: F401 (PARAMS_CHECKS: for stages.run)
 from transferlab.train import surgery
 
 KEYS = ("seed", "deterministic", "budget", "backbone", "features", "finetune.unfreeze", "finetune.mode",

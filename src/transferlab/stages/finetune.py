@@ -12,7 +12,6 @@ until the stage completes (transferlab.train.checkpoint).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -25,8 +24,9 @@ import keras
 from transferlab import backbones, budget, config, data, device, features, tracking
 from transferlab.budget.callback import StepBudget, plan_to_budget
 from transferlab.files import write_atomic, write_json
-from transferlab.stages import (METRICS, MODELS, PLOTS, PREPARED, begin, end_stage, entry, features_dir,
+from transferlab.stages import (METRICS, MODELS, PLOTS, PREPARED, end_stage, entry, features_dir,
                                 recorded_stage_seconds, resolved, stage_seconds)
+from transferlab.stages.common import PARAMS_CHECKS, begin  # noqa: F401 (PARAMS_CHECKS: for stages.run)
 from transferlab.train import checkpoint as checkpoints
 from transferlab.train import recipe as recipes
 from transferlab.train import schedule, surgery, trainer
@@ -54,7 +54,8 @@ def _main(params: config.Params, prepared: data.Prepared, callbacks: list | None
     body = backbones.build_body(b.name, size, b.weights)  # as the features stage built it
     unfrozen = surgery.n_unfrozen(spec, f.unfreeze)
     cached = surgery.uses_cache(spec, f.mode, f.unfreeze)
-    small_size = progressive_size(spec, size, f, unfrozen, cached)
+    small_size = surgery.progressive_size(spec, size, f.progressive.scale, f.progressive.fraction, unfrozen,
+                                          cached)
     trained = body
     if small_size:  # the same weights in a body for any input size (Keras' own load by input size)
         trained = backbones.build_body(b.name, size, weights=None, any_size=True)
@@ -78,7 +79,7 @@ def _main(params: config.Params, prepared: data.Prepared, callbacks: list | None
                               activations=features.load_activations(feats_dir) if cached else None,
                               small_size=small_size)
             metrics.update(train(t, r, f, prepared, budget.parse(params.budget),
-                                 checkpoint_dir(resolved(values)), callbacks))
+                                 checkpoints.keyed_directory(CHECKPOINTS, resolved(values), MODELS / "head" / "model.keras"), callbacks))
         else:
             log.info("finetune.unfreeze is 0: the model is the backbone with the trained head")
             (PLOTS / "finetune").mkdir(parents=True, exist_ok=True)
@@ -169,34 +170,6 @@ def step_budget(t: trainer.FineTuning, r: Recipe, f: config.FinetuneConfig, prep
     # as the budget planned them: a share of the steps planned before any re-plan
     small = budget.small_steps(first, per_epoch, f.progressive.fraction) if t.small is not None else 0
     return StepBudget(steps=first, replans=f.replans, small_steps=small)
-
-
-def progressive_size(spec, input_size: int, f: config.FinetuneConfig, unfrozen: int, cached: bool) -> int:
-    """finetune.progressive's smaller input size, or 0 where it does not apply (said in the log)."""
-    size = surgery.small_input_size(spec, input_size, f.progressive.scale, f.progressive.fraction)
-    wanted = f.progressive.scale < 1 and f.progressive.fraction > 0
-    if wanted and unfrozen and (cached or not size):
-        log.info("finetune.progressive: one input size here (%s)", "the cached mode caches activations at one size"
-                 if cached else f"{input_size} px is no multiple of 32, or none lies from {spec.min_size} px below it")
-    return size if unfrozen and not cached else 0
-
-
-def checkpoint_dir(resolved_params: str) -> Path:
-    """Where an interrupted fine-tune resumes from. Keyed by the stage's resolved
-    params, the trained head and the weights files' layout, so a checkpoint of
-    another configuration (or one an older version wrote) is never restored into
-    this one; checkpoints of other keys are stale and removed."""
-    key = hashlib.sha256(resolved_params.encode())
-    key.update((MODELS / "head" / "model.keras").read_bytes())
-    key.update(checkpoints.CHECKPOINT_LAYOUT.encode())
-    backup = CHECKPOINTS / f"finetune-{key.hexdigest()[:16]}"
-    for stale in CHECKPOINTS.glob("finetune*"):
-        if stale != backup:
-            log.info("removing a checkpoint of another configuration: %s", stale)
-            shutil.rmtree(stale)
-    if backup.exists():
-        log.info("resuming the interrupted fine-tune from %s", backup)
-    return backup
 
 
 if __name__ == "__main__":

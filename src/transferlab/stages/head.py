@@ -13,7 +13,8 @@ import numpy as np
 
 from transferlab import config, device, evaluate, features, head, tracking
 from transferlab.files import write_atomic, write_json
-from transferlab.stages import begin, METRICS, MODELS, PLOTS, PREPARED, entry, features_dir, resolved, end_stage
+from transferlab.stages import METRICS, MODELS, PLOTS, PREPARED, entry, features_dir, resolved, end_stage
+from transferlab.stages.common import PARAMS_CHECKS, begin  # noqa: F401 (PARAMS_CHECKS: for stages.run)
 from transferlab.train import recipe
 
 log = logging.getLogger(__name__)

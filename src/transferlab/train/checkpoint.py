@@ -4,9 +4,11 @@ the callbacks a resumable run trains with."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -183,3 +185,21 @@ def callbacks(
     return cbs + list(extra or []), checkpoint
 
 
+
+
+def keyed_directory(root: Path, resolved_params: str, head_file: Path) -> Path:
+    """Where an interrupted fine-tune resumes from, under `root`. Keyed by the
+    stage's resolved params, the trained head and the weights files' layout, so
+    a checkpoint of another configuration (or one an older version wrote) is
+    never restored into this one; checkpoints of other keys are stale and removed."""
+    key = hashlib.sha256(resolved_params.encode())
+    key.update(Path(head_file).read_bytes())
+    key.update(CHECKPOINT_LAYOUT.encode())
+    directory = Path(root) / f"finetune-{key.hexdigest()[:16]}"
+    for stale in Path(root).glob("finetune*"):
+        if stale != directory:
+            log.info("removing a checkpoint of another configuration: %s", stale)
+            shutil.rmtree(stale)
+    if directory.exists():
+        log.info("resuming the interrupted fine-tune from %s", directory)
+    return directory

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import keras
 
+from transferlab.tracking import metric_name
+
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
-# Keras history names -> our metric names (train_, val_, test_ prefixes everywhere).
-_KERAS_NAMES = {"loss": "train_loss", "accuracy": "train_accuracy", "learning_rate": "learning_rate"}
 
 
 @dataclass(frozen=True)
@@ -111,10 +111,6 @@ def monitor(has_val: bool, metric: str = "accuracy") -> str:
 def mode(metric: str) -> str:
     """Whether `metric` improves upwards ("max") or downwards ("min")."""
     return "min" if metric.endswith("loss") else "max"
-
-
-def metric_name(keras_name: str) -> str:
-    return _KERAS_NAMES.get(keras_name, keras_name)
 
 
 def write_history(path: Path, hist: dict) -> None:

@@ -19,6 +19,7 @@ the models the fine-tune trains and saves.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import keras
@@ -26,6 +27,8 @@ from keras import layers
 
 from transferlab import backbones
 from transferlab.backbones import BackboneSpec
+
+log = logging.getLogger(__name__)
 
 
 def n_unfrozen(spec: BackboneSpec, unfreeze: int | str) -> int:
@@ -142,3 +145,15 @@ def small_input_size(spec: BackboneSpec, input_size: int, scale: float, fraction
     return size if size < input_size and fraction > 0 and input_size % STRIDE == 0 else 0
 
 
+
+
+def progressive_size(spec: BackboneSpec, input_size: int, scale: float, fraction: float, unfrozen: int,
+                     cached: bool) -> int:
+    """finetune.progressive's smaller input size for a fine-tune of `unfrozen`
+    blocks, or 0 where it does not apply (said in the log): the cached mode
+    caches activations at one size."""
+    size = small_input_size(spec, input_size, scale, fraction)
+    if scale < 1 and fraction > 0 and unfrozen and (cached or not size):
+        log.info("finetune.progressive: one input size here (%s)", "the cached mode caches activations at one size"
+                 if cached else f"{input_size} px is no multiple of 32, or none lies from {spec.min_size} px below it")
+    return size if unfrozen and not cached else 0
