@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import synth
-from transferlab import backbones, cli, export, finetune, head, predict, tracking, ui
+from transferlab import backbones, cli, export, head, predict, tracking, ui
+from transferlab.train import surgery
 from transferlab.tta import with_tta
 
 CLASSES = synth.CLASSES
@@ -21,7 +22,7 @@ def model_file(in_tmp):
     """A tiny classifier (uint8 16x16 images in), saved as .keras with classes.json."""
     spec = backbones.get("vgg16")
     body = backbones.build_body("vgg16", 32, "none")
-    model = finetune.assemble(spec, body, head.build_head(512, 3, 8, 0.0), 16, 32)
+    model = surgery.assemble(spec, body, head.build_head(512, 3, 8, 0.0), 16, 32)
     (in_tmp / "m").mkdir()
     model.save(in_tmp / "m" / "model.keras")
     (in_tmp / "m" / "classes.json").write_text(json.dumps(CLASSES))
@@ -74,24 +75,31 @@ def test_predict_cli_reads_the_registry_by_alias_and_version(model_file, photos,
 
 
 @pytest.mark.parametrize("tta", ["none", "flip"])
-def test_export_matches_the_keras_model(model_file, in_tmp, tta):
+def test_export_matches_the_keras_model(model_file, in_tmp, tta, monkeypatch):
+    import tensorflow as tf
+    from ai_edge_litert.interpreter import Interpreter
+
     path, model = model_file
     if tta == "flip":  # what evaluate registers by default
         with_tta(model, "flip").save(path)
     loaded = predict.load(path=path)
     sample = np.random.default_rng(0).integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)
+
+    def deprecated(*args, **kwargs):
+        raise AssertionError("export ran tf.lite.Interpreter, deprecated for LiteRT")
+
+    monkeypatch.setattr(tf.lite, "Interpreter", deprecated)
     report = export.export(loaded, in_tmp / "exports", sample)
     f = report["formats"]
     assert f["saved_model"]["max_abs_diff"] < 1e-5
     assert f["model_float32.tflite"]["max_abs_diff"] < 1e-4
     assert f["model_int8_dynamic.tflite"]["bytes"] < f["model_float32.tflite"]["bytes"] / 2
-    # the exported files themselves, run here, not only the report export wrote about them
-    import tensorflow as tf
-
+    # the exported files themselves, run here (the TFLite one in LiteRT, as a device runs
+    # it), not only the report export wrote about them
     expected = loaded.model.predict(sample, verbose=0)
     saved = tf.saved_model.load(str(in_tmp / "exports" / "saved_model"))
     np.testing.assert_allclose(saved.serve(tf.constant(sample.astype(np.float32))).numpy(), expected, atol=1e-5)
-    interpreter = tf.lite.Interpreter(model_path=str(in_tmp / "exports" / "model_float32.tflite"))
+    interpreter = Interpreter(model_path=str(in_tmp / "exports" / "model_float32.tflite"))
     inp = interpreter.get_input_details()[0]
     interpreter.resize_tensor_input(inp["index"], list(sample.shape))
     interpreter.allocate_tensors()

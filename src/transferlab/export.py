@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -52,15 +51,11 @@ def export(loaded: LoadedModel, out_dir: Path, sample: np.ndarray) -> dict:
 
 
 def _run_tflite(path: Path, sample: np.ndarray) -> np.ndarray:
-    try:  # LiteRT, tf.lite.Interpreter's successor, when installed
-        from ai_edge_litert.interpreter import Interpreter
-    except ImportError:
-        import tensorflow as tf
+    """The TFLite file run as a device runs it: in LiteRT, the runtime that
+    replaces the deprecated tf.lite.Interpreter (a dependency: ai-edge-litert)."""
+    from ai_edge_litert.interpreter import Interpreter
 
-        Interpreter = tf.lite.Interpreter  # noqa: N806
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated")
-        interpreter = Interpreter(model_path=str(path))
+    interpreter = Interpreter(model_path=str(path))
     inp = interpreter.get_input_details()[0]
     interpreter.resize_tensor_input(inp["index"], [len(sample), *sample.shape[1:]])
     interpreter.allocate_tensors()
