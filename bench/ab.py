@@ -2,7 +2,7 @@
 then the fine-tune and evaluate stages once per arm, back to back, from the same
 prepared data, features and head.
 
-    python bench/ab.py --data ../shared/data/cifar10-jpeg.tar.gz --set backbone.input_size=128 \\
+    python -m bench ab --data ../shared/data/cifar10-jpeg.tar.gz --set backbone.input_size=128 \\
         --set budget=0 --set 'finetune.replans=[[0,669],[106,637],[352,599]]' \\
         --arm off:finetune.ema=0 --arm ema:finetune.ema=0.99
 
@@ -15,7 +15,9 @@ validation accuracy (what the pipeline's best epoch is chosen by); test accuracy
 is reported beside it. With 5,000 validation images at 91 % a single run's
 accuracy has a standard error of about 0.4 points: say so when an arm wins by less.
 
-Writes <out>/ab.json and <out>/ab.md (the table, also printed). Asserts nothing.
+Writes the run into docs/bench/<date>-<--name>/ (or --out): results.json (each
+arm's figures and the script's report), README.md (a stub with the table, also
+printed) and lscpu.txt; each arm's metrics stay in --workdir. Asserts nothing.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cpu_description, write_report  # noqa: E402
+from common import add_output_arguments, cpu_description, output_folder, write_run  # noqa: E402
 
 SHARED = ("finetune.", "evaluate.")  # what an arm may change: read by no stage before the fine-tune
 
@@ -88,6 +90,12 @@ def run(workdir: Path, params_path: Path, base: list[str], arms: list[tuple[str,
     return {"cpu": cpu_description(), "base": base, "shared_seconds": shared, "arms": results}
 
 
+def figures(report: dict) -> dict:
+    """Each arm's headline figures (validation decides, test beside it)."""
+    keys = ("best_val_accuracy", "test_accuracy", "single_view_test_accuracy", "steps_run", "finetune_seconds")
+    return {"arms": {r["arm"]: {k: r[k] for k in keys if r.get(k) is not None} for r in report["arms"]}}
+
+
 def table(report: dict) -> str:
     lines = [f"CPU: {report['cpu']}", f"base: {' '.join(report['base']) or '(params.yaml)'}", "",
              "| arm | overrides | best val acc (epoch) | val acc by epoch | test acc (single view) | steps | "
@@ -109,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
                     help="an override every arm shares")
     ap.add_argument("--arm", action="append", required=True, help="name:key=value[,key=value]")
     ap.add_argument("--workdir", default="bench-ab")
-    ap.add_argument("--out", default="bench-ab-out")
+    add_output_arguments(ap, "ab")
     args = ap.parse_args(argv)
     arms = [parse_arm(a) for a in args.arm]
     if len({n for n, _ in arms}) != len(arms):
@@ -117,10 +125,9 @@ def main(argv: list[str] | None = None) -> dict:
     base = list(args.overrides)
     if args.data:
         base.insert(0, f"data.source={Path(args.data).resolve()}")  # the params file's checksum stays: --set it
-    out = Path(args.out).resolve()
+    out = output_folder(args)
     report = run(Path(args.workdir).resolve(), Path(args.params).resolve(), base, arms)
-    out.mkdir(parents=True, exist_ok=True)
-    write_report(out, "ab", table(report), report)
+    write_run(out, "ab", figures(report), report, table(report), argv, cpu=report["cpu"])
     return report
 
 

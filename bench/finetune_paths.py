@@ -1,6 +1,6 @@
 """Fine-tuning throughput: the full path against the cached path.
 
-    python bench/finetune_paths.py [--backbone efficientnet_lite0] [--input-size 128]
+    python -m bench finetune_paths [--backbone efficientnet_lite0] [--input-size 128]
                                    [--images 1024] [--unfreeze 1 2 3 5 all]
 
 For each unfreeze depth it measures, on random uint8 32x32 images (throughput
@@ -11,7 +11,8 @@ does not depend on the pixels), with real or random weights alike:
           (both flips, so it runs twice per training image);
 - cached: images/s of one training epoch on the cached activations.
 Then the break-even: the cached path wins once epochs * (1/full - 1/cached)
-exceeds 2/cache, per image. Prints a table; asserts nothing about time.
+exceeds 2/cache, per image. Prints a table and writes the run into
+docs/bench/<date>-<--name>/ (or --out); asserts nothing about time.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -27,6 +30,9 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from transferlab import backbones, features, finetune, head, training  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import add_output_arguments, output_folder, write_run  # noqa: E402
 
 
 def timed_epoch(model, data, **kwargs) -> float:
@@ -73,23 +79,37 @@ def measure(name: str, input_size: int, n: int, unfreeze, batch_size: int) -> di
     return row
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--input-size", type=int, default=128)
     parser.add_argument("--images", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--unfreeze", nargs="+", default=["1", "2", "3", "5", "all"])
-    args = parser.parse_args()
-    print(f"# {args.backbone} at {args.input_size} px, {args.images} images, batch {args.batch_size}, "
-          f"{os.cpu_count()} CPU cores, {platform.machine()}")
-    print("| unfreeze | full: train img/s | cache pass img/s (both flips) | cached: train img/s | "
-          "speed-up per epoch | cached wins after epochs |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    add_output_arguments(parser, "finetune-paths")
+    args = parser.parse_args(argv)
+    lines = []
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+        lines.append(line)
+
+    say(f"# {args.backbone} at {args.input_size} px, {args.images} images, batch {args.batch_size}, "
+        f"{os.cpu_count()} CPU cores, {platform.machine()}")
+    say("| unfreeze | full: train img/s | cache pass img/s (both flips) | cached: train img/s | "
+        "speed-up per epoch | cached wins after epochs |")
+    say("| --- | --- | --- | --- | --- | --- |")
+    rows = []
     for u in args.unfreeze:
         r = measure(args.backbone, args.input_size, args.images, u if u == "all" else int(u), args.batch_size)
-        print(f"| {r['unfreeze']} | {r['full_img_s']:.1f} | {r['cache_img_s']:.1f} | {r['cached_img_s']:.1f} | "
-              f"{r['cached_img_s'] / r['full_img_s']:.1f}x | {r['break_even_epochs']:.2f} |", flush=True)
+        rows.append(r)
+        say(f"| {r['unfreeze']} | {r['full_img_s']:.1f} | {r['cache_img_s']:.1f} | {r['cached_img_s']:.1f} | "
+            f"{r['cached_img_s'] / r['full_img_s']:.1f}x | {r['break_even_epochs']:.2f} |")
+    # NaN and infinity are not JSON: an unmeasured or never-reached figure is null
+    clean = [{k: (v if not isinstance(v, float) or v == v and abs(v) != float("inf") else None) for k, v in r.items()}
+             for r in rows]
+    write_run(output_folder(args), "finetune_paths", {"rows": clean}, {"backbone": args.backbone,
+              "input_size": args.input_size, "images": args.images, "batch_size": args.batch_size}, "\n".join(lines) + "\n", argv, echo=False)
 
 
 if __name__ == "__main__":

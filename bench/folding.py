@@ -2,8 +2,8 @@
 inference with and without the frozen BatchNorm folded into the convolutions
 (`transferlab.folding`), in one process, the two interleaved round by round.
 
-    python bench/folding.py [--backbone efficientnet_lite0] [--weights imagenet] [--input-size 160]
-        [--unfreeze 6] [--rounds 3] [--out bench/results]
+    python -m bench folding [--backbone efficientnet_lite0] [--weights imagenet] [--input-size 160]
+        [--unfreeze 6] [--rounds 3] [--name folding] [--out DIR]
 
 The training step is the pipeline's (`finetune.prepare`: flip and shift
 augmentation, AdamW, label smoothing 0.15, batch 128) on random uint8 32x32
@@ -12,7 +12,8 @@ assembled from the same body and head. Inference is the features stage's and
 evaluate's: the classifier at batch 32 through a compiled forward. Each round
 times a median over `--steps` steps after two warm-up steps, for each variant in
 turn; the ratio is of the medians over the rounds. The folded and unfolded
-outputs are compared too. Writes <out>/folding.{md,json}; asserts nothing.
+outputs are compared too. Writes the run into docs/bench/<date>-<--name>/ (or
+--out): results.json, README.md (a stub with the table), lscpu.txt; asserts nothing.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cpu_description, write_report  # noqa: E402
+from common import add_output_arguments, cpu_description, output_folder, write_run  # noqa: E402
 
 
 def median_seconds(fn, steps: int) -> float:
@@ -42,7 +43,7 @@ def median_seconds(fn, steps: int) -> float:
     return float(np.median(times))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--weights", default="imagenet")
@@ -50,8 +51,8 @@ def main() -> None:
     parser.add_argument("--unfreeze", default="6")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--out", default="bench/results")
-    a = parser.parse_args()
+    add_output_arguments(parser, "folding")
+    a = parser.parse_args(argv)
 
     import keras
     import numpy as np
@@ -113,7 +114,9 @@ def main() -> None:
         f"{results['inference_speedup']:.2f}x |", "",
         f"Largest difference between the two models' probabilities on one batch: {difference:.2e}.",
     ])
-    write_report(a.out, "folding", text, results)
+    write_run(output_folder(a), "folding", {k: results[k] for k in (
+        "train_speedup", "inference_speedup", "max_abs_output_difference", "folded_pairs")}, results, text + "\n", argv,
+        cpu=results["cpu"])
 
 
 if __name__ == "__main__":

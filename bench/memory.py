@@ -2,12 +2,12 @@
 JPEG photos-like images at 224 px, prepared and featurized at 224 px, at two
 sizes, each run in its own process so each has its own peak RSS.
 
-    python bench/memory.py                     # 2,000 and 20,000 images
-    python bench/memory.py --sizes 500 5000 --weights none
+    python -m bench memory                     # 2,000 and 20,000 images
+    python -m bench memory --sizes 500 5000 --weights none
 
-Prints (and writes to --out) a table of images, decoded size, peak RSS and the
-ratio of the largest run's peak to the smallest's; the target is <= 1.5x.
-Asserts nothing.
+Prints a table of images, decoded size, peak RSS and the ratio of the largest
+run's peak to the smallest's (the target is <= 1.5x), and writes the run into
+docs/bench/<date>-<--name>/ (or --out). Asserts nothing.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cpu_description, write_report  # noqa: E402
+from common import add_output_arguments, cpu_description, output_folder, write_run  # noqa: E402
 CLASSES = 10
 SIZE = 224
 
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", type=int, nargs="+", default=[2000, 20000])
     p.add_argument("--weights", default="imagenet")
     p.add_argument("--workdir", default=str(ROOT / "bench/work-memory"))
-    p.add_argument("--out", default=str(ROOT / "bench/results"))
+    add_output_arguments(p, "memory")
     p.add_argument("--one", nargs=2, metavar=("FOLDER", "WORKDIR"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.one:
@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     lines += ["", f"Peak RSS of the largest run / the smallest: {ratio:.2f}x (target <= 1.5x: "
                   f"{'met' if ratio <= 1.5 else 'NOT met'})."]
     text = "\n".join(lines) + "\n"
-    write_report(args.out, "memory", text, rows)
+    write_run(output_folder(args), "memory", {"peak_rss_gb_by_images": {str(r["images"]): r["peak_rss_gb"] for r in rows},
+                                              "peak_rss_ratio": round(ratio, 2)}, {"rows": rows}, text, argv, cpu=cpu)
     return 0
 
 

@@ -1,8 +1,8 @@
 """Our pipeline against the seeds' recipe and fastai's, side by side on the same data and machine.
 
-    python bench/recipes.py                       # real CIFAR-10, efficientnet_lite0, default params
-    python bench/recipes.py --data DIR --weights none --set head.epochs=2 ...   # a smoke run
-    python bench/recipes.py --recipes ours,fastai # any of ours, seeds, fastai
+    python -m bench recipes                       # real CIFAR-10, efficientnet_lite0, default params
+    python -m bench recipes --data DIR --weights none --set head.epochs=2 ...   # a smoke run
+    python -m bench recipes --recipes ours,fastai # any of ours, seeds, fastai
 
 Three recipes, each in its own process (so each has its own peak RSS):
 - seeds: the classic notebook recipe written plainly with Keras `model.fit`:
@@ -21,9 +21,11 @@ stopped, so the curve is test accuracy against training wall time. The seeds'
 recipe starts from the prepared arrays (the JPEG decoding, our prepare stage, is
 counted for ours only); fastai's clock starts before it unpacks the archive.
 
-Writes into --out: results.json, table.md (the README's table), results.csv,
-time_to_accuracy.csv and time_to_accuracy.png; prints the table and the
-targets' status. Asserts nothing about time.
+Writes the run into docs/bench/<date>-<--name>/ (or --out): results.json (the
+figures and every recipe's result, points included), README.md (a stub with
+the table), lscpu.txt, results.csv, time_to_accuracy.csv and
+time_to_accuracy.png. It measures only: bench/report.py judges the targets.
+Asserts nothing about time.
 """
 
 from __future__ import annotations
@@ -45,12 +47,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Clock, cpu_description  # noqa: E402
-
-TARGETS = ((0.90, 20 * 60), (0.93, 60 * 60))  # (test accuracy, seconds) on this CPU (issue #15)
-SOONER = 5.0  # the seeds' final accuracy, reached at least this many times sooner
-RSS_LIMIT_GB = 4.0
-
+from common import Clock, add_output_arguments, cpu_description, output_folder, write_run  # noqa: E402
 
 def probe(clock: Clock, points: list, phase: str, x, y, batch_size: int = 256, deferred: bool = False):
     """A Keras callback: test accuracy after each epoch, clock stopped. `deferred`:
@@ -253,59 +250,6 @@ def run_seeds(workdir: Path, backbone: str, weights: str, head_epochs: int, ft_e
 # --------------------------------------------------------------------------- report
 
 
-def first_time(points: list, accuracy: float) -> float | None:
-    """Wall seconds at which test accuracy first reached `accuracy`."""
-    hits = [p["seconds"] for p in points if p["test_accuracy"] >= accuracy]
-    return min(hits) if hits else None
-
-
-def sooner_than_peer(ours: dict, peer: dict) -> dict:
-    """Each accuracy the peer reached (after each of its epochs): when it did,
-    and when ours first did."""
-    rows = []
-    for p in peer["points"]:
-        if p["phase"] == "final":
-            continue
-        t = first_time(ours["points"], p["test_accuracy"])
-        rows.append(f"{p['test_accuracy']:.2%}: {peer['recipe']} {p['seconds'] / 60:.1f} min, "
-                    + (f"ours {t / 60:.1f} min" if t is not None else "ours never"))
-    met = bool(peer["points"]) and all(
-        (t := first_time(ours["points"], p["test_accuracy"])) is not None and t < p["seconds"]
-        for p in peer["points"] if p["phase"] != "final")
-    return {"target": f"every accuracy {peer['recipe']} reached, ours reached sooner",
-            "measured": "; ".join(rows) or "no points", "met": met}
-
-
-def targets(ours: dict, seeds: dict | None, peer: dict | None = None) -> list[dict]:
-    rows = []
-    for acc, limit in TARGETS:
-        t = first_time(ours["points"], acc)
-        best = max(p["test_accuracy"] for p in ours["points"])
-        rows.append({"target": f">= {acc:.0%} test accuracy within {limit // 60} min",
-                     "measured": f"reached at {t / 60:.1f} min" if t else f"best {best:.2%}, not reached",
-                     "met": t is not None and t <= limit})
-    budget = ours.get("budget_seconds")
-    if budget:  # issue #15: a budgeted run is met only if it also finished within its budget
-        wall = ours["wall_seconds"]
-        rows.append({"target": f"ours finished within its budget of {budget / 60:g} min",
-                     "measured": f"{wall / 60:.1f} min ({wall - budget:+.0f} s)", "met": wall <= budget})
-    if peer is not None:
-        rows.append(sooner_than_peer(ours, peer))
-    if seeds is not None:
-        goal = seeds["after_finetune"]
-        t_seeds = first_time(seeds["points"], goal)
-        t_ours = first_time(ours["points"], goal)
-        ratio = t_seeds / t_ours if t_seeds and t_ours else None
-        rows.append({"target": f"the seeds' final {goal:.2%} reached >= {SOONER:.0f}x sooner",
-                     "measured": (f"seeds {t_seeds / 60:.1f} min, ours {t_ours / 60:.1f} min: {ratio:.1f}x"
-                                  if ratio else "ours never reached it"),
-                     "met": ratio is not None and ratio >= SOONER})
-    rss = ours["peak_rss_gb"]  # ours is what the limit is for
-    rows.append({"target": f"ours' peak RSS <= {RSS_LIMIT_GB:.0f} GB", "measured": f"{rss:.2f} GB",
-                 "met": rss <= RSS_LIMIT_GB})
-    return rows
-
-
 def _pct(v) -> str:
     return "-" if v is None else f"{v:.2%}"
 
@@ -329,10 +273,21 @@ def table(results: list[dict], machine: str) -> str:
     return "\n".join(lines + ["", "Stage times (probe time excluded):", *stage_lines]) + "\n"
 
 
-def write_outputs(out: Path, results: list[dict], target_rows: list[dict], machine: str) -> str:
+def figures(results: list[dict]) -> dict:
+    """The run's headline figures: ours unprefixed, the peers' prefixed by their name."""
+    out = {}
+    for r in results:
+        key = "" if r["recipe"] == "ours" else r["recipe"] + "_"
+        out[key + "test_accuracy"] = r["after_finetune"]
+        out[key + "wall_minutes"] = round(r["wall_seconds"] / 60, 1)
+        out[key + "peak_rss_gb"] = r["peak_rss_gb"]
+        if r.get("budget_seconds"):
+            out[key + "budget_minutes"] = round(r["budget_seconds"] / 60, 2)
+    return out
+
+
+def write_outputs(out: Path, results: list[dict], machine: str, argv: list[str] | None = None) -> str:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"machine": machine, "results": results,
-                                                  "targets": target_rows}, indent=1) + "\n")
     with (out / "results.csv").open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["recipe", "config", "after_head", "after_finetune", "wall_seconds",
@@ -350,9 +305,8 @@ def write_outputs(out: Path, results: list[dict], target_rows: list[dict], machi
                 w.writerow([r["recipe"], p["phase"], p["epoch"], p["seconds"], p["test_accuracy"],
                             p["val_accuracy"]])
     plot(out / "time_to_accuracy.png", results, machine)
-    text = table(results, machine) + "\nTargets:\n" + "\n".join(
-        f"- {t['target']}: {t['measured']} ({'met' if t['met'] else 'NOT met'})" for t in target_rows) + "\n"
-    (out / "table.md").write_text(text)
+    text = table(results, machine)
+    write_run(out, "recipes", figures(results), {"results": results}, text, argv, cpu=machine)
     return text
 
 
@@ -370,8 +324,6 @@ def plot(path: Path, results: list[dict], machine: str) -> None:
         ft = [p for p in pts if p["phase"] == "finetune"]
         if ft:
             ax.axvline(ft[0]["seconds"] / 60, color=ax.lines[-1].get_color(), alpha=0.2, linestyle=":")
-    for acc, limit in TARGETS:
-        ax.plot([limit / 60], [100 * acc], marker="*", color="k", markersize=10)
     ax.set_xlabel("wall time (min; probes excluded)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(textwrap.fill(f"Time to accuracy ({machine})", 90), fontsize=9)
@@ -408,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds-finetune-epochs", type=int, default=10)
     p.add_argument("--seeds-unfreeze", type=int, default=1, help="top registry blocks (1: the top block)")
     p.add_argument("--workdir", default=str(ROOT / "bench/work"))
-    p.add_argument("--out", default=str(ROOT / "bench/results"))
+    add_output_arguments(p, "recipes")
     p.add_argument("--recipes", default="ours,seeds,fastai", help="which to run, comma-separated")
     p.add_argument("--peer-python", default=os.environ.get("TRANSFERLAB_PEER_PYTHON", str(ROOT / ".peer/bin/python")),
                    help="the Python of the fastai peer's environment (bench/peer-requirements.txt)")
@@ -423,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--recipes: a comma-separated choice of ours, seeds, fastai; received {args.recipes!r}")
     if "seeds" in chosen and "ours" not in chosen and not args.reuse:
         p.error("--recipes: the seeds' recipe reads the arrays ours prepares; add ours (or --reuse its run)")
-    workdir, out = Path(args.workdir).resolve(), Path(args.out).resolve()
+    workdir = Path(args.workdir).resolve()
 
     if args.only:
         from transferlab import config
@@ -484,12 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{name}] reported from {workdir / f'{name}.json'} (an earlier run; --reuse)", flush=True)
     order = [name for name in ("seeds", "fastai", "ours") if name in chosen or name in reused]
     results = [json.loads((workdir / f"{name}.json").read_text()) for name in order]
-    by_name = dict(zip(order, results))
-    machine = machine_name()
-    target_rows = targets(by_name["ours"], by_name.get("seeds"), by_name.get("fastai")) if "ours" in by_name else []
-    text = write_outputs(out, results, target_rows, machine)
-    print(text)
-    print(f"written: {out}/table.md, results.csv, time_to_accuracy.csv, time_to_accuracy.png")
+    write_outputs(output_folder(args), results, machine_name(), argv)
     return 0
 
 

@@ -1,8 +1,8 @@
 """The default pipeline on small data sets: did transfer pay off, and did the
 fine-tune end no worse than the head it started from?
 
-    python bench/small_data.py                       # both sets, default params
-    python bench/small_data.py --sets shapes --set finetune.min_steps=0
+    python -m bench small_data                       # both sets, default params
+    python -m bench small_data --sets shapes --set finetune.min_steps=0
 
 Two sets, each a train/ and test/ image folder:
 - cifar300: 300 training images per class (and 100 test images per class) drawn,
@@ -14,7 +14,8 @@ Each runs the pipeline's stages in its own process with the shipped params.yaml
 (data.source pointed at the set; --set overrides more) and reports the test
 accuracy, the raw-pixel baseline evaluate reports beside it, the head's and the
 fine-tune's best validation accuracy, the fine-tune's steps, whether test-time
-flips were kept, and the wall time. Writes --out/small_data.{md,json}; asserts nothing.
+flips were kept, and the wall time. Writes the run into docs/bench/<date>-<--name>/
+(or --out): results.json, README.md (a stub with the table), lscpu.txt; asserts nothing.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cpu_description, write_report  # noqa: E402
+from common import add_output_arguments, cpu_description, output_folder, write_run  # noqa: E402
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "bar")
 
 
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--test-per-class", type=int, default=100)
     p.add_argument("--set", action="append", default=[], help="key=value params overrides")
     p.add_argument("--workdir", default=str(ROOT / "bench/work-small"))
-    p.add_argument("--out", default=str(ROOT / "bench/results"))
+    add_output_arguments(p, "small-data")
     p.add_argument("--one", nargs=2, metavar=("SOURCE", "WORKDIR"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.one:
@@ -188,7 +189,10 @@ def main(argv: list[str] | None = None) -> int:
                      f"(best epoch {r['finetune_best_epoch']}) | {r['finetune_steps']} | "
                      f"{'kept' if r['tta_flip'] else 'dropped'} | {r['wall_seconds'] / 60:.1f} min |")
     text = "\n".join(lines) + "\n"
-    write_report(args.out, "small_data", text, results)
+    keys = ("test_accuracy", "baseline_test_accuracy", "head_best_val_accuracy", "finetune_best_val_accuracy",
+            "finetune_steps", "wall_seconds")
+    write_run(output_folder(args), "small_data", {"sets": {n: {k: r[k] for k in keys if k in r} for n, r in results.items()}},
+              {"sets": results}, text, argv, cpu=cpu)
     return 0
 
 

@@ -2,13 +2,14 @@
 `model.predict`, batch size, tf.data prefetch and caching, XLA, thread settings,
 and the fine-tune's training step by batch size, with and without XLA.
 
-    python bench/throughput.py [--backbone efficientnet_lite0] [--input-size 96] [--images 2048]
+    python -m bench throughput [--backbone efficientnet_lite0] [--input-size 96] [--images 2048]
         [--unfreeze 5] [--train-batch-sizes 64,128]
 
 Every row runs the same model on the same uint8 32x32 images (random pixels:
 the speed does not depend on them) after one warm-up batch. Thread settings
-need a fresh TensorFlow, so each runs in its own process. Writes
-bench/results/throughput.{md,csv,json}; asserts nothing about time.
+need a fresh TensorFlow, so each runs in its own process. Writes the run into
+docs/bench/<date>-<--name>/ (or --out): results.json (every row), README.md (a
+stub with the table), throughput.csv and lscpu.txt; asserts nothing about time.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import add_output_arguments, output_folder, write_run  # noqa: E402
 
 
 def timed(fn, n: int) -> float:
@@ -143,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-batch-sizes", default="64,128", help="comma-separated batch sizes of the training rows")
     p.add_argument("--threads", default="", help=argparse.SUPPRESS)  # "intra,inter": one child process
     p.add_argument("--quick", action="store_true", help="a few rows only (the test suite's smoke run)")
-    p.add_argument("--out", default=str(ROOT / "bench/results"))
+    add_output_arguments(p, "throughput")
     args = p.parse_args(argv)
 
     if args.threads:
@@ -177,20 +180,19 @@ def main(argv: list[str] | None = None) -> int:
     ours = next(r for r in rows if r["variant"].startswith("ours") and r["batch_size"] == 64)
     plain = next(r for r in rows if r["variant"].startswith("plain model.predict"))
     ratio = ours["images_per_second"] / plain["images_per_second"]
-    out = Path(args.out)
+    out = output_folder(args)
     out.mkdir(parents=True, exist_ok=True)
     header = (f"{args.backbone} at {args.input_size} px, {args.images} images (training: {args.train_images}), "
               f"{os.cpu_count()} CPU cores; ours / plain model.predict at batch 64 = {ratio:.2f}x")
     lines = [header, "", "| what | variant | images/s | compile s |", "| --- | --- | --- | --- |"]
     lines += [f"| {r['what']} | {r['variant']} | {r['images_per_second']:,.1f} | {r.get('compile_seconds', '')} |"
               for r in rows]
-    (out / "throughput.md").write_text("\n".join(lines) + "\n")
-    (out / "throughput.json").write_text(json.dumps({"ratio_ours_to_predict": ratio, "rows": rows}, indent=1))
     with (out / "throughput.csv").open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=["what", "variant", "images_per_second", "batch_size", "compile_seconds"])
         w.writeheader()
         w.writerows(rows)
-    print("\n".join(lines))
+    write_run(out, "throughput", {"ratio_ours_to_predict": round(ratio, 3)}, {"rows": rows}, "\n".join(lines) + "\n",
+              argv)
     return 0
 
 
