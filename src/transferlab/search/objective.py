@@ -1,10 +1,11 @@
 """One trial: a cheap, faithful proxy of the pipeline, with its MLflow run.
 
-The proxy (params.yaml `tune`) is the same recipe on the full path
-(augmentation, upscale, backbone, head; the learning rate decaying to zero at the
-proxy's last step) on the proxy's share of the training images (search.proxy),
-at a smaller input size, for a few fine-tune epochs, validated on the whole
-validation split. Its head trains on the share's pooled features first.
+The proxy (params.yaml `tune`) is the pipeline's own fine-tune
+(`transferlab.train`) on the full path (augmentation, upscale, backbone, head;
+the learning rate decaying to zero at the proxy's last step), on the proxy's
+share of the training images (search.proxy), at a smaller input size, for a few
+fine-tune epochs, validated on the whole validation split. Its head trains on
+the share's pooled features first.
 
 Each trial is one MLflow run nested under the study's parent run, with its
 params, per-epoch curves (the head's as head_*), state and number; the model of
@@ -117,9 +118,14 @@ class Objective:
         fine-tune (augmentation, schedule to zero at the last proxy step), through
         the pipeline's own functions; returns the best monitored value and the
         parts of the model that reached it."""
+        import dataclasses
+
         import keras
 
-        from transferlab import backbones, device, finetune, head, tracking, training
+        from transferlab import backbones, device, head, tracking
+        from transferlab.budget.callback import StepBudget
+        from transferlab.train import trainer
+        from transferlab.train.recipe import Recipe, mode
 
         p, t, d = self.params, self.params.tune, self.trial_data
 
@@ -139,27 +145,24 @@ class Objective:
         body = backbones.build_body(p.backbone.name, proxy_size(p), p.backbone.weights)
         if hp["unfreeze"] == 0 or t.finetune_epochs == 0:
             return value, (spec, body, head_model)
-        f, a = p.finetune, p.finetune.augment
-        surgery = finetune.prepare(
-            spec, body, head_model, unfreeze=hp["unfreeze"], y_train=d.y["train"], y_val=d.y["val"],
-            batch_size=batch(f.batch_size), seed=p.seed + trial.number, images=(d.x["train"], d.x["val"]),
-            image_size=int(d.meta["image_size"]), input_size=proxy_size(p),
-            augment=config.augment_options(a), train_bn=f.train_bn, train_depthwise=f.train_depthwise,
-        )
-        before = surgery.model.get_weights()
-        keep_best = keras.callbacks.EarlyStopping(monitor=self.monitor, mode=training.mode(self.monitor),
+        recipe = dataclasses.replace(  # params.yaml's fine-tune, with what this trial tries
+            Recipe.from_params(p.finetune, seed=p.seed + trial.number, batch_size=batch(p.finetune.batch_size)),
+            unfreeze=hp["unfreeze"], learning_rate=hp["learning_rate"], weight_decay=hp["weight_decay"],
+            label_smoothing=hp["label_smoothing"])
+        fine_tune = trainer.build(spec, body, head_model, recipe, y_train=d.y["train"], y_val=d.y["val"],
+                                  images=(d.x["train"], d.x["val"]), image_size=int(d.meta["image_size"]),
+                                  input_size=proxy_size(p))
+        before = fine_tune.model.get_weights()
+        keep_best = keras.callbacks.EarlyStopping(monitor=self.monitor, mode=mode(self.monitor),
                                                   patience=t.finetune_epochs, restore_best_weights=True)
-        hist = finetune.fit(surgery, optimizer=f.optimizer, learning_rate=hp["learning_rate"],
-                            weight_decay=hp["weight_decay"], schedule=f.schedule, warmup_epochs=f.warmup_epochs,
-                            steps=t.finetune_epochs * finetune.steps_per_epoch(surgery, batch(f.batch_size)),
-                            batch_size=batch(f.batch_size), label_smoothing=hp["label_smoothing"], ema=f.ema,
-                            verbose=0,
-                            callbacks=[keep_best, pruning_callback(trial, self.monitor, step_offset=1, prune=prune,
-                                                                   last_step=t.finetune_epochs),
-                                       tracking.EpochLogger(step_offset=1)])
+        steps = t.finetune_epochs * fine_tune.steps_per_epoch(recipe.batch_size)
+        hist = trainer.fit(fine_tune, recipe, StepBudget(steps=steps), verbose=0,
+                           callbacks=[keep_best, pruning_callback(trial, self.monitor, step_offset=1, prune=prune,
+                                                                  last_step=t.finetune_epochs),
+                                      tracking.EpochLogger(step_offset=1)])
         tuned = self._best(hist.history[self.monitor])
         if self.sign * tuned <= self.sign * value:
-            surgery.model.set_weights(before)  # fine-tuning did not help: keep the head's result
+            fine_tune.model.set_weights(before)  # fine-tuning did not help: keep the head's result
             return value, (spec, body, head_model)
         return tuned, (spec, body, head_model)
 
@@ -173,10 +176,9 @@ class Objective:
 
         import mlflow
 
-        from transferlab import finetune
+        from transferlab.train.surgery import assemble
 
-        model = finetune.assemble(spec, body, head_model, int(self.trial_data.meta["image_size"]),
-                                  proxy_size(self.params))
+        model = assemble(spec, body, head_model, int(self.trial_data.meta["image_size"]), proxy_size(self.params))
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "model.keras"
             model.save(path)

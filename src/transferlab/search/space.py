@@ -81,10 +81,11 @@ def defaults(params: config.Params) -> dict:
     """params.yaml's configuration as a point of the space: the study's first
     trial. A value outside its range is an error, not a silent clip: the search
     must contain the configuration it is meant to beat."""
-    from transferlab import backbones, finetune
+    from transferlab import backbones
+    from transferlab.train.surgery import n_unfrozen
 
     f, h, s = params.finetune, params.head, params.tune.space
-    point = {"unfreeze": finetune.n_unfrozen(backbones.get(params.backbone.name), f.unfreeze),
+    point = {"unfreeze": n_unfrozen(backbones.get(params.backbone.name), f.unfreeze),
              "learning_rate": f.learning_rate, "weight_decay": f.weight_decay,
              "label_smoothing": f.label_smoothing, "head_learning_rate": h.learning_rate,
              "dropout": h.dropout, "units": h.units}
