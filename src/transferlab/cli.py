@@ -6,14 +6,16 @@
     transferlab finetune  # unfreeze the top blocks -> models/finetune/  (stages/finetune.py)
     transferlab evaluate  # test set -> metrics, registered model    (stages/evaluate.py)
     transferlab run --set backbone.name=vgg16   # overrides -> params.yaml -> dvc repro  (run.py)
-    transferlab tune [--workers 4]              # the Optuna search   (tune.py)
+    transferlab tune [--workers 4]              # the Optuna search   (search/)
     transferlab predict photos/ --top-k 3       # the registered champion on image files (predict.py)
     transferlab export --out exports/           # SavedModel + TFLite, checked against Keras (export.py)
     transferlab ui                              # the MLflow UI on this project's store (ui.py)
     transferlab compare                         # backbones side by side, from MLflow (compare.py)
 
-`dvc repro` runs the stages as `python -m transferlab.stages.<name>` (dvc.yaml),
-so that this file is no dependency of any stage.
+Every command takes `--params FILE` and `--set KEY=VALUE` (written into the
+params file first). `dvc repro` runs the stages as `python -m
+transferlab.stages.<name>` (dvc.yaml), so that this file is no dependency of
+any stage.
 """
 
 from __future__ import annotations
@@ -40,18 +42,17 @@ def _parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    common.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="write an override into the params file first, e.g. --set backbone.name=vgg16")
     sub = parser.add_subparsers(dest="stage", required=True, metavar="command")
     for name, text in STAGE_HELP.items():
         sub.add_parser(name, parents=[common], help=text)
-    overrides = argparse.ArgumentParser(add_help=False)
-    overrides.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                           help="write a params.yaml override first, e.g. --set backbone.name=vgg16")
-    run_parser = sub.add_parser("run", parents=[common, overrides],
+    run_parser = sub.add_parser("run", parents=[common],
                                 help="the whole pipeline (dvc repro) as one MLflow parent run")
     run_parser.add_argument("--budget", metavar="DURATION",
                             help="plan the pipeline to finish within this wall time, e.g. 20m or 1h "
                                  "(written to params.yaml as `budget`; 0: none)")
-    tune = sub.add_parser("tune", parents=[common, overrides], help="the Optuna search (params.yaml: tune)")
+    tune = sub.add_parser("tune", parents=[common], help="the Optuna search (params.yaml: tune)")
     tune.add_argument("--workers", type=int, default=1,
                       help="worker processes on this machine (more than 1 needs PostgreSQL storage)")
     tune.add_argument("--storage", help="Optuna storage URL (default: $TRANSFERLAB_TUNE_STORAGE, then "
@@ -99,6 +100,11 @@ def _yes_no(value: str) -> bool:
 def _dispatch(args: argparse.Namespace) -> int:
     from transferlab import config, device
 
+    if args.set and args.stage not in ("run", "tune"):  # those two write them under their own lock
+        from transferlab.redact import redact_tree
+        from transferlab.run import apply_overrides
+
+        log.info("%s overrides: %s", args.params, redact_tree(apply_overrides(Path(args.params), args.set)))
     if args.stage in STAGE_HELP:
         from transferlab import stages
 

@@ -133,7 +133,13 @@ def project_lock(root: Path = Path(".")):
 def main(params_path: Path, overrides: list[str]) -> int:
     """The whole pipeline as one MLflow parent run: overrides -> params.yaml ->
     `dvc repro`, each stage a child run. Under `mlflow run`, the run it started
-    is the parent. Refused while another run holds the project (project_lock)."""
+    is the parent. Refused while another run holds the project (project_lock),
+    and for a params file other than the project's params.yaml, which is the
+    one dvc.yaml's stages read."""
+    if Path(params_path).resolve() != (Path.cwd() / "params.yaml").resolve():
+        raise config.ConfigError(
+            f"--params {params_path}: `transferlab run` runs `dvc repro`, whose stages read the project's "
+            "params.yaml; copy the file over params.yaml, or give its changes with --set KEY=VALUE")
     with project_lock(Path.cwd()):
         return _run_pipeline(params_path, overrides)
 
