@@ -119,19 +119,19 @@ def test_fitted_temperature_recovers_the_one_that_made_the_labels():
     assert calibrated < 0.5 * evaluate.expected_calibration_error(evaluate.softmax_views([logits]), y)
 
 
-def test_test_model_keeps_a_temperature_only_where_it_lowers_val_nll():
+def test_evaluate_model_keeps_a_temperature_only_where_it_lowers_val_nll():
     from transferlab import evaluate
 
     base = _classifier()
     rng = np.random.default_rng(1)
     x = rng.integers(0, 255, (40, 6, 6, 3)).astype(np.uint8)
     y = rng.integers(0, 3, 40)
-    result = evaluate.test_model(base, x, y, ["a", "b", "c"], 8, "flip", x, y)
+    result = evaluate.evaluate_model(base, x, y, ["a", "b", "c"], 8, "flip", x, y)
     assert result["val_nll"] <= result["val_nll_before_calibration"]
     if result["temperature"] != 1.0:
         assert result["val_nll"] < result["val_nll_before_calibration"]
     np.testing.assert_allclose(result["model"].predict(x, verbose=0), result["probs"], atol=1e-5)
-    off = evaluate.test_model(base, x, y, ["a", "b", "c"], 8, "flip", x, y, calibrate=False)
+    off = evaluate.evaluate_model(base, x, y, ["a", "b", "c"], 8, "flip", x, y, calibrate=False)
     assert off["temperature"] == 1.0 and "val_nll" not in off
 
 
@@ -143,7 +143,7 @@ def test_a_temperature_that_raises_val_nll_is_not_kept(monkeypatch):
     x = rng.integers(0, 255, (30, 6, 6, 3)).astype(np.uint8)
     y = base.predict(x, verbose=0).argmax(axis=1)  # labels the model gets right: a high T only hurts
     monkeypatch.setattr(evaluate, "fit_temperature", lambda views, y: 20.0)
-    result = evaluate.test_model(base, x, y, ["a", "b", "c"], 8, "none", x, y)
+    result = evaluate.evaluate_model(base, x, y, ["a", "b", "c"], 8, "none", x, y)
     assert result["temperature"] == 1.0
     assert result["val_nll"] == result["val_nll_before_calibration"]
     assert result["model"] is base
@@ -177,7 +177,7 @@ def test_auto_tta_drops_flips_where_the_mirror_image_is_another_class():
     x[y == 0, :, :4] += 150  # class 0: the bright half on the left; class 1: on the right
     x[y == 1, :, 4:] += 150
     x = x.astype(np.uint8)
-    result = evaluate.test_model(model, x, y, ["left", "right"], 16, "auto", x, y)
+    result = evaluate.evaluate_model(model, x, y, ["left", "right"], 16, "auto", x, y)
     assert result["tta"] == "none" and result["val_nll_flip"] > result["val_nll_single_view"]
     assert result["test_accuracy"] == 1.0
     assert not any(layer.name.startswith("tta_flip") for layer in result["model"]._flatten_layers())
@@ -195,7 +195,7 @@ def test_auto_tta_keeps_flips_where_they_average_out_noise():
     y = rng.integers(0, 2, 400)
     x = np.clip(np.where(y[:, None, None, None] == 0, 150, 105) + rng.normal(0, 60, (400, 8, 8, 3)), 0, 255)
     x = x.astype(np.uint8)
-    result = evaluate.test_model(model, x, y, ["bright", "dark"], 64, "auto", x, y)
+    result = evaluate.evaluate_model(model, x, y, ["bright", "dark"], 64, "auto", x, y)
     assert result["tta"] == "flip" and result["val_nll_flip"] < result["val_nll_single_view"]
     assert result["test_accuracy"] > result["test_accuracy_single_view"]
     assert any(layer.name.startswith("tta_flip") for layer in result["model"]._flatten_layers())

@@ -481,7 +481,7 @@ class ValidatedAtFullSize(keras.callbacks.Callback):
 
 def test_progressive_resizing_validates_every_epoch_at_the_full_size():
     """The small epochs' val_* come from the full-size model, so the best epoch,
-    early stopping and the head's baseline compare like with like. (vgg16: its
+    early stopping and the head's score compare like with like. (vgg16: its
     random-weight outputs differ by input size; Lite0's are constant.)"""
     _, _, t = _progressive(name="vgg16")
     check = ValidatedAtFullSize(t.model, t.val)
@@ -707,10 +707,10 @@ def test_a_partial_write_left_by_a_kill_is_ignored_and_removed(tmp_path):
     assert not leftover.exists()
 
 
-def test_an_epoch_must_beat_the_baseline_to_replace_the_starting_weights(tmp_path):
+def test_an_epoch_must_beat_the_start_score_to_replace_the_starting_weights(tmp_path):
     x, y, model = _toy_problem()
     cbs, checkpoint = checkpoints.callbacks(tmp_path / "b", patience=10, schedule="cosine", has_val=True,
-                                         baseline=1.0)
+                                         start_score=1.0)
     start = [w.copy() for w in model.get_weights()]
     model.fit(x, y, validation_data=(x, y), epochs=2, batch_size=16, callbacks=cbs, verbose=0)
     assert not all(np.array_equal(a, b) for a, b in zip(start, model.get_weights()))  # it trained
@@ -721,9 +721,9 @@ def test_an_epoch_must_beat_the_baseline_to_replace_the_starting_weights(tmp_pat
 
 def test_between_epochs_of_equal_score_the_lower_loss_is_kept(tmp_path):
     """Under a schedule to zero, the last epochs often tie on validation accuracy;
-    the annealed one (lower loss) is kept, and a tie with the baseline is no win."""
+    the annealed one (lower loss) is kept, and a tie with the start score is no win."""
     x, y, model = _toy_problem()
-    checkpoint = checkpoints.Checkpoint(tmp_path / "b", "val_accuracy", baseline=0.5)
+    checkpoint = checkpoints.Checkpoint(tmp_path / "b", "val_accuracy", start_score=0.5)
     checkpoint.set_model(model)
     checkpoint.on_train_begin()
     for epoch, (acc, loss) in enumerate([(0.5, 0.1), (0.9, 0.40), (0.9, 0.30), (0.9, 0.35), (0.8, 0.1)]):

@@ -2,6 +2,7 @@
 through every stage, the MLflow store as `mlflow ui` serves it, and
 `mlflow run . -P backbone=<each registered backbone>`."""
 
+import csv
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 import yaml
@@ -51,7 +53,11 @@ def test_dvc_repro_runs_every_stage(reproduced):
     assert (dest / "data/features/efficientnet_lite0-32/meta.json").exists()
     assert (dest / "models/head/model.keras").exists()
     metrics = json.loads((dest / "metrics/head.json").read_text())
-    assert 0.0 <= metrics["best_val_accuracy"] <= 1.0 and metrics["epochs_run"] >= 1
+    with (dest / "plots/head/history.csv").open() as fh:  # the kept epoch's, as its history logged it
+        history = list(csv.DictReader(fh))
+    assert len(history) == metrics["epochs_run"] >= metrics["best_epoch"] >= 1
+    assert metrics["best_val_accuracy"] == pytest.approx(float(history[metrics["best_epoch"] - 1]["val_accuracy"]),
+                                                         abs=1e-5)
     assert (dest / "plots/head/confusion_val.png").stat().st_size > 1000
     # the shipped params.yaml's fine-tune path (the tiny config leaves finetune.mode as shipped)
     shipped_mode = yaml.safe_load((ROOT / "params.yaml").read_text())["finetune"]["mode"]
@@ -60,15 +66,23 @@ def test_dvc_repro_runs_every_stage(reproduced):
     cache = dest / "data/features/efficientnet_lite0-32/activations/train_flip.npy"
     assert cache.exists() == (shipped_mode == "cached")
     evaluated = json.loads((dest / "metrics/evaluate.json").read_text())
-    assert 0.0 <= evaluated["test_accuracy"] <= 1.0 and 0.0 <= evaluated["test_accuracy_single_view"] <= 1.0
+    x_test, y_test = np.load(dest / "data/prepared/x_test.npy"), np.load(dest / "data/prepared/y_test.npy")
+    single = keras.saving.load_model(dest / "models/finetune/model.keras", safe_mode=True)
+    predicted = single.predict(x_test, verbose=0).argmax(axis=1)  # the fine-tuned model, one view
+    assert evaluated["test_accuracy_single_view"] == pytest.approx(float((predicted == y_test).mean()), abs=1e-6)
     # calibration: a temperature kept only where it lowered the validation NLL, ECE before and after
     assert evaluated["val_nll"] <= evaluated["val_nll_before_calibration"]
     if evaluated["temperature"] == 1.0:
         assert evaluated["val_nll"] == evaluated["val_nll_before_calibration"]
     assert {"test_ece", "test_ece_before_calibration"} <= set(evaluated)
     assert (dest / "plots/evaluate/reliability.png").stat().st_size > 1000
-    # did transfer pay off: the raw-pixel baseline beside the model
-    assert 0.0 <= evaluated["baseline_test_accuracy"] <= 1.0 and evaluated["baseline_train_images"] == 18
+    # did transfer pay off: the raw-pixel baseline beside the model, scored on the same test images
+    from transferlab import evaluate as evaluate_lib
+
+    pixels = evaluate_lib.pixel_baseline(np.load(dest / "data/prepared/x_train.npy"),
+                                         np.load(dest / "data/prepared/y_train.npy"), x_test, y_test, TINY["seed"])
+    assert evaluated["baseline_test_accuracy"] == pytest.approx(pixels["baseline_test_accuracy"])
+    assert evaluated["baseline_train_images"] == 18
     # the registered model is the evaluated one: test-time flips inside where evaluate kept them
     from transferlab import predict
 
@@ -79,6 +93,8 @@ def test_dvc_repro_runs_every_stage(reproduced):
     finally:
         os.chdir(cwd)
     assert ("tta_flip" in [layer.name for layer in registered.model.layers]) == (evaluated["tta_flip"] == 1)
+    predicted = registered.model.predict(x_test, verbose=0).argmax(axis=1)  # its views, its temperature
+    assert evaluated["test_accuracy"] == pytest.approx(float((predicted == y_test).mean()), abs=1e-6)
     rows = (dest / "plots/evaluate/confusion.csv").read_text().splitlines()
     assert rows[0] == "actual,predicted" and len(rows) == 1 + 12
     assert set(json.loads((dest / "metrics/per_class.json").read_text())) >= set(synth.CLASSES)
@@ -198,7 +214,8 @@ def test_changing_what_no_stage_imports_leaves_dvc_status_clean(reproduced):
     dest, env, _, _ = reproduced
     untouched = ["src/transferlab/ui.py", "src/transferlab/compare.py", "src/transferlab/predict.py",
                  "src/transferlab/export.py", "src/transferlab/cli.py", "src/transferlab/run.py",
-                 "src/transferlab/tune.py", "README.md", "bench/recipes.py"]
+                 "src/transferlab/search/study.py", "src/transferlab/search/objective.py", "README.md",
+                 "bench/recipes.py"]
     saved = {name: (dest / name).read_bytes() if (dest / name).exists() else None for name in untouched}
     try:
         for name in untouched:
@@ -206,14 +223,17 @@ def test_changing_what_no_stage_imports_leaves_dvc_status_clean(reproduced):
             with open(dest / name, "a") as fh:
                 fh.write("\n# changed\n")
         assert "up to date" in run(["dvc", "status"], dest, env)
-        head = dest / "src/transferlab/stages/head.py"
-        original = head.read_bytes()
-        head.write_bytes(original + b"\n# changed\n")
-        try:
-            status = run(["dvc", "status"], dest, env)
-            assert "head:" in status and "prepare:" not in status
-        finally:
-            head.write_bytes(original)
+        # a stage's own module re-runs it and what follows; a model module, the model's stages: never prepare
+        for name, stage in (("src/transferlab/stages/head.py", "head:"), ("src/transferlab/backbones.py", "features:"),
+                            ("src/transferlab/train/trainer.py", "finetune:")):
+            changed = dest / name
+            original = changed.read_bytes()
+            changed.write_bytes(original + b"\n# changed\n")
+            try:
+                status = run(["dvc", "status"], dest, env)
+                assert stage in status and "prepare:" not in status, (name, status)
+            finally:
+                changed.write_bytes(original)
     finally:
         for name, content in saved.items():
             if content is None:
@@ -309,12 +329,16 @@ def test_mlflow_ui_lists_the_runs(reproduced):
 
 def test_mlflow_run_vgg16(reproduced):
     """The default suite's `mlflow run` smoke run; every backbone runs with the heavy tests."""
-    test_mlflow_run_each_backbone(reproduced, "vgg16")
+    _mlflow_run(reproduced, "vgg16")
 
 
 @pytest.mark.heavy
 @pytest.mark.parametrize("backbone", sorted(BACKBONES))
 def test_mlflow_run_each_backbone(reproduced, backbone):
+    _mlflow_run(reproduced, backbone)
+
+
+def _mlflow_run(reproduced, backbone):
     """`mlflow run . -P backbone=...` writes the overrides into params.yaml, runs
     `dvc repro`, and nests every stage that ran under the mlflow run."""
     import re

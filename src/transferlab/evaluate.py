@@ -1,5 +1,5 @@
 """Metrics, the per-class report and the confusion matrix (scikit-learn +
-matplotlib). `test_model` is the one evaluation: the evaluate stage and the
+matplotlib). `evaluate_model` is the one evaluation: the evaluate stage and the
 search's best trial both go through it."""
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ def reliability_png(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path
     return path
 
 
-def test_model(model, x: np.ndarray, y: np.ndarray, classes: list[str], batch_size: int, tta: str,
+def evaluate_model(model, x: np.ndarray, y: np.ndarray, classes: list[str], batch_size: int, tta: str,
                x_val: np.ndarray | None = None, y_val: np.ndarray | None = None, calibrate: bool = True,
                desc: str = "evaluate test") -> dict:
     """The classifier on the test split under test-time augmentation `tta`

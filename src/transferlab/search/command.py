@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from transferlab import config
+from transferlab.config import pipeline
 from transferlab.errors import ConfigError
 from transferlab.redact import redact_tree
 from transferlab.search.proxy import ensure_cache
@@ -51,7 +52,7 @@ def main(params_path: Path, overrides: list[str], storage: str | None = None, wo
     changes = apply_overrides(params_path, overrides)
     if changes:
         log.info("params.yaml overrides: %s", redact_tree(changes))
-    params = config.load(params_path)
+    params = pipeline.check(config.load(params_path))
     url = storage or os.environ.get(STORAGE_ENV) or params.tune.storage
     if not (PREPARED / "manifest.json").exists():
         raise FileNotFoundError(f"{PREPARED}: no prepared data; run `dvc repro prepare` first")

@@ -58,7 +58,7 @@ def finalize(params: config.Params, prepared_dir: Path, storage_url: str | None,
     prepared = data.load_prepared(prepared_dir)
     x, y = prepared.x["test"], prepared.y["test"]
     e = params.evaluate
-    result = evaluate.test_model(model, x, y, prepared.classes, e.batch_size, e.tta, prepared.x["val"],
+    result = evaluate.evaluate_model(model, x, y, prepared.classes, e.batch_size, e.tta, prepared.x["val"],
                                  prepared.y["val"], calibrate=e.calibrate, desc="tune: best trial on test")
     summary = {
         "best_trial": best.number, f"best_{params.tune.monitor}": round(best.value, 5),

@@ -37,7 +37,7 @@ def main(params: config.Params) -> dict:
     model = keras.saving.load_model(MODELS / "finetune" / "model.keras", safe_mode=True)
     x, y = prepared.x["test"], prepared.y["test"]
     e = params.evaluate
-    result = evaluate.test_model(model, x, y, prepared.classes, e.batch_size, e.tta,
+    result = evaluate.evaluate_model(model, x, y, prepared.classes, e.batch_size, e.tta,
                                  prepared.x["val"], prepared.y["val"], calibrate=e.calibrate)
     parameters = int(model.count_params())
     model = result["model"]  # what is logged and registered: test-time augmentation and temperature inside

@@ -111,7 +111,7 @@ def train(t: trainer.FineTuning, r: Recipe, f: config.FinetuneConfig, prepared: 
     # stretch it: a long budget on a small set still stops)
     patience = math.ceil(f.patience * recipe_steps / max(1, f.epochs * per_epoch))
     cbs, checkpoint = checkpoints.callbacks(directory, patience=patience, schedule=r.schedule, has_val=t.val is not None,
-                                            baseline=head_score, extra=[tracking.EpochLogger(), *(callbacks or [])])
+                                            start_score=head_score, extra=[tracking.EpochLogger(), *(callbacks or [])])
     length = step_budget(t, r, f, prepared, budget_seconds, directory, checkpoint, per_epoch, recipe_steps)
     start = time.perf_counter()
     trainer.fit(t, r, length, callbacks=cbs, verbose=recipes.verbosity())

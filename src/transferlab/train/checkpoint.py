@@ -41,19 +41,19 @@ class Checkpoint(keras.callbacks.Callback):
     (Keras' BackupAndRestore and ModelCheckpoint write in place, so a kill during
     a write leaves a truncated file at the name they load from.)
 
-    `baseline` is the score of the starting weights: an epoch must beat it to
+    `start_score` is the score of the starting weights: an epoch must beat it to
     become the best, so a fine-tune that diverges never yields a worse model than
     it started from. Between epochs of the same score, the lower loss is the
     better one (so, under a schedule to zero, usually the later, annealed epoch)."""
 
     STATE = "state.json"
 
-    def __init__(self, directory: Path, monitor: str, baseline: float | None = None):
+    def __init__(self, directory: Path, monitor: str, start_score: float | None = None):
         super().__init__()
         self.dir = Path(directory)
         self.monitor = monitor
         self.tiebreak = "val_loss" if monitor.startswith("val_") else "loss"
-        self.state = {"epoch": 0, "latest": None, "best": None, "best_value": baseline, "best_loss": None,
+        self.state = {"epoch": 0, "latest": None, "best": None, "best_value": start_score, "best_loss": None,
                       "history": []}
         self.begun = False  # a fit in this process began: the model holds the state's weights
 
@@ -121,7 +121,7 @@ class Checkpoint(keras.callbacks.Callback):
         value, best = logs.get(self.monitor), self.state["best_value"]
         loss, best_loss = logs.get(self.tiebreak), self.state.get("best_loss")
         self.state.update(epoch=epoch + 1, latest=entry)
-        tie = value == best and None not in (loss, best_loss) and loss < best_loss  # never a tie with the baseline
+        tie = value == best and None not in (loss, best_loss) and loss < best_loss  # never a tie with the start score
         if value is not None and (best is None or value > best or tie):
             self.state.update(best=entry, best_value=value, best_loss=loss)
         self.state["history"].append({"epoch": epoch + 1, **logs})
@@ -170,13 +170,13 @@ class Checkpoint(keras.callbacks.Callback):
 
 def callbacks(
     backup_dir: Path, *, patience: int, schedule: str, has_val: bool, extra: list | None = None,
-    baseline: float | None = None,
+    start_score: float | None = None,
 ) -> tuple[list, Checkpoint]:
     """Keras callbacks for a resumable run: the learning rate into the epoch logs,
     the Checkpoint (state and best weights, see there), early stopping, and
     ReduceLROnPlateau for that schedule."""
     monitor = recipe.monitor(has_val)
-    checkpoint = Checkpoint(backup_dir, monitor, baseline)
+    checkpoint = Checkpoint(backup_dir, monitor, start_score)
     cbs = [recipe.LearningRateLogger(), checkpoint,
            keras.callbacks.EarlyStopping(monitor=monitor, mode="max", patience=patience)]
     if schedule == "plateau":

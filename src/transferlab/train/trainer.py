@@ -149,7 +149,7 @@ def fit(t: FineTuning, r: Recipe, length: StepBudget, *, callbacks: list, verbos
 class FullSizeValidation(keras.callbacks.Callback):
     """Progressive resizing's small epochs are validated by the full-size model
     (it shares every weight), so that every epoch's val_* mean the same to the
-    best epoch, early stopping and the head's baseline. Comes before the
+    best epoch, early stopping and the head's score. Comes before the
     callbacks that read the epoch's logs."""
 
     def __init__(self, full: keras.Model, val: tuple, batch_size: int):
