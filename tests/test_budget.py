@@ -416,8 +416,8 @@ def test_the_head_can_train_on_a_share_of_the_training_features(stages_done, mon
         assert abs(got - rows) <= 1 and meta["timings"]["train"]["images"] == got
         assert ("train_index" in meta) == (rows < n)
     with pytest.raises(config.ConfigError, match="needs finetune.mode: full"):
-        pipeline.check(config.from_dict(tinyproject.full_params({**tinyproject.TINY, "features": {"train_fraction": 0.5},
-                                                  "finetune": {"mode": "cached", "unfreeze": 2}})))
+        pipeline.check(config.from_dict(tinyproject.full_params(
+            {**tinyproject.TINY, "features": {"train_fraction": 0.5}, "finetune": {"mode": "cached", "unfreeze": 2}})))
 
 
 def test_features_and_fine_tune_resolve_auto_input_size_alike(tmp_path, monkeypatch):

@@ -423,9 +423,6 @@ DATA_STAGE_CODE = ("src/transferlab/data/", "src/transferlab/config/", "src/tran
 DATA_STAGE_PARAMS = {"seed", "data", "tracking.experiment"}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "tracking.stage_run needs a backbone name, so prepare reads backbone.name (and dvc.yaml lists it); "
-    "remove this mark once the prepare run is named without one"))
 def test_the_data_stage_depends_on_no_model_code_and_no_model_params():
     """DVC re-runs prepare when a module or a params key dvc.yaml lists for it
     changes, and tests/test_layout.py checks that the lists are exactly what the

@@ -69,7 +69,8 @@ def test_dvc_repro_runs_every_stage(reproduced):
     x_test, y_test = np.load(dest / "data/prepared/x_test.npy"), np.load(dest / "data/prepared/y_test.npy")
     single = keras.saving.load_model(dest / "models/finetune/model.keras", safe_mode=True)
     predicted = single.predict(x_test, verbose=0).argmax(axis=1)  # the fine-tuned model, one view
-    assert evaluated["test_accuracy_single_view"] == pytest.approx(float((predicted == y_test).mean()), abs=1e-6)
+    accuracy = float((predicted == y_test).mean())
+    assert evaluated["test_accuracy_single_view"] == pytest.approx(accuracy, abs=1e-5)  # metrics: 5 decimals
     # calibration: a temperature kept only where it lowered the validation NLL, ECE before and after
     assert evaluated["val_nll"] <= evaluated["val_nll_before_calibration"]
     if evaluated["temperature"] == 1.0:
@@ -94,7 +95,7 @@ def test_dvc_repro_runs_every_stage(reproduced):
         os.chdir(cwd)
     assert ("tta_flip" in [layer.name for layer in registered.model.layers]) == (evaluated["tta_flip"] == 1)
     predicted = registered.model.predict(x_test, verbose=0).argmax(axis=1)  # its views, its temperature
-    assert evaluated["test_accuracy"] == pytest.approx(float((predicted == y_test).mean()), abs=1e-6)
+    assert evaluated["test_accuracy"] == pytest.approx(float((predicted == y_test).mean()), abs=1e-5)
     rows = (dest / "plots/evaluate/confusion.csv").read_text().splitlines()
     assert rows[0] == "actual,predicted" and len(rows) == 1 + 12
     assert set(json.loads((dest / "metrics/per_class.json").read_text())) >= set(synth.CLASSES)
@@ -317,8 +318,8 @@ def test_mlflow_ui_lists_the_runs(reproduced):
                                      headers={"Content-Type": "application/json"})
         runs = json.load(urllib.request.urlopen(req))["runs"]
         names = sorted(r["info"]["run_name"] for r in runs)
-        assert names == sorted(f"{s}-efficientnet_lite0" for s in
-                               ("pipeline", "prepare", "features", "head", "finetune", "evaluate"))
+        assert names == sorted(["prepare"] + [f"{s}-efficientnet_lite0" for s in
+                                              ("pipeline", "features", "head", "finetune", "evaluate")])
         head_run = next(r for r in runs if r["info"]["run_name"].startswith("head"))
         assert any(m["key"] == "val_accuracy" for m in head_run["data"]["metrics"])
         assert any(p["key"] == "head.dropout" for p in head_run["data"]["params"])

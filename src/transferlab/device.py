@@ -71,7 +71,7 @@ def strategy(mode: str = "auto"):
             "TF_CONFIG is set, but Keras 3 cannot train under MultiWorkerMirroredStrategy yet (model.fit fails "
             f"upstream: {MULTI_WORKER_ISSUE}). Unset TF_CONFIG (or set distribute: none in params.yaml); for "
             "several GPUs use one machine (MirroredStrategy), for several machines an Optuna study's workers "
-            "(README: Several workers)")
+            "(docs/search.md: Several workers)")
     if mode in _strategies:
         return _strategies[mode]
     gpus = [d.name for d in tf.config.list_logical_devices("GPU")]

@@ -8,7 +8,7 @@ multiply and an add forward, a multiply backward, each as large as the
 activations) becomes a multiply of the kernel, and oneDNN fuses the bias and
 the ReLU that follows into the convolution. On the fine-tune's training step
 (EfficientNet-Lite0, 160 px, block3..top unfrozen) that was 1.20x faster, and
-inference 1.52x (`bench/folding.py`; README: Results).
+inference 1.52x (`bench/folding.py`; RESULTS.md).
 
 `fold_batchnorm` returns a model that shares every variable with the model it
 is given: training it trains that model, and the kernel W stays the variable

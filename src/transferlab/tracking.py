@@ -143,10 +143,16 @@ def pipeline_key(params_path: str | Path = "params.yaml") -> str:
     return h.hexdigest()[:16]
 
 
-def parent_run_id(mlflow, experiment: str, backbone: str) -> str:
+def run_name(stage: str, backbone: str | None) -> str:
+    """`<stage>-<backbone>`, or the stage alone where it knows no model (prepare)."""
+    return f"{stage}-{backbone}" if backbone else stage
+
+
+def parent_run_id(mlflow, experiment: str, backbone: str | None = None) -> str:
     """The pipeline's parent run: the one `transferlab run` or `mlflow run`
     started (passed down in the environment), or, under a plain `dvc repro`,
-    the run tagged with this pipeline's key, created by the first stage."""
+    the run tagged with this pipeline's key, created by the first stage (named
+    by its backbone when that stage knows one; `summarize_parent` names it at the end)."""
     env_id = os.environ.get(PARENT_ENV) or os.environ.pop("MLFLOW_RUN_ID", None)
     if env_id:
         os.environ[PARENT_ENV] = env_id
@@ -161,23 +167,26 @@ def parent_run_id(mlflow, experiment: str, backbone: str) -> str:
         return found[0].info.run_id
     client = mlflow.MlflowClient()
     run = client.create_run(
-        exp.experiment_id, run_name=f"pipeline-{backbone}",
-        tags={"pipeline_key": key, "stage": "pipeline", "backbone": backbone, "git_commit": git_commit()},
+        exp.experiment_id, run_name=run_name("pipeline", backbone),
+        tags={"pipeline_key": key, "stage": "pipeline", "git_commit": git_commit(),
+              **({"backbone": backbone} if backbone else {})},
     )
     return run.info.run_id
 
 
 @contextlib.contextmanager
 def stage_run(
-    stage: str, *, experiment: str, backbone: str, params: dict, inputs: list[str]
+    stage: str, *, experiment: str, params: dict, inputs: list[str], backbone: str | None = None
 ) -> Iterator:
     """One MLflow run for one pipeline stage, nested under the pipeline's parent
-    run, with our tags and flattened params."""
+    run, with our tags and flattened params; `backbone` None for a stage that
+    knows no model (prepare: a new backbone reuses the prepared data)."""
     mlflow = setup(experiment)
     parent = parent_run_id(mlflow, experiment, backbone)
     parent_exp = mlflow.MlflowClient().get_run(parent).info.experiment_id
-    tags = {"stage": stage, "backbone": backbone, "git_commit": git_commit(), **dvc_input_state(inputs)}
-    with mlflow.start_run(run_name=f"{stage}-{backbone}", tags=tags, experiment_id=parent_exp,
+    tags = {"stage": stage, "git_commit": git_commit(), **({"backbone": backbone} if backbone else {}),
+            **dvc_input_state(inputs)}
+    with mlflow.start_run(run_name=run_name(stage, backbone), tags=tags, experiment_id=parent_exp,
                           parent_run_id=parent) as run:
         mlflow.log_params({k: redact(v) for k, v in params.items()})
         log.info("MLflow run %s (%s) in %s", run.info.run_id, run.info.run_name,
@@ -213,6 +222,8 @@ def summarize_parent(experiment: str, backbone: str, params: dict, metrics: dict
                                       for k, v in summary.items() if isinstance(v, (int, float))])
     client.set_tag(parent, "stage", "pipeline")  # the parent `mlflow run` opened has no tags of ours yet
     client.set_tag(parent, "backbone", backbone)
+    if run.info.run_name == run_name("pipeline", None):  # opened by prepare, which knows no backbone
+        client.set_tag(parent, "mlflow.runName", run_name("pipeline", backbone))
     for key, value in params.items():
         value = str(redact(value))[:6000]
         if run.data.params.get(key, value) != value:  # params are write-once in MLflow

@@ -214,7 +214,7 @@ def _planned_again(p: Plan, steps_done: int, steps: int, **changes) -> Plan:
 
 def cut(p: Plan, *, steps_done: int) -> Plan:
     """The plan ended at `steps_done`: the fine-tune reached its deadline
-    (`finetune.Replan`) before the steps planned, so it stops there; recorded as
+    (`callback.StepBudget`) before the steps planned, so it stops there; recorded as
     [steps_done, steps_done], which a replay stops at too."""
     return _planned_again(p, steps_done, steps_done)
 

@@ -64,7 +64,7 @@ def main(params_path: Path, overrides: list[str], storage: str | None = None, wo
         raise ConfigError(
             f"--workers {workers} with SQLite storage ({url}): SQLite is for one worker. For several "
             "workers, on this machine or many, use PostgreSQL: --storage "
-            "postgresql+psycopg2://user:password@host/db (README: Several workers)"
+            "postgresql+psycopg2://user:password@host/db (docs/search.md: Several workers)"
         )
     # Under `mlflow run -e tune` its run becomes the study's parent run; taken out of
     # the environment so that no trial (nor worker process) resumes it as its own.

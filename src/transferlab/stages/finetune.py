@@ -78,8 +78,8 @@ def _main(params: config.Params, prepared: data.Prepared, callbacks: list | None
                               image_size=int(prepared.x["train"].shape[1]), input_size=size,
                               activations=features.load_activations(feats_dir) if cached else None,
                               small_size=small_size)
-            metrics.update(train(t, r, f, prepared, budget.parse(params.budget),
-                                 checkpoints.keyed_directory(CHECKPOINTS, resolved(values), MODELS / "head" / "model.keras"), callbacks))
+            directory = checkpoints.keyed_directory(CHECKPOINTS, resolved(values), MODELS / "head" / "model.keras")
+            metrics.update(train(t, r, f, prepared, budget.parse(params.budget), directory, callbacks))
         else:
             log.info("finetune.unfreeze is 0: the model is the backbone with the trained head")
             (PLOTS / "finetune").mkdir(parents=True, exist_ok=True)
@@ -110,8 +110,9 @@ def train(t: trainer.FineTuning, r: Recipe, f: config.FinetuneConfig, prepared: 
     # (shorter) epochs waits as many more, so it can reach its low-rate end (a budget's plan does not
     # stretch it: a long budget on a small set still stops)
     patience = math.ceil(f.patience * recipe_steps / max(1, f.epochs * per_epoch))
-    cbs, checkpoint = checkpoints.callbacks(directory, patience=patience, schedule=r.schedule, has_val=t.val is not None,
-                                            start_score=head_score, extra=[tracking.EpochLogger(), *(callbacks or [])])
+    cbs, checkpoint = checkpoints.callbacks(directory, patience=patience, schedule=r.schedule,
+                                            has_val=t.val is not None, start_score=head_score,
+                                            extra=[tracking.EpochLogger(), *(callbacks or [])])
     length = step_budget(t, r, f, prepared, budget_seconds, directory, checkpoint, per_epoch, recipe_steps)
     start = time.perf_counter()
     trainer.fit(t, r, length, callbacks=cbs, verbose=recipes.verbosity())

@@ -17,7 +17,7 @@ from transferlab.stages import METRICS, PREPARED, entry, resolved, end_stage
 
 log = logging.getLogger(__name__)
 
-KEYS = ("seed", "data", "backbone.name", "tracking.experiment")
+KEYS = ("seed", "data", "tracking.experiment")  # no model key: a new backbone reuses the prepared data
 
 
 def main(params: config.Params) -> dict:
@@ -41,8 +41,8 @@ def main(params: config.Params) -> dict:
                "prepare_seconds": round(seconds, 2), "stage_seconds": round(end_stage(), 2)}
     write_json(METRICS / "prepare.json", summary)
     log.info("prepare: %s in %.1f s; skipped %d file(s)", manifest["totals"], seconds, manifest["num_skipped"])
-    with tracking.stage_run("prepare", experiment=params.tracking.experiment, backbone=params.backbone.name,
-                            params=config.flatten(values), inputs=[]):
+    with tracking.stage_run("prepare", experiment=params.tracking.experiment, params=config.flatten(values),
+                            inputs=[]):
         import mlflow
 
         mlflow.log_metrics(summary)
