@@ -29,7 +29,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from transferlab import backbones, features, finetune, head, training  # noqa: E402
+from transferlab import backbones, features, head  # noqa: E402
+from transferlab.train import recipe, surgery, trainer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import add_output_arguments, output_folder, write_run  # noqa: E402
@@ -52,16 +53,16 @@ def measure(name: str, input_size: int, n: int, unfreeze, batch_size: int) -> di
     row = {"unfreeze": unfreeze}
 
     body = backbones.build_body(name, input_size, weights=None)
-    finetune.set_trainable(spec, body, unfreeze)
-    model = finetune.assemble(spec, body, hm, 32, input_size, finetune.augmentation(True, 0.1, 0.05, 0.1, 0))
-    training.compile_model(model, "adamw", 1e-3, 1e-4)
+    surgery.set_trainable(spec, body, unfreeze)
+    model = surgery.assemble(spec, body, hm, 32, input_size, surgery.augmentation(True, 0.1, 0.05, 0.1, seed=0))
+    recipe.compile_model(model, "adamw", 1e-3, 1e-4)
     row["full_img_s"] = n / timed_epoch(model, x, y=y, batch_size=batch_size)
 
-    if finetune.n_unfrozen(spec, unfreeze) >= len(spec.blocks):
+    if surgery.n_unfrozen(spec, unfreeze) >= len(spec.blocks):
         row.update(cache_img_s=float("nan"), cached_img_s=float("nan"), break_even_epochs=float("nan"))
         return row
-    split = finetune.split_body(spec, body, unfreeze)
-    extractor = finetune.cache_extractor(spec, split, 32, input_size)
+    split = surgery.split_body(spec, body, unfreeze)
+    extractor = surgery.cache_extractor(spec, split, 32, input_size)
     shape = tuple(int(d) for d in extractor.output[0].shape[1:])
     acts = np.empty((n, *shape), np.float16)
     flipped = np.empty_like(acts)
@@ -70,9 +71,9 @@ def measure(name: str, input_size: int, n: int, unfreeze, batch_size: int) -> di
     features.extract_into(extractor, x, [acts, None], batch_size, "cache")
     features.extract_into(extractor, x, [flipped, None], batch_size, "cache flipped", flip=True)
     row["cache_img_s"] = n / (time.perf_counter() - start)  # per training image, both flips
-    upper = finetune.assemble_upper(split, hm)
-    training.compile_model(upper, "adamw", 1e-3, 1e-4)
-    data = finetune.FlipCacheDataset(acts, flipped, y, batch_size, 0)
+    upper = surgery.assemble_upper(split, hm)
+    recipe.compile_model(upper, "adamw", 1e-3, 1e-4)
+    data = trainer.FlipCacheDataset(acts, flipped, y, batch_size, 0)
     row["cached_img_s"] = n / timed_epoch(upper, data)
     saved = 1 / row["full_img_s"] - 1 / row["cached_img_s"]
     row["break_even_epochs"] = (1 / row["cache_img_s"]) / saved if saved > 0 else float("inf")

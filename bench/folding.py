@@ -5,7 +5,7 @@ inference with and without the frozen BatchNorm folded into the convolutions
     python -m bench folding [--backbone efficientnet_lite0] [--weights imagenet] [--input-size 160]
         [--unfreeze 6] [--rounds 3] [--name folding] [--out DIR]
 
-The training step is the pipeline's (`finetune.prepare`: flip and shift
+The training step is the pipeline's (`train.trainer.build`: flip and shift
 augmentation, AdamW, label smoothing 0.15, batch 128) on random uint8 32x32
 images (the speed does not depend on the pixels); unfolded, the same model
 assembled from the same body and head. Inference is the features stage's and
@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> None:
     import numpy as np
     import tensorflow as tf
 
-    from transferlab import backbones, finetune, training
+    from transferlab import backbones
+    from transferlab.train import recipe, surgery, trainer
     from transferlab.folding import FoldedConvBN, fold_batchnorm
 
     unfreeze = a.unfreeze if a.unfreeze == "all" else int(a.unfreeze)
@@ -70,16 +71,19 @@ def main(argv: list[str] | None = None) -> None:
     rng = np.random.default_rng(0)
     x = rng.integers(0, 255, (128, 32, 32, 3), dtype=np.uint8)
     y = rng.integers(0, 10, 128)
-    t = finetune.prepare(spec, body, head, unfreeze=unfreeze, y_train=y, y_val=y[:0], batch_size=128, seed=0,
-                         images=(x, x[:0]), image_size=32, input_size=a.input_size,
-                         augment={"flip": True, "shift": 0.1})
+    # the pipeline's recipe as this measured it: flip and shift, AdamW, label smoothing 0.15, batch 128
+    r = recipe.Recipe(unfreeze=unfreeze, batch_size=128, seed=0, optimizer="adamw", learning_rate=1e-4,
+                      weight_decay=3e-5, schedule="cosine", warmup_epochs=0.0, label_smoothing=0.15, ema=0.0,
+                      train_bn=False, train_depthwise=True, flip=True, augment={"flip": True, "shift": 0.1})
+    t = trainer.build(spec, body, head, r, y_train=y, y_val=y[:0], images=(x, x[:0]), image_size=32,
+                      input_size=a.input_size)
     n_folded = sum(isinstance(layer, FoldedConvBN) for layer in t.model.get_layer(body.name).layers)
-    unfolded = finetune.assemble(spec, body, head, 32, a.input_size, finetune.augmentation(flip=True, shift=0.1,
+    unfolded = surgery.assemble(spec, body, head, 32, a.input_size, surgery.augmentation(flip=True, shift=0.1,
                                                                                            seed=0))
     train = {"folded": t.model, "unfolded": unfolded}
     for model in train.values():
-        training.compile_model(model, "adamw", 1e-4, 3e-5, 0.15)
-    plain = finetune.assemble(spec, body, head, 32, a.input_size)
+        recipe.compile_model(model, "adamw", 1e-4, 3e-5, 0.15)
+    plain = surgery.assemble(spec, body, head, 32, a.input_size)
     infer = {"folded": fold_batchnorm(plain, trained=False), "unfolded": plain}
     forward = {name: tf.function(lambda b, m=m: m(b, training=False)) for name, m in infer.items()}
     batch = tf.convert_to_tensor(x[:32])

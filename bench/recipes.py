@@ -101,11 +101,12 @@ def peak_rss_gb() -> float:
 def run_ours(workdir: Path, params_path: Path, overrides: list[str]) -> dict:
     import numpy as np
 
-    from transferlab import backbones, config, data, finetune
+    from transferlab import backbones, config, data
     from transferlab import features as features_lib
     from transferlab.run import apply_overrides
-    from transferlab.stages import PREPARED, evaluate, features, head, prepare, stage_seconds
+    from transferlab.stages import PREPARED, end_stage, evaluate, features, head, prepare
     from transferlab.stages import finetune as finetune_stage
+    from transferlab.train import surgery
 
     workdir.mkdir(parents=True, exist_ok=True)
     os.chdir(workdir)
@@ -132,15 +133,15 @@ def run_ours(workdir: Path, params_path: Path, overrides: list[str]) -> dict:
     test_features = features_lib.extract(extractor, prepared.x["test"], params.features.batch_size, "test probe")
     del extractor
     clock.paused += time.perf_counter() - paused
-    stage_seconds(end=True)  # nor does the budget's clock count it: the head stage starts now
+    end_stage()  # nor does the budget's clock count it: the head stage starts now
     stage("head", head.main, [probe(clock, points, "head", test_features, y_test)])
     x_test = np.asarray(prepared.x["test"])
-    full_path = not finetune.uses_cache(backbones.get(b.name), params.finetune.mode, params.finetune.unfreeze)
+    full_path = not surgery.uses_cache(backbones.get(b.name), params.finetune.mode, params.finetune.unfreeze)
     # the cached path's model takes activations, which are not cached for test: no probe there
     ft_probe = probe(clock, points, "finetune", x_test, y_test, deferred=True)
     stage("finetune", finetune_stage.main, [ft_probe] if full_path else [])
     ft_probe.finish()  # clock stopped
-    stage_seconds(end=True)  # nor does evaluate's own stage clock count the probes
+    end_stage()  # nor does evaluate's own stage clock count the probes
     stage("evaluate", evaluate.main)
     wall = clock.now()
     evaluated = json.loads(Path("metrics/evaluate.json").read_text())

@@ -99,7 +99,8 @@ def training_rows(backbone: str, input_size: int, n: int, unfreeze: int, batch_s
     import keras
     import numpy as np
 
-    from transferlab import backbones, finetune, head
+    from transferlab import backbones, head
+    from transferlab.train import surgery
 
     rows = []
     spec = backbones.get(backbone)
@@ -110,9 +111,9 @@ def training_rows(backbone: str, input_size: int, n: int, unfreeze: int, batch_s
         for jit in jit_options:
             keras.utils.set_random_seed(0)
             body = backbones.build_body(backbone, input_size, weights=None)
-            finetune.set_trainable(spec, body, unfreeze)
-            model = finetune.assemble(spec, body, head.build_head(spec.feature_dim, 10, 512, 0.5), 32, input_size,
-                                      finetune.augmentation(True, 0.1, seed=0))
+            surgery.set_trainable(spec, body, unfreeze)
+            model = surgery.assemble(spec, body, head.build_head(spec.feature_dim, 10, 512, 0.5), 32, input_size,
+                                      surgery.augmentation(True, 0.1, seed=0))
             model.compile(optimizer=keras.optimizers.AdamW(1e-4), loss="sparse_categorical_crossentropy",
                           metrics=["accuracy"], jit_compile=jit)
             start = time.perf_counter()

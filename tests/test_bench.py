@@ -55,9 +55,12 @@ def test_recipes_bench_runs_both_recipes_and_writes_the_table(tmp_path):
     evaluated = json.loads((work / "metrics/evaluate.json").read_text())
     assert float(final[0]["test_accuracy"]) == evaluated["test_accuracy"]
     # the fine-tune's one epoch, probed after the fit on that epoch's copied weights: the model evaluate then
-    # scores, so the probe gives evaluate's single-view accuracy (to one image of the 40), at a time before the end
+    # scores, so the probe gives evaluate's single-view accuracy on the same test images, at a time before the end
+    # (on these images the model is near chance: test_a_deferred_probe_... checks the weights it tests)
+    n_test = json.loads((work / "metrics/prepare.json").read_text())["test_images"]
     assert [p["epoch"] for p in ours] == ["1"]
-    assert abs(float(ours[0]["test_accuracy"]) - evaluated["test_accuracy_single_view"]) <= 1 / 40 + 1e-9
+    assert float(ours[0]["test_accuracy"]) == evaluated["test_accuracy_single_view"]
+    assert round(float(ours[0]["test_accuracy"]) * n_test, 3) == round(float(ours[0]["test_accuracy"]) * n_test)
     assert float(ours[0]["seconds"]) <= float(final[0]["seconds"])
     assert (out / "time_to_accuracy.png").stat().st_size > 5000
 
@@ -79,6 +82,31 @@ def test_study_table_lists_every_trial_with_its_epochs(tmp_path):
     assert [r["trial"] for r in table] == ["0", "1"] and table[0]["params_yaml"] == "True"
     assert table[1]["per_epoch"] == "0.2500 0.5000" and table[0]["x"] == "0.5"
     assert json.loads((tmp_path / "results.json").read_text())["figures"] == {"trials": 2, "best_value": 0.5}
+
+
+def test_a_deferred_probe_tests_each_epochs_weights_after_the_fit():
+    import keras
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import common
+    import recipes
+
+    x, y = np.eye(2, dtype="float32"), np.array([0, 1])
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2, use_bias=False)])
+    points = []
+    probe = recipes.probe(common.Clock(), points, "finetune", x, y, deferred=True)
+    probe.set_model(model)
+    model.set_weights([np.eye(2, dtype="float32")])  # epoch 1's weights: both images right
+    probe.on_epoch_end(0, {"val_accuracy": 0.5})
+    model.set_weights([np.eye(2, dtype="float32")[::-1]])  # epoch 2's: both wrong
+    probe.on_epoch_end(1, {"val_accuracy": 0.25})
+    assert points == []  # nothing tested while the fit runs
+    model.set_weights([np.zeros((2, 2), "float32")])  # whatever the fit leaves
+    probe.finish()
+    assert [(p["epoch"], p["test_accuracy"], p["val_accuracy"]) for p in points] == [(1, 1.0, 0.5), (2, 0.0, 0.25)]
+    assert points[0]["seconds"] <= points[1]["seconds"]
+    np.testing.assert_array_equal(model.get_weights()[0], np.eye(2)[::-1])  # left with the last epoch's weights
 
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2 or not shutil.which("taskset"), reason="needs two CPUs and taskset")
