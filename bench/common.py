@@ -106,14 +106,19 @@ def write_run(out: str | Path, script: str, figures: dict, data: dict, text: str
     dated = len(parts) == 4 and all(p.isdigit() for p in parts[:3])
     day, name = ("-".join(parts[:3]), parts[3]) if dated else (date.today().isoformat(), out.name)
     results = {"name": name, "date": day, "question": None, "answer": None, "command": command(script, argv), "commit": commit(), "cpu": cpu or cpu_description(),
-               "lscpu": "lscpu.txt" if listing is not None else None, "figures": figures, **data}
+               "lscpu": "lscpu.txt" if listing is not None else None,
+               "measures": [], "figures": figures, **data}
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     readme = out / "README.md"
     if not readme.exists():
         readme.write_text("\n".join([
             f"# {out.name}", "", "**Question.** (to write)", "", "**Answer.** (to write)", "", "**Command.**", "",
             "```bash", results["command"], "```", "", f"**Commit.** {results['commit'] or 'not recorded'}. "
-            f"**CPU.** {results['cpu']}", "", "## Output", "", text.rstrip("\n"), ""]))
+            f"**CPU.** {results['cpu']}", "",
+            "For RESULTS.md: write the question and the answer here and in results.json, list in its `measures` the",
+            "targets the run measures (hour, budget-20m, seeds, fastai, scratch, small-data, memory) and in",
+            "`supersedes` the runs it replaces, then run `python bench/report.py`.", "",
+            "## Output", "", text.rstrip("\n"), ""]))
     if echo:
         print(text)
     print(f"written: {out}/results.json, README.md" + (", lscpu.txt" if listing is not None else ""))
