@@ -19,6 +19,7 @@ import sys
 BENCHMARKS = {
     "recipes": "ours against the seeds' recipe and fastai's, test accuracy against wall time",
     "ab": "arms of the fine-tune and evaluate, from one shared prepare, features and head",
+    "precision": "what precision: auto chooses here, the fine-tune's step in float32 and mixed_bfloat16",
     "folding": "the training step and inference with the frozen BatchNorm folded, and without",
     "memory": "peak RSS of prepare + features as the data set grows",
     "small_data": "the default pipeline on two small data sets",

@@ -18,6 +18,7 @@ from transferlab.budget import callback, plans
 from transferlab.budget.callback import StepBudget
 from transferlab.config import pipeline
 from transferlab.stages import evaluate, features, finetune, head, prepare
+from transferlab.train import trainer as trainer_module
 
 
 def test_parse_durations():
@@ -175,8 +176,9 @@ SLOW = plans.Probe(step_seconds=10.0, first_step_seconds=12.0, batch_size=8)
 def _finetune(folder, monkeypatch, probe=None, callbacks=None, **over):
     """The fine-tune stage; `probe`: a step time to plan with instead of the one
     measured, so that a budget of minutes plans a few dozen tiny steps, not thousands."""
-    if probe is not None:
-        monkeypatch.setattr("transferlab.train.trainer.probe", lambda t, batch_size: probe)
+    if probe is not None:  # a Probe, or a function of (fine-tune, batch size) giving one
+        monkeypatch.setattr("transferlab.train.trainer.probe",
+                            probe if callable(probe) else lambda t, batch_size: probe)
     monkeypatch.chdir(folder)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     raw = tinyproject.full_params({**tinyproject.TINY, **over})
@@ -320,6 +322,63 @@ def test_the_fine_tune_plans_again_from_its_own_steps_and_the_replans_replay(sta
                                                   "finetune": {**recipe, "replans": plan["replans"]}})))
     with pytest.raises(config.ConfigError, match=r"expected \[\[0, steps\]"):
         config.from_dict(tinyproject.full_params({**tinyproject.TINY, "finetune": {**recipe, "replans": [[5, 9]]}}))
+
+
+def _policies(model: keras.Model) -> set[str]:
+    return {layer.dtype_policy.name for layer in model._flatten_layers() if layer.weights}
+
+
+def test_precision_auto_records_its_choice_and_a_replay_trains_in_it_without_timing(stages_done, monkeypatch,
+                                                                                    caplog):
+    """On a CPU with bfloat16 instructions, `precision: auto` times the fine-tune
+    in float32 and in mixed_bfloat16 (here a probe that says 10 and 6 s a step by
+    the policy the model was built in), trains in the faster, and records both
+    in the plan; the replay the log names trains in it without timing, and the
+    saved model is float32 either way."""
+    monkeypatch.setattr("transferlab.train.precision.cpu_has_bf16", lambda: True)
+    trained_in = []
+    fit = trainer_module.fit
+    monkeypatch.setattr(trainer_module, "fit", lambda t, *a, **kw: (trained_in.append(_policies(t.model)),
+                                                                    fit(t, *a, **kw))[1])
+
+    def by_policy(t, batch_size):
+        bf16 = "mixed_bfloat16" in _policies(t.model)
+        return plans.Probe(step_seconds=6.0 if bf16 else 10.0, first_step_seconds=12.0, batch_size=batch_size)
+
+    recipe = {**tinyproject.TINY["finetune"], "epochs": 1000}
+    with caplog.at_level("INFO"):
+        planned = _finetune(stages_done, monkeypatch, probe=by_policy, budget="10m", finetune=recipe,
+                            precision="auto")
+    plan = planned["plan"]
+    assert planned["precision"] == plan["precision"] == "mixed_bfloat16"
+    assert planned["precision_step_seconds"] == plan["precision_step_seconds"] == {"float32": 10.0,
+                                                                                   "mixed_bfloat16": 6.0}
+    assert plan["step_seconds"] == 6.0  # planned at the chosen policy's pace
+    assert trained_in == [{"mixed_bfloat16", "float32"}]  # the body in bf16, the head's float32 outputs
+    saved = keras.saving.load_model(stages_done / "models" / "finetune" / "model.keras", safe_mode=True)
+    assert _policies(saved) == {"float32"}
+    hint = re.search(r"without the clock with (.*)", caplog.text).group(1)
+    assert "precision: mixed_bfloat16" in hint
+
+    def untimed(t, batch_size):
+        raise AssertionError("a replay must not time the fine-tune")
+
+    trained_in.clear()
+    replay = {**recipe, "replans": plan["replans"]} if plan["replans"] else {**recipe, "steps": plan["steps"]}
+    replayed = _finetune(stages_done, monkeypatch, probe=untimed, finetune=replay, precision=plan["precision"])
+    assert replayed["precision"] == "mixed_bfloat16" and "precision_step_seconds" not in replayed
+    assert trained_in == [{"mixed_bfloat16", "float32"}]
+    assert replayed["steps_run"] == planned["steps_run"]
+
+
+def test_precision_auto_on_a_cpu_without_bfloat16_trains_in_float32_untimed(stages_done, monkeypatch):
+    monkeypatch.setattr("transferlab.train.precision.cpu_has_bf16", lambda: False)
+    probed = []
+    planned = _finetune(stages_done, monkeypatch, probe=lambda t, b: probed.append(_policies(t.model)) or SLOW,
+                        budget="10m", precision="auto")
+    assert planned["precision"] == planned["plan"]["precision"] == "float32"
+    assert "precision_step_seconds" not in planned and planned["plan"]["precision_step_seconds"] == {}
+    assert probed == [{"float32"}]  # the budget's probe alone
 
 
 class StepsDone(keras.callbacks.Callback):

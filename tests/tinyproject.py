@@ -32,6 +32,7 @@ def full_params(overrides: dict) -> dict:
 TINY = {
     "seed": 1,
     "budget": 0,  # the shipped one plans to the clock; the tiny runs train their few epochs
+    "precision": "float32",  # auto would time the tiny model in two policies and may pick either
     "data": {"source": "tiny-images", "checksum": None, "image_size": 16, "val_fraction": 0.25,
              "cache_dir": "data/cache"},
     "backbone": {"name": "efficientnet_lite0", "weights": "none", "input_size": 32},

@@ -28,22 +28,32 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         tf.config.experimental.enable_op_determinism()
 
 
-def configure_device() -> str:
-    """Use a GPU when TensorFlow sees one: memory grown on demand and the
-    mixed_float16 policy (heads keep float32 outputs). Returns "gpu" or "cpu";
-    nothing else in the code assumes either."""
+def kind() -> str:
+    """"gpu" where TensorFlow sees one, else "cpu"."""
     import tensorflow as tf
 
-    gpus = tf.config.list_physical_devices("GPU")
-    if not gpus:
+    return "gpu" if tf.config.list_physical_devices("GPU") else "cpu"
+
+
+def configure_device(precision: str = "auto") -> str:
+    """Use a GPU when TensorFlow sees one: memory grown on demand and the dtype
+    policy of params' `precision` for every stage (`auto`: mixed_float16; heads
+    keep float32 outputs). On a CPU every stage but the fine-tune computes in
+    float32 (the fine-tune's own policy: `transferlab.train.precision`).
+    Returns "gpu" or "cpu"; nothing else in the code assumes either."""
+    import tensorflow as tf
+
+    if kind() == "cpu":
         return "cpu"
+    gpus = tf.config.list_physical_devices("GPU")
     for gpu in gpus:
         try:
             tf.config.experimental.set_memory_growth(gpu, True)
         except (RuntimeError, ValueError):  # already initialised: keep its setting
             pass
-    keras.mixed_precision.set_global_policy("mixed_float16")
-    log.info("%d GPU(s) visible: mixed_float16 policy, float32 outputs", len(gpus))
+    policy = "mixed_float16" if precision == "auto" else precision
+    keras.mixed_precision.set_global_policy(policy)
+    log.info("%d GPU(s) visible: %s policy, float32 outputs", len(gpus), policy)
     return "gpu"
 
 

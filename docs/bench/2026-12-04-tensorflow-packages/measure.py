@@ -1,7 +1,7 @@
 """`tensorflow` against `tensorflow-cpu` (both 2.21.0) on this CPU: what a fresh
 virtualenv's install of the project costs with each, and the fine-tune's
-training step in each. Each command appends to results.json beside
-this file; run each under the machine's CPU lock, nothing else beside it:
+training step in each. Each command appends a row to results.json's `rows`
+beside this file; run each under the machine's CPU lock, nothing else beside it:
 
     M=docs/bench/2026-12-04-tensorflow-packages/measure.py
     flock /tmp/transferlab-cpu.lock python $M install --package tensorflow-cpu
@@ -36,8 +36,9 @@ PIN = '"tensorflow==2.21.0"'
 
 
 def _append(record: dict) -> None:
-    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
-    results.append(record)
+    """Into results.json's `rows` (the run record bench/report.py reads; its figures are written by hand)."""
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"rows": []}
+    results["rows"].append(record)
     RESULTS.write_text(json.dumps(results, indent=1) + "\n")
 
 

@@ -44,12 +44,15 @@ log = logging.getLogger(__name__)
 
 def plan_to_budget(probe: Probe, *, budget_seconds: float, spent_seconds: float, startup_seconds: float,
                    inference_images_per_second: float, n_val: int, n_test: int, steps_per_epoch: int,
-                   max_steps: int, small_fraction: float = 0.0) -> Plan:
+                   max_steps: int, small_fraction: float = 0.0, precision: str = "float32",
+                   precision_step_seconds: dict | None = None) -> Plan:
     """The fine-tune's plan: the most steps that fit what is left of the budget
     at the probe's pace, after reserving the evaluate stage (its start-up as long
     as this stage's, both views of the validation and test images at the
     features stage's inference speed) and capped at the recipe's own length.
-    Logged, and its figures go to the MLflow run as `plan.*` params."""
+    `precision` (and the step time of each policy timed to choose it) is
+    recorded with the plan, so that a replay trains in it. Logged, and its
+    figures go to the MLflow run as `plan.*` params."""
     if probe.small_step_seconds:
         probe = dataclasses.replace(probe, small_fraction=small_fraction)
     p = budget.plan(
@@ -59,6 +62,7 @@ def plan_to_budget(probe: Probe, *, budget_seconds: float, spent_seconds: float,
                                                  startup_seconds=startup_seconds),
         probe=probe, inference_images_per_second=inference_images_per_second, n_val=n_val,
         steps_per_epoch=steps_per_epoch, max_steps=max_steps)
+    p = dataclasses.replace(p, precision=precision, precision_step_seconds=dict(precision_step_seconds or {}))
     log.info("budget %s: %.0f s spent before the fine-tune, %.0f s kept for evaluate; %.0f train img/s "
              "measured -> %d steps (%.2f epochs), about %.0f s; planned again after the warmup and every epoch",
              budget.describe(budget_seconds), p.spent_seconds, p.evaluate_seconds, p.train_images_per_second,
@@ -66,7 +70,7 @@ def plan_to_budget(probe: Probe, *, budget_seconds: float, spent_seconds: float,
     if p.small_steps:
         log.info("budget: the first %d of them at the smaller input size (%.2f s a step against %.2f s)",
                  p.small_steps, p.small_step_seconds, p.step_seconds)
-    _mlflow("log_params", {f"plan.{k}": v for k, v in p.to_dict().items() if k != "replans"})
+    _mlflow("log_params", {f"plan.{k}": v for k, v in p.to_dict().items() if not isinstance(v, (list, dict))})
     return p
 
 
@@ -229,8 +233,8 @@ class StepBudget(keras.callbacks.Callback):
 
     def replay_hint(self) -> str:
         """The params that replay this run without the clock."""
-        return ("budget: 0 and " + (f"finetune.replans: {self.plan.replans}" if self.plan.replans
-                                     else f"finetune.steps: {self.plan.steps}"))
+        return (f"budget: 0, precision: {self.plan.precision} and "
+                + (f"finetune.replans: {self.plan.replans}" if self.plan.replans else f"finetune.steps: {self.plan.steps}"))
 
 
 def _mlflow(method: str, *args, **kwargs) -> None:

@@ -143,6 +143,8 @@ class Plan:
     trained_step_seconds: float = 0.0  # re-planned: the mean step the latest re-plan timed
     # re-planned: [step, steps] for each plan, the probe's at step 0: finetune.replans replays them
     replans: list = field(default_factory=list)
+    precision: str = "float32"  # the dtype policy the fine-tune trains in (transferlab.train.precision)
+    precision_step_seconds: dict = field(default_factory=dict)  # each policy timed to choose it; empty: none
 
     @property
     def window_seconds(self) -> float:

@@ -181,6 +181,9 @@ class Params:
     # The tf.distribute strategy of the head and the fine-tune (transferlab.device):
     # auto | mirrored | none. Batch sizes are per replica.
     distribute: str
+    # The fine-tune's dtype policy (transferlab.train.precision): auto | float32 |
+    # mixed_bfloat16 | mixed_float16; on a GPU every stage's.
+    precision: str
     data: DataConfig
     backbone: BackboneConfig
     features: FeaturesConfig
@@ -193,6 +196,7 @@ class Params:
 
 CHOICES = {
     "distribute": ("auto", "mirrored", "none"),
+    "precision": ("auto", "float32", "mixed_bfloat16", "mixed_float16"),
     "data.format": ("auto", "cifar10", "image_folder"),
     "head.optimizer": ("adam", "adamw", "sgd", "rmsprop"),
     "finetune.optimizer": ("adam", "adamw", "sgd", "rmsprop"),

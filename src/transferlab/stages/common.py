@@ -17,6 +17,6 @@ PARAMS_CHECKS = (pipeline.check,)
 
 def begin(params: config.Params) -> data.Prepared:
     """The device, the seeds (and deterministic ops), then the prepared data (memory-mapped)."""
-    device.configure_device()
+    device.configure_device(params.precision)
     device.seed_everything(params.seed, params.deterministic)
     return data.load_prepared(PREPARED)

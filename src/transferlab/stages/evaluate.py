@@ -25,7 +25,7 @@ from transferlab.stages.common import PARAMS_CHECKS, begin  # noqa: F401 (PARAMS
 
 log = logging.getLogger(__name__)
 
-KEYS = ("seed", "deterministic", "backbone.name", "evaluate", "tracking")
+KEYS = ("seed", "deterministic", "precision", "backbone.name", "evaluate", "tracking")
 CALIBRATION = ("test_accuracy_before_calibration", "test_accuracy_single_view", "temperature", "test_ece",
                "test_ece_before_calibration", "val_nll", "val_nll_before_calibration", "val_nll_single_view",
                "val_nll_flip")

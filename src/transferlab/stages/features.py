@@ -22,7 +22,7 @@ from transferlab.stages import METRICS, PREPARED, entry, features_dir, resolved,
 from transferlab.stages.common import PARAMS_CHECKS, begin  # noqa: F401 (PARAMS_CHECKS: for stages.run)
 from transferlab.train import surgery
 
-KEYS = ("seed", "deterministic", "budget", "backbone", "features", "finetune.unfreeze", "finetune.mode",
+KEYS = ("seed", "deterministic", "precision", "budget", "backbone", "features", "finetune.unfreeze", "finetune.mode",
         "tracking.experiment")
 
 

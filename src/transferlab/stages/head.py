@@ -19,7 +19,7 @@ from transferlab.train import recipe
 
 log = logging.getLogger(__name__)
 
-KEYS = ("seed", "deterministic", "distribute", "backbone.name", "backbone.input_size", "head",
+KEYS = ("seed", "deterministic", "precision", "distribute", "backbone.name", "backbone.input_size", "head",
         "tracking.experiment")
 
 
