@@ -117,6 +117,61 @@ def test_symlinks_files_read_folders_not_followed_broken_ones_reported(tmp_path)
     assert [Path(s["file"]).name for s in ds.skipped] == ["broken.png"]
 
 
+def test_exif_orientation_is_applied(tmp_path):
+    """A phone photo stored sideways with an EXIF orientation is decoded upright:
+    here the top row is red in the stored pixels, and orientation 6 (rotate 90
+    degrees clockwise to display) puts it in the right column."""
+    stored = np.zeros((16, 16, 3), np.uint8)
+    stored[:, :] = (0, 0, 255)
+    stored[:3, :] = (255, 0, 0)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation
+    path = tmp_path / "photo.jpg"
+    Image.fromarray(stored).save(path, exif=exif, quality=95)
+    upright = data.decode_image(path, 16)
+    assert upright[:, -2:, 0].mean() > 200 and upright[:2, :8, 0].mean() < 40  # red on the right, not on top
+
+
+def test_a_class_folder_linking_to_another_class_is_refused(tmp_path):
+    root = synth.make_image_folder(tmp_path / "imgs", per_class=2, test_per_class=1)
+    (root / "train" / "zircle").symlink_to(root / "train" / "circle", target_is_directory=True)
+    with pytest.raises(DataError, match=r"'zircle' is a link to the class folder 'circle'"):
+        load(root, tmp_path)
+    (root / "train" / "zircle").unlink()
+    outside = synth.make_image_folder(tmp_path / "more", per_class=2, split=False) / "circle"
+    (root / "train" / "zircle").symlink_to(outside, target_is_directory=True)  # elsewhere: a class
+    (root / "test" / "zircle").mkdir()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(root / "test" / "zircle" / "0.png")
+    assert "zircle" in load(root, tmp_path)[0].classes
+
+
+def test_identical_files_under_two_classes_or_in_both_splits_are_reported(tmp_path, caplog):
+    root = synth.make_image_folder(tmp_path / "imgs", per_class=3, test_per_class=2)
+    (root / "train" / "square" / "copy.png").write_bytes((root / "train" / "circle" / "0000.png").read_bytes())
+    (root / "test" / "circle" / "leak.png").write_bytes((root / "train" / "circle" / "0001.png").read_bytes())
+    (root / "train" / "circle" / "again.png").write_bytes((root / "train" / "circle" / "0002.png").read_bytes())
+    with caplog.at_level("WARNING"):
+        ds, _ = load(root, tmp_path)
+    assert ds.duplicates == [  # the same class in one split (again.png) is no contradiction: not listed
+        {"files": ["train/circle/0000.png", "train/square/copy.png"], "classes": ["circle", "square"],
+         "splits": ["train"]},
+        {"files": ["train/circle/0001.png", "test/circle/leak.png"], "classes": ["circle"],
+         "splits": ["test", "train"]}]
+    assert "2 group(s) of identical files" in caplog.text
+    manifest = data.write_prepared(ds, tmp_path / "prepared", 0.0, 0, {})
+    assert manifest["num_duplicates"] == 2 and manifest["duplicates"] == ds.duplicates
+
+
+def test_a_class_with_no_test_images_is_named(tmp_path, caplog):
+    root = synth.make_image_folder(tmp_path / "imgs", per_class=3, test_per_class=1)
+    for f in (root / "test" / "square").iterdir():
+        f.unlink()
+    with caplog.at_level("WARNING"):
+        ds, _ = load(root, tmp_path)
+    assert ds.untested == ["square"] and "['square'] have no test images" in caplog.text
+    assert data.write_prepared(ds, tmp_path / "prepared", 0.0, 0, {})["classes_without_test_images"] == ["square"]
+
+
 def test_a_class_with_few_images_gets_a_warning(tmp_path, caplog):
     root = synth.make_image_folder(tmp_path / "imgs", per_class=data.FEW_IMAGES, test_per_class=1)
     for extra in sorted((root / "train" / "square").iterdir())[2:]:

@@ -21,6 +21,9 @@ class Dataset:
     skipped: list[dict] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
     scratch: list[Path] = field(default_factory=list)  # files behind memory-mapped arrays
+    # groups of identical files under two classes or in both splits (data.folders.find_duplicates)
+    duplicates: list[dict] = field(default_factory=list)
+    untested: list[str] = field(default_factory=list)  # classes with no test image
 
     def close(self) -> None:
         """Remove the decoded images' scratch files (once written to data/prepared)."""

@@ -1,14 +1,20 @@
 """An image-folder tree -> a `Dataset`: train/<class>/... and test/<class>/...,
 or one folder of classes split by a seeded ratio.
 
-Any PIL mode becomes 8-bit RGB at the configured size. Images are decoded in
-parallel straight into memory-mapped files (a few in memory at a time, never
-the data set); files that do not decode are skipped and listed, files that are
-not images are listed as ignored.
+Any PIL mode becomes 8-bit RGB at the configured size, turned upright by its
+EXIF orientation (as a phone's photo is shown). Images are decoded in parallel
+straight into memory-mapped files (a few in memory at a time, never the data
+set); files that do not decode are skipped and listed, files that are not
+images are listed as ignored. What a model would learn wrongly from is named:
+identical files under two classes or in both splits (`Dataset.duplicates`), a
+class with no test images (`Dataset.untested`); a class folder that links to
+another class's folder is refused.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import logging
 import os
 import tempfile
@@ -16,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 from transferlab.data.arrays import Dataset, Rows, split_rows
@@ -53,6 +59,8 @@ def load_image_folder(root: Path, image_size: int, test_fraction: float, seed: i
                 f"{root / 'test'}: classes {extra} are in the test split but not in "
                 f"{root / 'train'}; add training images for them or remove them from test/"
             )
+    for split_dir in [train_root, root / "test"] if has_split else [train_root]:
+        _refuse_linked_classes(split_dir)
     train_items = _gather(train_root, classes, ignored)
     counts = {c: 0 for c in classes}
     for _, label in train_items:
@@ -64,16 +72,17 @@ def load_image_folder(root: Path, image_size: int, test_fraction: float, seed: i
             "the folder(s); an empty class would add an output unit that can never be learned."
         )
     scratch = [_scratch(scratch_dir, "train")]
-    x_train, y_train = _decode_all(train_items, image_size, "decode train", skipped, root, scratch[0])
+    x_train, y_train, files_train = _decode_all(train_items, image_size, "decode train", skipped, root, scratch[0])
     if has_split:
         test_items = _gather(root / "test", classes, ignored)
         scratch.append(_scratch(scratch_dir, "test"))
-        x_test, y_test = _decode_all(test_items, image_size, "decode test", skipped, root, scratch[1])
+        x_test, y_test, files_test = _decode_all(test_items, image_size, "decode test", skipped, root, scratch[1])
     else:
         x_test, y_test = x_train, y_train  # the rows split off below, without copying them
         train_rows, test_rows = split_rows(y_train, test_fraction, seed)
         y_train, y_test = y_train[train_rows], y_test[test_rows]
         x_train, x_test = Rows(x_train, train_rows), Rows(x_test, test_rows)
+        files_train, files_test = [files_train[i] for i in train_rows], [files_train[i] for i in test_rows]
     decoded = np.bincount(y_train, minlength=len(classes))
     lost = [classes[i] for i, n in enumerate(decoded) if n == 0]
     if lost:
@@ -86,13 +95,40 @@ def load_image_folder(root: Path, image_size: int, test_fraction: float, seed: i
             log.warning("class %r has only %d training images; results for it will be noisy", name, n)
     if skipped:
         log.warning("skipped %d file(s) that could not be decoded; listed in the manifest", len(skipped))
-    return Dataset(x_train, y_train, x_test, y_test, classes, skipped, ignored, scratch)
+    untested = [classes[i] for i, n in enumerate(np.bincount(y_test, minlength=len(classes))) if n == 0]
+    if untested:
+        log.warning("class(es) %s have no test images: their test accuracy cannot be measured. Add test images "
+                    "(or, without a test folder, raise data.test_fraction)", untested)
+    duplicates = find_duplicates({"train": (files_train, y_train), "test": (files_test, y_test)}, classes)
+    if duplicates:
+        first = duplicates[0]
+        log.warning("%d group(s) of identical files under two classes or in both train and test (a label that "
+                    "contradicts another, or a test image the model trained on), listed in the manifest under "
+                    "duplicates; the first: %s", len(duplicates), ", ".join(first["files"]))
+    return Dataset(x_train, y_train, x_test, y_test, classes, skipped, ignored, scratch, duplicates, untested)
 
 
-def decode_image(path: Path, size: int) -> np.ndarray:
+def find_duplicates(splits: dict[str, tuple[list[tuple[str, str]], np.ndarray]], classes: list[str]) -> list[dict]:
+    """Groups of files with the same bytes under two classes or in two splits.
+    `splits`: {split: ([(file, content digest)] per decoded row, labels)}."""
+    groups: dict[str, list[tuple[str, str, str]]] = {}
+    for split, (files, y) in splits.items():
+        for (file, digest), label in zip(files, y):
+            groups.setdefault(digest, []).append((file, split, classes[int(label)]))
+    found = []
+    for members in groups.values():
+        labels, in_splits = sorted({c for _, _, c in members}), sorted({s for _, s, _ in members})
+        if len(labels) > 1 or len(in_splits) > 1:
+            found.append({"files": [f for f, _, _ in members], "classes": labels, "splits": in_splits})
+    return sorted(found, key=lambda g: g["files"])
+
+
+def decode_image(path: Path | io.BytesIO, size: int) -> np.ndarray:
+    """An image file (or its bytes) -> uint8 RGB, `size` x `size`, upright by
+    its EXIF orientation."""
     with Image.open(path) as img:
         img.load()
-        rgb = to_rgb(img)
+        rgb = to_rgb(ImageOps.exif_transpose(img))
     if rgb.size != (size, size):
         rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
     return np.asarray(rgb, dtype=np.uint8)
@@ -147,6 +183,20 @@ def _descend_single_wrapper(root: Path) -> Path:
         root = entries[0]
 
 
+def _refuse_linked_classes(split_dir: Path) -> None:
+    """A class folder that is a link to another class's folder would make the
+    same images two classes: refused, naming both. (A link to a folder outside
+    the tree is a class like any other.)"""
+    dirs = _class_dirs(split_dir)
+    real = {p.resolve(): p for p in dirs if not p.is_symlink()}
+    for p in dirs:
+        if p.is_symlink() and p.resolve() in real:
+            raise DataError(
+                f"{p}: class folder {p.name!r} is a link to the class folder {real[p.resolve()].name!r}, so the "
+                "same images would be two classes. Remove the link, or give the class its own images"
+            )
+
+
 def _class_dirs(split_dir: Path) -> list[Path]:
     return sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
 
@@ -163,32 +213,37 @@ def _gather(split_dir: Path, classes: list[str], ignored: list[str]) -> list[tup
 
 def _decode_all(
     items: list[tuple[Path, int]], size: int, desc: str, skipped: list[dict], root: Path, scratch: Path,
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
     """Decode `items` into a file of rows at `scratch` as they come (a few images
     in memory at a time, never the data set), and return it as a read-only
-    memory map with the labels of the images that decoded."""
+    memory map with the labels of the images that decoded and, for each, its
+    file (relative to `root`) and a digest of its bytes."""
     def work(item: tuple[Path, int]):
         path, label = item
         try:
-            return decode_image(path, size), label, None
+            content = path.read_bytes()
+            digest = hashlib.blake2b(content, digest_size=16).hexdigest()
+            return decode_image(io.BytesIO(content), size), label, digest
         except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             return None, label, f"{type(exc).__name__}: {exc}"
 
-    ys = []
+    ys, files = [], []
     with open(scratch, "wb") as fh, ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         results = pool.map(work, items, chunksize=64)  # in order, a bounded number ahead
-        for (path, _), (arr, label, error) in tqdm(
+        for (path, _), (arr, label, detail) in tqdm(
             zip(items, results), total=len(items), desc=desc, unit="img", mininterval=2, disable=None
         ):
-            if error is not None:
-                skipped.append({"file": str(path.relative_to(root)), "reason": error})
+            if arr is None:
+                skipped.append({"file": str(path.relative_to(root)), "reason": detail})
                 continue
             fh.write(arr.tobytes())
             ys.append(label)
+            files.append((str(path.relative_to(root)), detail))
     if not ys:
         scratch.unlink(missing_ok=True)
-        return np.zeros((0, size, size, 3), np.uint8), np.zeros((0,), np.int64)
-    return np.memmap(scratch, dtype=np.uint8, mode="r", shape=(len(ys), size, size, 3)), np.asarray(ys, np.int64)
+        return np.zeros((0, size, size, 3), np.uint8), np.zeros((0,), np.int64), []
+    return (np.memmap(scratch, dtype=np.uint8, mode="r", shape=(len(ys), size, size, 3)), np.asarray(ys, np.int64),
+            files)
 
 
 def _scratch(folder: Path, name: str) -> Path:

@@ -36,6 +36,9 @@ def write_prepared(ds: Dataset, out_dir: Path, val_fraction: float, seed: int, m
         num_skipped=len(ds.skipped),
         ignored=ds.ignored[:1000],
         num_ignored=len(ds.ignored),
+        duplicates=ds.duplicates[:1000],
+        num_duplicates=len(ds.duplicates),
+        classes_without_test_images=ds.untested,
     )
     with atomic_dir(out_dir) as tmp:
         for name, (x, y) in splits.items():
