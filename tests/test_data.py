@@ -172,6 +172,58 @@ def test_a_class_with_no_test_images_is_named(tmp_path, caplog):
     assert data.write_prepared(ds, tmp_path / "prepared", 0.0, 0, {})["classes_without_test_images"] == ["square"]
 
 
+def _labelled_images(folder: Path, n: int = 4) -> list[tuple[Path, str]]:
+    """n images of each class, written flat into `folder`: (path, label)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng, out = np.random.default_rng(0), []
+    for label, name in enumerate(synth.CLASSES):
+        for i in range(n):
+            path = folder / f"{name}-{i}.png"
+            Image.fromarray(synth.class_image(label, rng, 32)).save(path)
+            out.append((path, name))
+    return out
+
+
+def test_labels_from_a_csv_with_splits_relative_and_absolute_paths(tmp_path):
+    images = _labelled_images(tmp_path / "set" / "images")
+    outside = _labelled_images(tmp_path / "elsewhere", n=1)
+    lines = ["File,Class,split"]  # header names in any case
+    lines += [f"images/{p.name},{label},{'test' if p.stem.endswith('-3') else 'train'}" for p, label in images]
+    lines += [f"{p},{label},val" for p, label in outside]  # absolute; val rows train
+    lines += ["images/missing.png,circle,train"]
+    (tmp_path / "set" / "labels.csv").write_text("\n".join(lines) + "\n")
+    ds, digest = load(tmp_path / "set" / "labels.csv", tmp_path)  # format auto: by the suffix
+    assert ds.classes == sorted(synth.CLASSES)
+    assert np.bincount(ds.y_train).tolist() == [4, 4, 4] and np.bincount(ds.y_test).tolist() == [1, 1, 1]
+    assert [s["file"] for s in ds.skipped] == ["images/missing.png"]
+    first = sorted(images)[0][0]  # a label's images are its own: circle-0 is a circle
+    assert ds.y_train[0] == ds.classes.index("circle")
+    np.testing.assert_array_equal(ds.x_train[0], data.decode_image(first, 32))
+    _, same = load(tmp_path / "set" / "labels.csv", tmp_path)
+    assert same == digest
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(first)  # an image changes, the CSV does not
+    assert load(tmp_path / "set" / "labels.csv", tmp_path)[1] != digest
+
+
+def test_labels_from_a_csv_without_splits_are_split_by_ratio(tmp_path):
+    images = _labelled_images(tmp_path / "images", n=8)
+    (tmp_path / "labels.txt").write_text("path,label\n" + "".join(f"images/{p.name},{c}\n" for p, c in images))
+    ds, _ = load(tmp_path / "labels.txt", tmp_path, fmt="csv", test_fraction=0.25)
+    assert np.bincount(ds.y_test).tolist() == [2, 2, 2] and len(ds.y_train) == 18
+
+
+@pytest.mark.parametrize("text, message", [
+    ("image_path,label\na.png,circle\n", r"expected a header with a path column .* found: \['image_path', 'label'\]"),
+    ("path,label,split\na.png,circle,train\nb.png,zebra,test\n", r"labels \['zebra'\] are in test rows"),
+    ("path,label,split\na.png,circle,holdout\n", r"line 2: split 'holdout' is not one of"),
+    ("path,label\na.png,\n", r"line 2: a row needs both a path and a label"),
+])
+def test_a_csv_that_cannot_be_read_names_the_line_or_the_columns(tmp_path, text, message):
+    (tmp_path / "labels.csv").write_text(text)
+    with pytest.raises(DataError, match=message):
+        load(tmp_path / "labels.csv", tmp_path)
+
+
 def test_a_class_with_few_images_gets_a_warning(tmp_path, caplog):
     root = synth.make_image_folder(tmp_path / "imgs", per_class=data.FEW_IMAGES, test_per_class=1)
     for extra in sorted((root / "train" / "square").iterdir())[2:]:

@@ -197,7 +197,7 @@ class Params:
 CHOICES = {
     "distribute": ("auto", "mirrored", "none"),
     "precision": ("auto", "float32", "mixed_bfloat16", "mixed_float16"),
-    "data.format": ("auto", "cifar10", "image_folder"),
+    "data.format": ("auto", "cifar10", "image_folder", "csv"),
     "head.optimizer": ("adam", "adamw", "sgd", "rmsprop"),
     "finetune.optimizer": ("adam", "adamw", "sgd", "rmsprop"),
     "finetune.mode": ("cached", "full"),

@@ -24,6 +24,7 @@ class Dataset:
     # groups of identical files under two classes or in both splits (data.folders.find_duplicates)
     duplicates: list[dict] = field(default_factory=list)
     untested: list[str] = field(default_factory=list)  # classes with no test image
+    content_digest: str = ""  # of the decoded files' bytes, split by split, in row order ("": not computed)
 
     def close(self) -> None:
         """Remove the decoded images' scratch files (once written to data/prepared)."""

@@ -42,7 +42,6 @@ def load_image_folder(root: Path, image_size: int, test_fraction: float, seed: i
         scratch_dir = Path(tempfile.mkdtemp(prefix="transferlab-decoded-"))
     root = _descend_single_wrapper(root)
     ignored: list[str] = []
-    skipped: list[dict] = []
     has_split = (root / "train").is_dir() and (root / "test").is_dir()
     train_root = root / "train" if has_split else root
     classes = [p.name for p in _class_dirs(train_root)]
@@ -71,10 +70,23 @@ def load_image_folder(root: Path, image_size: int, test_fraction: float, seed: i
             f"{train_root}: class folder(s) {empty} hold no images. Add images or remove "
             "the folder(s); an empty class would add an output unit that can never be learned."
         )
+    test_items = _gather(root / "test", classes, ignored) if has_split else None
+    return decode_items(root, classes, train_items, test_items, image_size, test_fraction, seed, scratch_dir,
+                        ignored)
+
+
+def decode_items(root: Path, classes: list[str], train_items: list[tuple[Path, int]],
+                 test_items: list[tuple[Path, int]] | None, image_size: int, test_fraction: float, seed: int,
+                 scratch_dir: Path, ignored: list[str] | None = None) -> Dataset:
+    """(file, label) pairs -> a `Dataset`: decoded into memory-mapped files under
+    `scratch_dir`, the test split by `test_fraction` (seeded) where `test_items`
+    is None, files named relative to `root` in what is reported. The checks of
+    every source of files: classes none of whose images decodes (an error), few
+    images, no test images, identical files (module docstring)."""
+    skipped: list[dict] = []
     scratch = [_scratch(scratch_dir, "train")]
     x_train, y_train, files_train = _decode_all(train_items, image_size, "decode train", skipped, root, scratch[0])
-    if has_split:
-        test_items = _gather(root / "test", classes, ignored)
+    if test_items is not None:
         scratch.append(_scratch(scratch_dir, "test"))
         x_test, y_test, files_test = _decode_all(test_items, image_size, "decode test", skipped, root, scratch[1])
     else:
@@ -87,7 +99,7 @@ def load_image_folder(root: Path, image_size: int, test_fraction: float, seed: i
     lost = [classes[i] for i, n in enumerate(decoded) if n == 0]
     if lost:
         raise DataError(
-            f"{train_root}: no image of class(es) {lost} could be decoded; see the skipped "
+            f"{root}: no training image of class(es) {lost} could be decoded; see the skipped "
             "files in the manifest and replace them"
         )
     for name, n in zip(classes, decoded):
@@ -98,14 +110,17 @@ def load_image_folder(root: Path, image_size: int, test_fraction: float, seed: i
     untested = [classes[i] for i, n in enumerate(np.bincount(y_test, minlength=len(classes))) if n == 0]
     if untested:
         log.warning("class(es) %s have no test images: their test accuracy cannot be measured. Add test images "
-                    "(or, without a test folder, raise data.test_fraction)", untested)
+                    "(or, without a test split, raise data.test_fraction)", untested)
     duplicates = find_duplicates({"train": (files_train, y_train), "test": (files_test, y_test)}, classes)
     if duplicates:
         first = duplicates[0]
         log.warning("%d group(s) of identical files under two classes or in both train and test (a label that "
                     "contradicts another, or a test image the model trained on), listed in the manifest under "
                     "duplicates; the first: %s", len(duplicates), ", ".join(first["files"]))
-    return Dataset(x_train, y_train, x_test, y_test, classes, skipped, ignored, scratch, duplicates, untested)
+    content = hashlib.sha256("".join(f"{d}{s}" for s, files in (("train", files_train), ("test", files_test))
+                                      for _, d in files).encode()).hexdigest()
+    return Dataset(x_train, y_train, x_test, y_test, classes, skipped, list(ignored or []), scratch, duplicates,
+                   untested, content)
 
 
 def find_duplicates(splits: dict[str, tuple[list[tuple[str, str]], np.ndarray]], classes: list[str]) -> list[dict]:
@@ -234,16 +249,24 @@ def _decode_all(
             zip(items, results), total=len(items), desc=desc, unit="img", mininterval=2, disable=None
         ):
             if arr is None:
-                skipped.append({"file": str(path.relative_to(root)), "reason": detail})
+                skipped.append({"file": _name(path, root), "reason": detail})
                 continue
             fh.write(arr.tobytes())
             ys.append(label)
-            files.append((str(path.relative_to(root)), detail))
+            files.append((_name(path, root), detail))
     if not ys:
         scratch.unlink(missing_ok=True)
         return np.zeros((0, size, size, 3), np.uint8), np.zeros((0,), np.int64), []
     return (np.memmap(scratch, dtype=np.uint8, mode="r", shape=(len(ys), size, size, 3)), np.asarray(ys, np.int64),
             files)
+
+
+def _name(path: Path, root: Path) -> str:
+    """`path` as reported: relative to `root` where it is inside it."""
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return str(path)
 
 
 def _scratch(folder: Path, name: str) -> Path:

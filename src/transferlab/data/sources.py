@@ -5,7 +5,8 @@ Sources, chosen by `data.source` and `data.format` in params.yaml:
   name, checksum verified, then renamed into the cache; a bad download is deleted;
 - a local archive (tar, tar.gz, zip) or directory in the canonical CIFAR-10 format;
 - an image-folder tree, as a directory or an archive: train/<class>/... and
-  test/<class>/..., or one folder of classes split by a seeded ratio.
+  test/<class>/..., or one folder of classes split by a seeded ratio;
+- a CSV file of image paths and labels (and optionally splits): `data.labels`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from transferlab.data.archives import extract_cached, is_archive
 from transferlab.data.arrays import Dataset
 from transferlab.data.cifar import CIFAR10_MD5, CIFAR10_URL, find_cifar10_root, load_cifar10
 from transferlab.data.folders import load_image_folder
+from transferlab.data.labels import load_csv
 from transferlab.errors import DataError
 from transferlab.files import file_digest, tree_digest
 from transferlab.redact import redact
@@ -36,6 +38,8 @@ def load_source(
     test_fraction: float, seed: int,
 ) -> tuple[Dataset, str]:
     path, digest = resolve_source(source, cache_dir, checksum)
+    if fmt == "csv" or (fmt == "auto" and path.is_file() and path.suffix.lower() == ".csv"):
+        return load_csv(path, image_size, test_fraction, seed, cache_dir / "decoded")
     root = path
     if path.is_file():
         if not is_archive(path):
