@@ -12,7 +12,7 @@ def test_bfloat16_is_chosen_only_when_clearly_faster():
     assert precision.choose({"float32": 1.0, "mixed_bfloat16": 0.97}).precision == "float32"  # within noise
     slower = precision.choose({"float32": 0.18, "mixed_bfloat16": 0.32})  # as on an AMD EPYC
     assert slower.precision == "float32" and slower.step_seconds == {"float32": 0.18, "mixed_bfloat16": 0.32}
-    assert "1.78x" in slower.reason
+    assert slower.reason == precision.choose({"float32": 0.2, "mixed_bfloat16": 0.3}).reason  # no timing in it
 
 
 def test_bfloat16_instructions_are_read_from_the_cpu_flags(tmp_path):

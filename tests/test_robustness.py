@@ -173,6 +173,7 @@ def test_two_runs_finishing_together_leave_the_better_champion(in_tmp):
 
 TINY = {
     "seed": 5, "deterministic": True, "budget": 0,  # a budget's plan holds measured times
+    "precision": "float32",  # and auto's choice too, on a CPU with bfloat16 instructions
     "data": {"source": "tiny-images", "checksum": None, "image_size": 16, "val_fraction": 0.25},
     "backbone": {"name": "vgg16", "weights": "none", "input_size": 32},
     "features": {"train_fraction": 1.0},
