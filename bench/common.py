@@ -135,3 +135,19 @@ def add_output_arguments(parser, name: str) -> None:
     to docs/bench/<today>-<--name>/."""
     parser.add_argument("--name", default=name, help=f"the run's name: docs/bench/<date>-<name>/ (default {name})")
     parser.add_argument("--out", default=None, help="the run's folder instead of docs/bench/<date>-<name>/")
+
+
+def median_seconds(fn, steps: int) -> float:
+    """The median wall time of `steps` calls of `fn`, after two warm-up calls."""
+    import time
+
+    import numpy as np
+
+    for _ in range(2):  # warm-up
+        fn()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))

@@ -21,26 +21,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_output_arguments, cpu_description, output_folder, write_run  # noqa: E402
-
-
-def median_seconds(fn, steps: int) -> float:
-    import numpy as np
-
-    for _ in range(2):  # warm-up
-        fn()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+from common import add_output_arguments, cpu_description, median_seconds, output_folder, write_run  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
