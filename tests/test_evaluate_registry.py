@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import confusion_matrix
 
-from transferlab import evaluate, tracking
+from transferlab import evaluate, registry, tracking
 
 
 def test_confusion_matrix_on_known_predictions(tmp_path):
@@ -25,12 +25,31 @@ def test_confusion_matrix_on_known_predictions(tmp_path):
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_the_gallery_shows_the_most_confident_mistakes_first(tmp_path):
+    y = np.array([0, 1, 2, 0, 1])
+    probs = np.array([[0.9, 0.05, 0.05],   # right
+                      [0.7, 0.2, 0.1],     # wrong, 0.7
+                      [0.05, 0.9, 0.05],   # wrong, 0.9
+                      [0.4, 0.6, 0.0],     # wrong, 0.6
+                      [0.1, 0.8, 0.1]])    # right
+    assert evaluate.confident_mistakes(y, probs).tolist() == [2, 1, 3]
+    assert evaluate.confident_mistakes(y, probs, n=1).tolist() == [2]
+    x = np.zeros((5, 8, 8, 3), np.uint8)
+    classes = ["a", "b", "c"]
+    assert evaluate.mistakes_png(x, y, probs, classes, tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"
+    report = evaluate.per_class_report(y, probs.argmax(axis=1), classes)
+    assert evaluate.recall_png(report, classes, tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_should_promote():
-    assert tracking.should_promote(0.8, None)[0]
-    assert tracking.should_promote(0.81, 0.8)[0]
-    promote, reason = tracking.should_promote(0.8, 0.8)
+    assert registry.should_promote(0.8, None)[0]
+    assert registry.should_promote(0.81, 0.8)[0]
+    promote, reason = registry.should_promote(0.8, 0.8)
     assert not promote and "does not beat" in reason
-    assert not tracking.should_promote(0.7, 0.8)[0]
+    assert not registry.should_promote(0.7, 0.8)[0]
+    promote, reason = registry.should_promote(0.9, None, baseline_accuracy=0.95)  # the first, but below its baseline
+    assert not promote and "raw-pixel baseline's 0.9500: transfer did not pay" in reason
+    assert registry.should_promote(0.9, 0.8, baseline_accuracy=0.5)[0]
 
 
 def test_champion_alias_moves_only_to_a_better_model(in_tmp):
@@ -44,7 +63,7 @@ def test_champion_alias_moves_only_to_a_better_model(in_tmp):
         with mlflow.start_run():
             mlflow.log_dict({"acc": acc}, "model/MLmodel")
             uri = f"runs:/{mlflow.active_run().info.run_id}/model"
-            return tracking.register_and_promote(uri, "m", acc)
+            return registry.register_and_promote(uri, "m", acc)
 
     assert log(0.80)[:2] == ("1", True)
     assert log(0.75)[:2] == ("2", False)

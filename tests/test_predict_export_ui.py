@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import synth
-from transferlab import backbones, cli, export, head, predict, tracking, ui
+from transferlab import backbones, cli, export, head, predict, registry, tracking, ui
 from transferlab.train import surgery
 from transferlab.tta import with_tta
 
@@ -61,8 +61,8 @@ def test_predict_cli_reads_the_registry_by_alias_and_version(model_file, photos,
     x = np.stack([synth.class_image(i, np.random.default_rng(i), 16) for i in range(3)])
     tracking.setup("serve-test")  # this store, and an experiment in it (not one a test before set)
     with mlflow.start_run():
-        uri = tracking.log_keras_model(model, x[:2], model.predict(x[:2], verbose=0), CLASSES)
-    tracking.register_and_promote(uri, "tiny", 0.5)
+        uri = registry.log_keras_model(model, x[:2], model.predict(x[:2], verbose=0), CLASSES)
+    registry.register_and_promote(uri, "tiny", 0.5)
     out = in_tmp / "pred.json"
     assert cli.main(["predict", str(photos / "square"), "--model", "tiny", "--format", "json",
                      "--output", str(out)]) == 0

@@ -23,7 +23,7 @@ import yaml
 
 import synth
 import tinyproject
-from transferlab import cli, config, tracking
+from transferlab import cli, config, registry, tracking
 from transferlab.run import project_lock
 
 SECRET = "s3cretPa55"
@@ -100,10 +100,10 @@ def test_no_secret_reaches_mlflow_the_outputs_or_the_log(in_tmp, auth_server, ca
 RACER = r"""
 import sys, time
 from pathlib import Path
-from transferlab import tracking
+from transferlab import registry
 
 uri, accuracy, delay, me, other = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4], sys.argv[5]
-read = tracking.champion_accuracy
+read = registry.champion_accuracy
 
 def racing_read(client, name):
     # Both racers read the champion together (when nothing serialises them) ...
@@ -115,8 +115,8 @@ def racing_read(client, name):
     time.sleep(delay)  # ... and the worse one moves the alias last.
     return value
 
-tracking.champion_accuracy = racing_read
-print(tracking.register_and_promote(uri, "race", accuracy))
+registry.champion_accuracy = racing_read
+print(registry.register_and_promote(uri, "race", accuracy))
 """
 
 
@@ -160,7 +160,7 @@ def test_two_runs_finishing_together_leave_the_better_champion(in_tmp):
     uris = []
     for _ in range(2):
         with mlflow.start_run():
-            uris.append(tracking.log_keras_model(model, x, model.predict(x, verbose=0)))
+            uris.append(registry.log_keras_model(model, x, model.predict(x, verbose=0)))
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking.tracking_uri()}
     racers = [
         subprocess.Popen([sys.executable, "-c", RACER, uris[0], "0.90", "0.5", "a.ready", "b.ready"], env=env),

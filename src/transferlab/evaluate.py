@@ -21,11 +21,28 @@ def per_class_report(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str])
     )
 
 
-def confusion_png(cm: np.ndarray, classes: list[str], path: Path, title: str) -> Path:
+def _pyplot():
+    """matplotlib's pyplot on the Agg backend: files, never a window."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    """`fig` laid out, written to `path` (its folder made) and closed."""
+    plt = _pyplot()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def confusion_png(cm: np.ndarray, classes: list[str], path: Path, title: str) -> Path:
+    plt = _pyplot()
 
     size = max(5.0, 0.55 * len(classes) + 2)
     fig, ax = plt.subplots(figsize=(size, size))
@@ -33,11 +50,51 @@ def confusion_png(cm: np.ndarray, classes: list[str], path: Path, title: str) ->
         ax=ax, cmap="Blues", colorbar=False, xticks_rotation=45, values_format="d"
     )
     ax.set_title(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
+
+
+def confident_mistakes(y_true: np.ndarray, probs: np.ndarray, n: int = 16) -> np.ndarray:
+    """The rows of the `n` wrong predictions made with the highest probability,
+    most confident first."""
+    wrong = np.flatnonzero(probs.argmax(axis=1) != y_true)
+    return wrong[np.argsort(-probs[wrong].max(axis=1), kind="stable")][:n]
+
+
+def mistakes_png(x: np.ndarray, y_true: np.ndarray, probs: np.ndarray, classes: list[str], path: Path,
+                 n: int = 16) -> Path:
+    """A gallery of the test set's most confident mistakes: each image with its
+    true class, the predicted class and the probability given to it."""
+    plt = _pyplot()
+
+    rows = confident_mistakes(y_true, probs, n)
+    cols, lines = 4, max(1, -(-len(rows) // 4))
+    fig, axes = plt.subplots(lines, cols, figsize=(2.4 * cols, 2.7 * lines), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, row in zip(axes.flat, rows):
+        predicted = int(probs[row].argmax())
+        ax.imshow(np.asarray(x[row]))
+        ax.set_title(f"true {classes[int(y_true[row])]}\npredicted {classes[predicted]} ({probs[row, predicted]:.2f})",
+                     fontsize=8)
+    if not len(rows):
+        axes.flat[0].text(0.5, 0.5, "no mistakes on test", ha="center", va="center")
+    fig.suptitle("most confident mistakes on test")
+    return _save(fig, path)
+
+
+def recall_png(per_class: dict, classes: list[str], path: Path) -> Path:
+    """Each class's recall on test as a bar, the mean (balanced accuracy) as a line."""
+    plt = _pyplot()
+
+    recall = [float(per_class[c]["recall"]) for c in classes]
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * len(classes) + 2), 3.6))
+    ax.bar(range(len(classes)), recall, color="tab:blue")
+    ax.axhline(float(np.mean(recall)), color="tab:red", lw=1, label=f"mean {np.mean(recall):.3f}")
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("recall on test")
+    ax.legend(loc="lower right")
+    return _save(fig, path)
 
 
 def summarize(y_true: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict:
@@ -113,10 +170,7 @@ def expected_calibration_error(probs: np.ndarray, y: np.ndarray, bins: int = 15)
 
 def reliability_png(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, bins: int = 15) -> Path:
     """Accuracy against confidence per bin, one line per {label: (probs, y)}, with the diagonal."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     fig, ax = plt.subplots(figsize=(5.5, 5.5))
     ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfectly calibrated")
@@ -130,11 +184,7 @@ def reliability_png(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path
     ax.set_ylim(0, 1)
     ax.set_title(f"reliability diagram, {bins} bins")
     ax.legend(loc="upper left")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def evaluate_model(model, x: np.ndarray, y: np.ndarray, classes: list[str], batch_size: int, tta: str,

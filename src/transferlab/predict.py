@@ -78,7 +78,7 @@ def load(name: str | None = None, alias: str | None = "champion", version: str |
 
 
 def _classes_near(folder: Path, model) -> list[str]:
-    from transferlab.tracking import CLASSES_FILE
+    from transferlab.registry import CLASSES_FILE
 
     n = int(model.output_shape[-1])
     for candidate in (folder / CLASSES_FILE, Path("data/prepared/classes.json")):

@@ -1,4 +1,5 @@
-"""Everything MLflow: the store, runs, tags, per-epoch metrics, artifacts.
+"""MLflow's store, runs, tags, per-epoch metrics and dataset inputs (the Model
+Registry: transferlab.registry).
 
 The default store is embedded: an SQLite file, mlflow.db, in the project root, so
 that the Model Registry works without a server. MLFLOW_TRACKING_URI overrides it
@@ -9,6 +10,7 @@ Tag vocabulary, used on every run:
     backbone      registry name
     git_commit    HEAD of the project (suffixed "-dirty" with uncommitted changes)
     dvc.dep.<path>  md5 that dvc.lock records for each input the stage reads
+and on some runs precision, finetune_collapsed, transfer_paid (docs/tracking.md).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import os
 import subprocess
 import time
 import uuid
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -176,11 +179,14 @@ def parent_run_id(mlflow, experiment: str, backbone: str | None = None) -> str:
 
 @contextlib.contextmanager
 def stage_run(
-    stage: str, *, experiment: str, params: dict, inputs: list[str], backbone: str | None = None
+    stage: str, *, experiment: str, params: dict, inputs: list[str], backbone: str | None = None,
+    dataset: dict | None = None,
 ) -> Iterator:
     """One MLflow run for one pipeline stage, nested under the pipeline's parent
     run, with our tags and flattened params; `backbone` None for a stage that
-    knows no model (prepare: a new backbone reuses the prepared data)."""
+    knows no model (prepare: a new backbone reuses the prepared data).
+    `dataset`: the prepared data's manifest, logged as the run's dataset input
+    (`log_dataset`)."""
     mlflow = setup(experiment)
     parent = parent_run_id(mlflow, experiment, backbone)
     parent_exp = mlflow.MlflowClient().get_run(parent).info.experiment_id
@@ -189,9 +195,40 @@ def stage_run(
     with mlflow.start_run(run_name=run_name(stage, backbone), tags=tags, experiment_id=parent_exp,
                           parent_run_id=parent) as run:
         mlflow.log_params({k: redact(v) for k, v in params.items()})
+        if dataset is not None:
+            log_dataset(dataset, "evaluation" if stage == "evaluate" else "training")
         log.info("MLflow run %s (%s) in %s", run.info.run_id, run.info.run_name,
                  redact(mlflow.get_tracking_uri()))
         yield run
+
+
+def log_dataset(manifest: dict, context: str) -> None:
+    """The prepared data as the active run's dataset input (`mlflow.data`), so
+    that the MLflow UI's Dataset column and lineage show which data a run saw:
+    named by its source's file or folder, its digest the manifest's checksum
+    (of the source as read), its source the path or URL (credentials masked),
+    its profile the image counts per split and the classes."""
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    class PreparedImages(MetaDataset):
+        @property
+        def profile(self):
+            return {**manifest.get("totals", {}), "classes": len(manifest.get("classes", []))}
+
+        def to_dict(self):
+            return {**super().to_dict(), "profile": json.dumps(self.profile)}
+
+    source = redact(str(manifest.get("source", "")))
+    name = source.rstrip("/").rsplit("/", 1)[-1] or "prepared"
+    if "://" not in source:
+        source = Path(source).resolve().as_uri()
+    with warnings.catch_warnings():  # a local path matches two registered sources, both the local one
+        warnings.simplefilter("ignore", UserWarning)
+        origin = resolve_dataset_source(source)  # file, http(s), s3, gs, ... as MLflow's registry knows them
+    digest = str(manifest.get("checksum", "")).split(":")[-1][:16] or None
+    mlflow.log_input(PreparedImages(origin, name=name, digest=digest), context=context)
 
 
 SUMMARY_METRICS = ("_seconds", "_images_per_second", "input_size")
@@ -266,63 +303,6 @@ def end_parent(status: str = "FINISHED") -> None:
         mlflow.MlflowClient().set_terminated(found[0].info.run_id, status)
 
 
-# --------------------------------------------------------------------------- registry
-
-
-CLASSES_FILE = "classes.json"
-
-
-def log_keras_model(model: keras.Model, example, prediction, classes: list[str] | None = None,
-                    name: str = "model") -> str:
-    """Log `model` with its signature and input example (and its class names,
-    as classes.json beside it, for `transferlab predict`); returns a runs:/ URI.
-
-    mlflow.keras.log_model(input_example=...) fails in MLflow 3.17 (it writes the
-    example before creating its folder, mlflow/mlflow#16183), so the model is
-    saved with mlflow.keras.save_model into a folder of ours and logged from there."""
-    import tempfile
-
-    import mlflow
-    from mlflow.models import infer_signature
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / name
-        path.mkdir()
-        import tensorflow as tf
-
-        # Given, not inferred: inference imports the model in a subprocess and fails here.
-        requirements = [f"keras=={keras.__version__}", f"tensorflow=={tf.__version__}"]
-        mlflow.keras.save_model(model, str(path), signature=infer_signature(example, prediction),
-                                input_example=example, pip_requirements=requirements)
-        if classes is not None:
-            (path / CLASSES_FILE).write_text(json.dumps(list(classes)) + "\n")
-        mlflow.log_artifacts(str(path), name)
-    return f"runs:/{mlflow.active_run().info.run_id}/{name}"
-
-
-CHAMPION = "champion"
-
-
-def should_promote(new_accuracy: float, champion_accuracy: float | None) -> tuple[bool, str]:
-    """The champion alias moves only to a strictly better test accuracy."""
-    if champion_accuracy is None:
-        return True, "no champion yet"
-    if new_accuracy > champion_accuracy:
-        return True, f"test_accuracy {new_accuracy:.4f} beats the champion's {champion_accuracy:.4f}"
-    return False, f"test_accuracy {new_accuracy:.4f} does not beat the champion's {champion_accuracy:.4f}"
-
-
-def champion_accuracy(client, name: str) -> float | None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        version = client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        return None
-    value = (version.tags or {}).get("test_accuracy")
-    return float(value) if value is not None else None
-
-
 @contextlib.contextmanager
 def store_lock(purpose: str) -> Iterator[None]:
     """An exclusive lock between the processes that share a local store (an
@@ -351,37 +331,6 @@ def store_lock(purpose: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def register_and_promote(model_uri: str, name: str, test_accuracy: float) -> tuple[str, bool, str]:
-    """Register `model_uri` under `name`; move "champion" to it if it is better."""
-    import mlflow
-
-    client = mlflow.MlflowClient()
-    version = mlflow.register_model(model_uri, name).version
-    client.set_model_version_tag(name, version, "test_accuracy", f"{test_accuracy:.6f}")
-    with store_lock("registry"):
-        promote, reason = should_promote(test_accuracy, champion_accuracy(client, name))
-        if promote:
-            client.set_registered_model_alias(name, CHAMPION, version)
-    if promote:
-        log.info("registered %s version %s as %s: %s", name, version, CHAMPION, reason)
-    else:
-        log.info("registered %s version %s without the %s alias: %s", name, version, CHAMPION, reason)
-    return str(version), promote, reason
-
-
-def log_and_register(model: keras.Model, example, prediction, classes: list[str], model_name: str,
-                     test_accuracy: float) -> dict:
-    """Log `model` to the active run, register it and move the champion alias if
-    it is better (the pipeline's evaluate stage and the search's best trial)."""
-    import mlflow
-
-    uri = log_keras_model(model, example, prediction, classes)
-    version, promoted, reason = register_and_promote(uri, model_name, test_accuracy)
-    mlflow.set_tags({"registered_version": version, "champion": str(promoted).lower(),
-                     "champion_reason": reason})
-    return {"registered_version": version, "champion": promoted}
 
 
 class EpochLogger(keras.callbacks.Callback):

@@ -32,7 +32,7 @@ def finalize(params: config.Params, prepared_dir: Path, storage_url: str | None,
     import optuna
     from optuna.trial import TrialState
 
-    from transferlab import data, evaluate, tracking
+    from transferlab import data, evaluate, registry, tracking
 
     study = open_study(params, storage_url)
     states = {s.name.lower(): len(study.get_trials(deepcopy=False, states=(s,)))
@@ -81,7 +81,7 @@ def finalize(params: config.Params, prepared_dir: Path, storage_url: str | None,
         for p in [*pngs, png]:
             mlflow.log_artifact(str(p), "plots")
         mlflow.log_dict(result["per_class"], "reports/test_per_class.json")
-        summary.update(tracking.log_and_register(
+        summary.update(registry.log_and_register(
             result["model"], np.asarray(x[:2]), result["probs"][:2], prepared.classes,
             params.tracking.model_name, result["test_accuracy"]))
     write_json(metrics_path, summary)

@@ -1,11 +1,13 @@
 """Stage evaluate: the fine-tuned model on the test split -> metrics/evaluate.json,
 metrics/per_class.json, plots/evaluate/ (confusion matrix as CSV and PNG, the
-reliability diagram); a temperature fitted on the validation split where it lowers
-the validation NLL; test-time flips where they lower it too (evaluate.tta: auto);
-a raw-pixel logistic regression baseline beside the model (evaluate.baseline); the
-model (test-time augmentation and temperature inside)
-logged to MLflow and registered, the
-alias `champion` moved to it only if it beats the current champion.
+reliability diagram, the most confident mistakes, each class's recall); a
+temperature fitted on the validation split where it lowers the validation NLL;
+test-time flips where they lower it too (evaluate.tta: auto);
+a raw-pixel logistic regression baseline beside the model (evaluate.baseline: a
+model that does not beat it says so, `beats_baseline` 0 and the tag
+`transfer_paid`, and is not made champion); the model (test-time augmentation
+and temperature inside) logged to MLflow and registered, the alias `champion`
+moved to it only if it beats the current champion.
 
     python -m transferlab.stages.evaluate    # dvc.yaml's command; `transferlab evaluate` alike
 """
@@ -18,7 +20,7 @@ import keras
 import numpy as np
 import yaml
 
-from transferlab import config, evaluate, tracking
+from transferlab import config, evaluate, registry, tracking
 from transferlab.files import write_json
 from transferlab.stages import METRICS, MODELS, PLOTS, PREPARED, entry, end_stage
 from transferlab.stages.common import PARAMS_CHECKS, begin  # noqa: F401 (PARAMS_CHECKS: for stages.run)
@@ -49,6 +51,7 @@ def main(params: config.Params) -> dict:
                    parameters=parameters)
     if e.baseline:  # did transfer pay off? the trivial model beside ours
         metrics.update(evaluate.pixel_baseline(prepared.x["train"], prepared.y["train"], x, y, params.seed))
+        metrics["beats_baseline"] = int(metrics["test_accuracy"] > metrics["baseline_test_accuracy"])
     metrics["stage_seconds"] = round(end_stage(), 2)
     write_json(METRICS / "evaluate.json", metrics)
     reliability = evaluate.reliability_png(
@@ -59,19 +62,27 @@ def main(params: config.Params) -> dict:
     png = evaluate.confusion_png(result["confusion"], prepared.classes, PLOTS / "evaluate" / "confusion.png",
                                  f"{params.backbone.name} on test: accuracy {metrics['test_accuracy']:.4f}")
     write_json(METRICS / "per_class.json", result["per_class"])
+    mistakes = evaluate.mistakes_png(x, y, result["probs"], prepared.classes, PLOTS / "evaluate" / "mistakes.png")
+    recall = evaluate.recall_png(result["per_class"], prepared.classes, PLOTS / "evaluate" / "recall.png")
     values = config.subset(params, *KEYS)
     with tracking.stage_run("evaluate", experiment=params.tracking.experiment, backbone=params.backbone.name,
-                            params=config.flatten(values), inputs=[str(PREPARED), str(MODELS / "finetune")]):
+                            params=config.flatten(values), inputs=[str(PREPARED), str(MODELS / "finetune")],
+                            dataset=prepared.manifest):
         import mlflow
 
         mlflow.log_metrics(metrics)
         mlflow.log_artifact(str(png), "confusion")
         mlflow.log_artifact(str(PLOTS / "evaluate" / "confusion.csv"), "confusion")
         mlflow.log_artifact(str(reliability), "calibration")
+        mlflow.log_artifact(str(mistakes), "mistakes")
+        mlflow.log_artifact(str(recall), "per_class")
         mlflow.log_dict(result["per_class"], "reports/test_per_class.json")
         mlflow.log_dict(result["confusion"].tolist(), "confusion/confusion_test.json")
-        tracking.log_and_register(model, np.asarray(x[:2]), result["probs"][:2], prepared.classes,
-                                  params.tracking.model_name, metrics["test_accuracy"])
+        if not metrics.get("beats_baseline", 1):
+            mlflow.set_tag("transfer_paid", "false")
+        registry.log_and_register(model, np.asarray(x[:2]), result["probs"][:2], prepared.classes,
+                                  params.tracking.model_name, metrics["test_accuracy"],
+                                  metrics.get("baseline_test_accuracy"))
     # the pipeline's summary on its parent run: the knobs of the model evaluated (the
     # params its fine-tune stage wrote beside it), the test metrics, each stage's time
     trained = yaml.safe_load((MODELS / "finetune" / "params.yaml").read_text())
@@ -87,6 +98,12 @@ def main(params: config.Params) -> dict:
     if "baseline_test_accuracy" in metrics:
         log.info("evaluate: the raw-pixel logistic regression baseline scores %.4f on test (%d training images)",
                  metrics["baseline_test_accuracy"], metrics["baseline_train_images"])
+        if not metrics["beats_baseline"]:
+            log.warning("evaluate: TRANSFER DID NOT PAY: the model's test accuracy %.4f does not beat the raw-pixel "
+                        "baseline's %.4f, so it is registered without the champion alias. Compare the head's and "
+                        "the fine-tune's validation curves (plots/), and try a lower finetune.learning_rate or "
+                        "fewer unfrozen blocks (finetune.unfreeze)", metrics["test_accuracy"],
+                        metrics["baseline_test_accuracy"])
     return metrics
 
 

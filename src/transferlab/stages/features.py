@@ -60,7 +60,7 @@ def main(params: config.Params) -> dict:
                "stage_seconds": round(end_stage(), 2)}
     write_json(METRICS / "features.json", summary)
     with tracking.stage_run("features", experiment=params.tracking.experiment, backbone=b.name,
-                            params=config.flatten(values), inputs=[str(PREPARED)]):
+                            params=config.flatten(values), inputs=[str(PREPARED)], dataset=prepared.manifest):
         import mlflow
 
         mlflow.log_metrics(summary)

@@ -31,6 +31,7 @@ from transferlab.stages.common import PARAMS_CHECKS, begin  # noqa: F401 (PARAMS
 from transferlab.train import checkpoint as checkpoints
 from transferlab.train import recipe as recipes
 from transferlab.train import precision, schedule, surgery, trainer
+from transferlab.train.guard import CollapseGuard
 from transferlab.train.recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ def _main(params: config.Params, prepared: data.Prepared, callbacks: list | None
     directory = checkpoints.keyed_directory(CHECKPOINTS, resolved(values), MODELS / "head" / "model.keras")
     with tracking.stage_run("finetune", experiment=params.tracking.experiment, backbone=b.name,
                             params=config.flatten(values),
-                            inputs=[str(PREPARED), str(feats_dir), str(MODELS / "head")]):
+                            inputs=[str(PREPARED), str(feats_dir), str(MODELS / "head")], dataset=prepared.manifest):
         import mlflow
 
         metrics = {"input_size": size, "unfrozen_blocks": unfrozen, "replicas": device.replicas(params.distribute)}
@@ -121,7 +122,8 @@ def train(t: trainer.FineTuning, r: Recipe, f: config.FinetuneConfig, prepared: 
     per_epoch = t.steps_per_epoch(r.batch_size)
     recipe_steps = schedule.total_steps(epochs=f.epochs, steps_per_epoch=per_epoch, min_steps=f.min_steps)
     # the head's score on the same validation images is what fine-tuning must beat
-    head_score = json.loads((METRICS / "head.json").read_text()).get("best_val_accuracy") if t.val else None
+    head = json.loads((METRICS / "head.json").read_text()) if t.val else {}
+    head_score = head.get("best_val_accuracy")
     # patience counts epochs of the recipe's length: a schedule that min_steps stretched over more
     # (shorter) epochs waits as many more, so it can reach its low-rate end (a budget's plan does not
     # stretch it: a long budget on a small set still stops)
@@ -130,8 +132,9 @@ def train(t: trainer.FineTuning, r: Recipe, f: config.FinetuneConfig, prepared: 
                                             has_val=t.val is not None, start_score=head_score,
                                             extra=[tracking.EpochLogger(), *(callbacks or [])])
     length = step_budget(t, r, f, prepared, budget_seconds, checkpoint, per_epoch, recipe_steps, choice, saved, probed)
+    guard = CollapseGuard(len(prepared.classes), start_loss=head.get("best_val_loss"))
     start = time.perf_counter()
-    trainer.fit(t, r, length, callbacks=cbs, verbose=recipes.verbosity())
+    trainer.fit(t, r, length, callbacks=cbs, verbose=recipes.verbosity(), guard=guard)
     seconds = time.perf_counter() - start
     if length.plan is not None:
         log.info("budget: replay this fine-tune without the clock with %s", length.replay_hint())
@@ -156,6 +159,8 @@ def train(t: trainer.FineTuning, r: Recipe, f: config.FinetuneConfig, prepared: 
         "finetune_seconds": round(seconds, 2),
         "train_images_per_second": round(ran * t.n_train / per_epoch / seconds, 1),
     }
+    if guard.events:  # collapsed or diverged, and recovered (or stopped): train.guard
+        metrics.update(collapses=len(guard.events), collapse_events=guard.events)
     if length.plan is not None:
         metrics["plan"] = length.plan.to_dict()  # as the last re-plan left it
     return metrics

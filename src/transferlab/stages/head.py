@@ -35,7 +35,8 @@ def main(params: config.Params, callbacks: list | None = None) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     values = config.subset(params, *KEYS)
     with tracking.stage_run("head", experiment=params.tracking.experiment, backbone=b.name,
-                            params=config.flatten(values), inputs=[str(PREPARED), str(feats_dir)]):
+                            params=config.flatten(values), inputs=[str(PREPARED), str(feats_dir)],
+                            dataset=prepared.manifest):
         import mlflow
 
         rows = meta.get("train_index")  # the features stage's share of the training images

@@ -42,7 +42,7 @@ def main(params: config.Params) -> dict:
     write_json(METRICS / "prepare.json", summary)
     log.info("prepare: %s in %.1f s; skipped %d file(s)", manifest["totals"], seconds, manifest["num_skipped"])
     with tracking.stage_run("prepare", experiment=params.tracking.experiment, params=config.flatten(values),
-                            inputs=[]):
+                            inputs=[], dataset=manifest):
         import mlflow
 
         mlflow.log_metrics(summary)

@@ -26,6 +26,8 @@ class WarmupToZero(keras.optimizers.schedules.LearningRateSchedule):
         self._total = keras.Variable(float(total_steps), dtype="float32", trainable=False, name="total_steps")
         self._from = keras.Variable(float(self.warmup_steps), dtype="float32", trainable=False, name="from_step")
         self._from_progress = keras.Variable(0.0, dtype="float32", trainable=False, name="from_progress")
+        # the whole curve's scale: a fine-tune that collapsed goes on at a lower rate (train.guard)
+        self._scale = keras.Variable(1.0, dtype="float32", trainable=False, name="scale")
 
     @property
     def total_steps(self) -> int:
@@ -41,6 +43,10 @@ class WarmupToZero(keras.optimizers.schedules.LearningRateSchedule):
             self._from_progress.assign(keras.ops.convert_to_numpy(self._progress(float(at_step))))
             self._from.assign(float(at_step))
         self._total.assign(float(max(int(total_steps), self.warmup_steps + 1, int(at_step) + 1)))
+
+    def scale_by(self, factor: float) -> None:
+        """Every rate from now on `factor` times what it was (the end stays where it is)."""
+        self._scale.assign(float(keras.ops.convert_to_numpy(self._scale)) * factor)
 
     def _progress(self, step):
         ops = keras.ops
@@ -58,7 +64,7 @@ class WarmupToZero(keras.optimizers.schedules.LearningRateSchedule):
             fall = self.peak * 0.5 * (1.0 + ops.cos(math.pi * progress))
         else:
             fall = self.peak * (1.0 - progress)
-        return ops.where(step < self.warmup_steps, rise, fall)
+        return ops.convert_to_tensor(self._scale) * ops.where(step < self.warmup_steps, rise, fall)
 
     def get_config(self):
         return {"peak": self.peak, "warmup_steps": self.warmup_steps, "total_steps": self.total_steps,

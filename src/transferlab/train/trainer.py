@@ -38,6 +38,7 @@ from transferlab.budget.plans import Probe
 from transferlab.folding import fold_batchnorm
 from transferlab.train import recipe as recipes
 from transferlab.train import surgery
+from transferlab.train.guard import CollapseGuard
 from transferlab.train.recipe import Recipe
 from transferlab.train.schedule import learning_rate_schedule
 
@@ -106,7 +107,8 @@ def build(spec: BackboneSpec, body: keras.Model, head: keras.Model, r: Recipe, *
     return FineTuning(model, inputs, val, fit_kwargs, len(y_train), mode, small, small_size if small else 0)
 
 
-def fit(t: FineTuning, r: Recipe, length: StepBudget, *, callbacks: list, verbose: int = 1):
+def fit(t: FineTuning, r: Recipe, length: StepBudget, *, callbacks: list, verbose: int = 1,
+        guard: CollapseGuard | None = None):
     """Compile and train for `length` (steps, or a plan that moves the
     schedule's end while it trains: `StepBudget`); returns Keras' History of
     every epoch. The last epoch is partial when the length is not a whole number
@@ -115,13 +117,16 @@ def fit(t: FineTuning, r: Recipe, length: StepBudget, *, callbacks: list, verbos
     larger one with the same optimizer and schedule. `r.ema` > 0: the momentum
     of a moving average of the weights (Keras' `use_ema`), written into them at
     the end of every epoch, so that validation, checkpoints and the next epoch
-    see it."""
+    see it. `guard`: a `CollapseGuard`, which recovers a collapsed or diverged
+    run (it comes first of `callbacks`, after the small epochs' full-size validation)."""
     per_epoch = t.steps_per_epoch(r.batch_size)
     lr = learning_rate_schedule(r.schedule, r.learning_rate, length.first_steps,
                                 int(round(r.warmup_epochs * per_epoch)))
     opt = recipes.make_optimizer(r.optimizer, lr, r.weight_decay, ema=r.ema, ema_every=per_epoch)
     progressive = t.small is not None and length.small_steps >= per_epoch
     length.attach(lr, per_epoch, from_step=length.small_steps if progressive else 0)
+    if guard is not None:
+        guard.attach(lr)
     epochs = math.ceil(length.max_steps / per_epoch)
     phases = [(t.model, epochs, [])]  # (model, its last epoch, callbacks of its own)
     if progressive:
@@ -134,8 +139,9 @@ def fit(t: FineTuning, r: Recipe, length: StepBudget, *, callbacks: list, verbos
         if len(phases) > 1:
             log.info("finetune: epochs %d..%d at %s", start + 1, end,
                      f"{t.small_size} px" if model is t.small else "the full input size")
+        watch = [guard] if guard is not None else []
         history = model.fit(t.inputs, validation_data=None if own else t.val, initial_epoch=start, epochs=end,
-                            callbacks=[*own, *callbacks, length], verbose=verbose, **t.fit_kwargs)
+                            callbacks=[*own, *watch, *callbacks, length], verbose=verbose, **t.fit_kwargs)
         for key, values in history.history.items():
             merged.setdefault(key, []).extend(values)
         seen += history.epoch

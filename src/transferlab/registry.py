@@ -1,0 +1,110 @@
+"""The Model Registry: a model logged with its signature, input example and
+class names, registered under `tracking.model_name`, and the alias `champion`
+moved to it only where it is better than the current champion and than its
+own raw-pixel baseline (the move under `tracking.store_lock`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import keras
+
+from transferlab.tracking import store_lock
+
+log = logging.getLogger(__name__)
+
+CLASSES_FILE = "classes.json"
+
+
+def log_keras_model(model: keras.Model, example, prediction, classes: list[str] | None = None,
+                    name: str = "model") -> str:
+    """Log `model` with its signature and input example (and its class names,
+    as classes.json beside it, for `transferlab predict`); returns a runs:/ URI.
+
+    mlflow.keras.log_model(input_example=...) fails in MLflow 3.17 (it writes the
+    example before creating its folder, mlflow/mlflow#16183), so the model is
+    saved with mlflow.keras.save_model into a folder of ours and logged from there."""
+    import tempfile
+
+    import mlflow
+    from mlflow.models import infer_signature
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        path.mkdir()
+        import tensorflow as tf
+
+        # Given, not inferred: inference imports the model in a subprocess and fails here.
+        requirements = [f"keras=={keras.__version__}", f"tensorflow=={tf.__version__}"]
+        mlflow.keras.save_model(model, str(path), signature=infer_signature(example, prediction),
+                                input_example=example, pip_requirements=requirements)
+        if classes is not None:
+            (path / CLASSES_FILE).write_text(json.dumps(list(classes)) + "\n")
+        mlflow.log_artifacts(str(path), name)
+    return f"runs:/{mlflow.active_run().info.run_id}/{name}"
+
+
+CHAMPION = "champion"
+
+
+def should_promote(new_accuracy: float, champion_accuracy: float | None,
+                   baseline_accuracy: float | None = None) -> tuple[bool, str]:
+    """The champion alias moves only to a strictly better test accuracy, and
+    never to a model that does not beat its own raw-pixel baseline (transfer
+    did not pay: `baseline_accuracy`, where the evaluate stage measured it)."""
+    if baseline_accuracy is not None and new_accuracy <= baseline_accuracy:
+        return False, (f"test_accuracy {new_accuracy:.4f} does not beat the raw-pixel baseline's "
+                       f"{baseline_accuracy:.4f}: transfer did not pay")
+    if champion_accuracy is None:
+        return True, "no champion yet"
+    if new_accuracy > champion_accuracy:
+        return True, f"test_accuracy {new_accuracy:.4f} beats the champion's {champion_accuracy:.4f}"
+    return False, f"test_accuracy {new_accuracy:.4f} does not beat the champion's {champion_accuracy:.4f}"
+
+
+def champion_accuracy(client, name: str) -> float | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        version = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None
+    value = (version.tags or {}).get("test_accuracy")
+    return float(value) if value is not None else None
+
+
+def register_and_promote(model_uri: str, name: str, test_accuracy: float,
+                         baseline_accuracy: float | None = None) -> tuple[str, bool, str]:
+    """Register `model_uri` under `name`; move "champion" to it if it is better
+    (`should_promote`)."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    version = mlflow.register_model(model_uri, name).version
+    client.set_model_version_tag(name, version, "test_accuracy", f"{test_accuracy:.6f}")
+    with store_lock("registry"):
+        promote, reason = should_promote(test_accuracy, champion_accuracy(client, name), baseline_accuracy)
+        if promote:
+            client.set_registered_model_alias(name, CHAMPION, version)
+    if promote:
+        log.info("registered %s version %s as %s: %s", name, version, CHAMPION, reason)
+    elif baseline_accuracy is not None and test_accuracy <= baseline_accuracy:
+        log.warning("registered %s version %s without the %s alias: %s", name, version, CHAMPION, reason)
+    else:
+        log.info("registered %s version %s without the %s alias: %s", name, version, CHAMPION, reason)
+    return str(version), promote, reason
+
+
+def log_and_register(model: keras.Model, example, prediction, classes: list[str], model_name: str,
+                     test_accuracy: float, baseline_accuracy: float | None = None) -> dict:
+    """Log `model` to the active run, register it and move the champion alias if
+    it is better (the pipeline's evaluate stage and the search's best trial)."""
+    import mlflow
+
+    uri = log_keras_model(model, example, prediction, classes)
+    version, promoted, reason = register_and_promote(uri, model_name, test_accuracy, baseline_accuracy)
+    mlflow.set_tags({"registered_version": version, "champion": str(promoted).lower(),
+                     "champion_reason": reason})
+    return {"registered_version": version, "champion": promoted}
