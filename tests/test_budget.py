@@ -448,17 +448,21 @@ def test_every_stage_run_logs_the_prepared_data_as_its_dataset_input(stages_done
     import mlflow
 
     _finetune(stages_done, monkeypatch)
+    evaluate.main(config.from_dict(tinyproject.full_params(tinyproject.TINY)))
     manifest = json.loads((stages_done / "data" / "prepared" / "manifest.json").read_text())
+    digest = manifest["checksum"].split(":")[1][:16]
     mlflow.set_tracking_uri(f"sqlite:///{stages_done / 'mlflow.db'}")
     client = mlflow.MlflowClient()
-    for stage in ("prepare", "features", "head", "finetune"):
+    for stage in ("prepare", "features", "head", "finetune", "evaluate"):
         run = mlflow.search_runs(experiment_names=["smoke"], filter_string=f"tags.stage = '{stage}'",
                                  order_by=["attributes.start_time DESC"], max_results=1).iloc[0]
         (given,) = client.get_run(run["run_id"]).inputs.dataset_inputs
-        assert given.dataset.name == "tiny-images"
-        assert given.dataset.digest == manifest["checksum"].split(":")[1][:16]
+        assert given.dataset.name == "tiny-images" and given.dataset.digest == digest
         assert json.loads(given.dataset.profile) == {**manifest["totals"], "classes": len(manifest["classes"])}
-        assert {t.key: t.value for t in given.tags}["mlflow.data.context"] == "training"
+        context = "evaluation" if stage == "evaluate" else "training"
+        assert {t.key: t.value for t in given.tags}["mlflow.data.context"] == context
+    # the parent run's tag, by which `transferlab compare` groups runs
+    assert client.get_run(run["tags.mlflow.parentRunId"]).data.tags["dataset"] == f"tiny-images@{digest}"
 
 
 def test_a_diverged_fine_tune_is_recovered_and_says_so(stages_done, monkeypatch, caplog):

@@ -81,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     compare = sub.add_parser("compare", parents=[common],
                              help="backbones (and transfer vs scratch) side by side, from MLflow")
     compare.add_argument("--experiment", help="MLflow experiment (default: tracking.experiment)")
-    compare.add_argument("--last", type=int, help="keep the latest N runs per backbone and weights")
+    compare.add_argument("--last", type=int, help="keep the latest N runs per data set, backbone and weights")
     compare.add_argument("--out", default="reports", help="output folder (default: reports/)")
     ui = sub.add_parser("ui", parents=[common], help="the MLflow UI on the project's store")
     ui.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1, local only)")

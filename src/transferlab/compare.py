@@ -2,11 +2,12 @@
 transfer (ImageNet weights) against from scratch (weights none).
 
     transferlab compare                 # every evaluated pipeline run
-    transferlab compare --last 1        # the latest run per backbone and weights
+    transferlab compare --last 1        # the latest run per data set, backbone and weights
 
 One row per pipeline run (its parent run's summary) that reached the evaluate
-stage: backbone, weights, input size, test accuracy, parameter count, time per
-stage and images/s. Writes
+stage, grouped by the data set it ran on (the parent's `dataset` tag: the
+source's name and the manifest's digest): backbone, weights, input size, test
+accuracy, parameter count, time per stage and images/s. Writes
 reports/compare.csv, reports/compare.md and reports/compare.png.
 """
 
@@ -18,7 +19,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ["backbone", "weights", "input_size", "unfreeze", "test_accuracy", "parameters",
+COLUMNS = ["dataset", "backbone", "weights", "input_size", "unfreeze", "test_accuracy", "parameters",
            "features_seconds", "head_seconds", "finetune_seconds", "total_seconds",
            "features_images_per_second", "train_images_per_second", "run_id"]
 
@@ -49,6 +50,7 @@ def collect(experiment: str, last: int | None = None) -> list[dict]:
     rows, seen = [], {}
     for _, run in runs.iterrows():
         row = {
+            "dataset": value(run, "tags.dataset") or "?",  # runs before the tag existed: "?"
             "backbone": value(run, "params.backbone.name") or value(run, "tags.backbone"),
             "weights": value(run, "params.backbone.weights") or "?",
             "input_size": int(value(run, "metrics.input_size") or 0)  # "auto", resolved
@@ -64,12 +66,12 @@ def collect(experiment: str, last: int | None = None) -> list[dict]:
             "train_images_per_second": value(run, "metrics.train_images_per_second"),
             "run_id": run["run_id"],
         }
-        key = (row["backbone"], row["weights"])
+        key = (row["dataset"], row["backbone"], row["weights"])
         if last is not None and seen.get(key, 0) >= last:
             continue
         seen[key] = seen.get(key, 0) + 1
         rows.append(row)
-    rows.sort(key=lambda r: -(r["test_accuracy"] or 0))
+    rows.sort(key=lambda r: (r["dataset"], -(r["test_accuracy"] or 0)))  # a group per data set, best first
     return rows
 
 
@@ -109,13 +111,15 @@ def _plot(rows: list[dict], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
+    several = len({row["dataset"] for row in rows}) > 1
     for row in rows:
         if row["test_accuracy"] is None:
             continue
         scratch = str(row["weights"]).lower() in ("none", "null", "")
         ax.scatter(row["total_seconds"], row["test_accuracy"], s=60,
                    facecolors="none" if scratch else "C0", edgecolors="C0")
-        ax.annotate(f"{row['backbone']}{' (scratch)' if scratch else ''}",
+        where = f" on {str(row['dataset']).split('@')[0]}" if several else ""
+        ax.annotate(f"{row['backbone']}{' (scratch)' if scratch else ''}{where}",
                     (row["total_seconds"], row["test_accuracy"]), fontsize=8,
                     xytext=(4, 4), textcoords="offset points")
     ax.set_xlabel("pipeline time: the stages that ran (s)")

@@ -221,25 +221,38 @@ def log_dataset(manifest: dict, context: str) -> None:
             return {**super().to_dict(), "profile": json.dumps(self.profile)}
 
     source = redact(str(manifest.get("source", "")))
-    name = source.rstrip("/").rsplit("/", 1)[-1] or "prepared"
+    name, digest = _name_and_digest(manifest)
     if "://" not in source:
         source = Path(source).resolve().as_uri()
     with warnings.catch_warnings():  # a local path matches two registered sources, both the local one
         warnings.simplefilter("ignore", UserWarning)
         origin = resolve_dataset_source(source)  # file, http(s), s3, gs, ... as MLflow's registry knows them
-    digest = str(manifest.get("checksum", "")).split(":")[-1][:16] or None
-    mlflow.log_input(PreparedImages(origin, name=name, digest=digest), context=context)
+    mlflow.log_input(PreparedImages(origin, name=name, digest=digest or None), context=context)
+
+
+def _name_and_digest(manifest: dict) -> tuple[str, str]:
+    """The data set's name (its source's file or folder) and digest (the first
+    16 hex digits of the manifest's checksum)."""
+    name = redact(str(manifest.get("source", ""))).rstrip("/").rsplit("/", 1)[-1] or "prepared"
+    return name, str(manifest.get("checksum", "")).split(":")[-1][:16]
+
+
+def dataset_label(manifest: dict) -> str:
+    """`name@digest`: the parent run's `dataset` tag, by which `transferlab
+    compare` groups runs."""
+    return "@".join(part for part in _name_and_digest(manifest) if part)
 
 
 SUMMARY_METRICS = ("_seconds", "_images_per_second", "input_size")
 
 
-def summarize_parent(experiment: str, backbone: str, params: dict, metrics: dict) -> str:
+def summarize_parent(experiment: str, backbone: str, params: dict, metrics: dict, dataset: str | None = None) -> str:
     """Put the pipeline's summary on its parent run, so that the runs table, the
     compare view and `mlflow.search_runs` show it on the top-level row: `params`
     (flattened), `metrics`, and each stage's seconds, images/s and input size as its
     child run logged them; pipeline_seconds is the sum of the stages' wall times
-    (`stage_seconds`: start-up included). Returns the parent's id."""
+    (`stage_seconds`: start-up included); the tag `dataset` (`dataset_label`).
+    Returns the parent's id."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -259,6 +272,8 @@ def summarize_parent(experiment: str, backbone: str, params: dict, metrics: dict
                                       for k, v in summary.items() if isinstance(v, (int, float))])
     client.set_tag(parent, "stage", "pipeline")  # the parent `mlflow run` opened has no tags of ours yet
     client.set_tag(parent, "backbone", backbone)
+    if dataset:
+        client.set_tag(parent, "dataset", dataset)
     if run.info.run_name == run_name("pipeline", None):  # opened by prepare, which knows no backbone
         client.set_tag(parent, "mlflow.runName", run_name("pipeline", backbone))
     for key, value in params.items():

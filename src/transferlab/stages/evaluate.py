@@ -87,7 +87,8 @@ def main(params: config.Params) -> dict:
     # params its fine-tune stage wrote beside it), the test metrics, each stage's time
     trained = yaml.safe_load((MODELS / "finetune" / "params.yaml").read_text())
     parent = tracking.summarize_parent(params.tracking.experiment, params.backbone.name,
-                                       config.flatten({**trained, "evaluate": values["evaluate"]}), metrics)
+                                       config.flatten({**trained, "evaluate": values["evaluate"]}), metrics,
+                                       dataset=tracking.dataset_label(prepared.manifest))
     if params.tracking.tuned_by:
         tracking.link_study(parent, params.tracking.tuned_by)
     tracking.end_parent()
