@@ -1,6 +1,6 @@
 """Fine-tuning: build the model of a fine-tune and train it. The finetune stage
-(`transferlab.stages.finetune`) and the search's trials both train through
-`build` and `fit`; the rules of what trains are `transferlab.train.surgery`'s.
+(`transferlab.stages.finetune`, through `transferlab.train.session`) and the
+search's trials both train through `build` and `fit`; the rules of what trains are `transferlab.train.surgery`'s.
 
 - the frozen BatchNorm layers train folded into the convolutions before them
   (`transferlab.folding`): the same function and gradients, a faster step;
