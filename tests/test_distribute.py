@@ -102,6 +102,7 @@ def assert_same(got: dict, want: dict) -> None:
     assert got["finetune"]["steps_run"] == want["finetune"]["steps_run"]  # the global batch: 8 either way
 
 
+@pytest.mark.heavy  # over a minute with its fixtures: with the heavy tests, in .ci/run
 def test_mirrored_strategy_over_two_logical_cpus_matches_one_device(prepared, one_device, tmp_path):
     folder = copy_with(prepared, tmp_path / "p", "mirrored", per_replica=4)
     out = finish(start(folder, prepared[1], logical_cpus=2))

@@ -321,9 +321,11 @@ def test_mlflow_ui_lists_the_runs(reproduced):
         proc.wait(timeout=30)
 
 
-def test_mlflow_run_vgg16(reproduced):
-    """The default suite's `mlflow run` smoke run; every backbone runs with the heavy tests."""
-    _mlflow_run(reproduced, "vgg16")
+def test_mlflow_run_smoke(reproduced):
+    """The default suite's `mlflow run` smoke run, on the backbone `reproduced`
+    already ran (its features and head stay cached); every backbone runs with
+    the heavy tests."""
+    _mlflow_run(reproduced, TINY["backbone"]["name"])
 
 
 @pytest.mark.heavy

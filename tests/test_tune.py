@@ -166,6 +166,7 @@ def test_trials_train_on_the_proxy_share_at_the_proxy_size(project):
     assert np.array_equal(d.y["train"], prepared.y["train"][index])
 
 
+@pytest.mark.heavy  # a minute of trials; the pruning rule's unit tests stay in the default suite
 def test_median_pruner_prunes_a_bad_trial_after_its_first_full_epoch_but_never_the_params_yaml_one(project):
     """Three good trials, then params.yaml's configuration and another one,
     both unable to learn (6 head epochs at 1e-7, nor a fine-tune from there):
