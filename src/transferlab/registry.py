@@ -88,12 +88,8 @@ def register_and_promote(model_uri: str, name: str, test_accuracy: float,
         promote, reason = should_promote(test_accuracy, champion_accuracy(client, name), baseline_accuracy)
         if promote:
             client.set_registered_model_alias(name, CHAMPION, version)
-    if promote:
-        log.info("registered %s version %s as %s: %s", name, version, CHAMPION, reason)
-    elif baseline_accuracy is not None and test_accuracy <= baseline_accuracy:
-        log.warning("registered %s version %s without the %s alias: %s", name, version, CHAMPION, reason)
-    else:
-        log.info("registered %s version %s without the %s alias: %s", name, version, CHAMPION, reason)
+    log.info("registered %s version %s %s the %s alias: %s", name, version, "with" if promote else "without",
+             CHAMPION, reason)  # a model below its baseline: the evaluate stage warns
     return str(version), promote, reason
 
 

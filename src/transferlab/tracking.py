@@ -348,6 +348,15 @@ def store_lock(purpose: str) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def to_active_run(method: str, *args, **kwargs) -> None:
+    """`mlflow.<method>(*args, **kwargs)` on the active run, if there is one (a
+    callback inside a search trial has none of its own)."""
+    import mlflow
+
+    if mlflow.active_run() is not None:
+        getattr(mlflow, method)(*args, **kwargs)
+
+
 class EpochLogger(keras.callbacks.Callback):
     """Per-epoch metrics to the active MLflow run, named train_*/val_* (after
     `prefix`), at step `step_offset` + epoch."""

@@ -37,6 +37,7 @@ import numpy as np
 
 from transferlab.budget import plans as budget
 from transferlab.budget.plans import Plan, Probe
+from transferlab.tracking import to_active_run
 from transferlab.train.schedule import WarmupToZero
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ def plan_to_budget(probe: Probe, *, budget_seconds: float, spent_seconds: float,
     if p.small_steps:
         log.info("budget: the first %d of them at the smaller input size (%.2f s a step against %.2f s)",
                  p.small_steps, p.small_step_seconds, p.step_seconds)
-    _mlflow("log_params", {f"plan.{k}": v for k, v in p.to_dict().items() if not isinstance(v, (list, dict))})
+    to_active_run("log_params", {f"plan.{k}": v for k, v in p.to_dict().items() if not isinstance(v, (list, dict))})
     return p
 
 
@@ -220,7 +221,7 @@ class StepBudget(keras.callbacks.Callback):
     def _record(self, step: int, **metrics) -> None:
         if self.checkpoint is not None:
             self.checkpoint.note(plan=self.plan.to_dict())  # a resumed run replays it
-        _mlflow("log_metrics", {"planned_steps": self.plan.steps, **metrics}, step=step)
+        to_active_run("log_metrics", {"planned_steps": self.plan.steps, **metrics}, step=step)
 
     def _progress(self, epoch: int) -> None:
         p = self.plan
@@ -229,17 +230,9 @@ class StepBudget(keras.callbacks.Callback):
         log.info("budget: fine-tune epoch %d of %d done, %.0f s of %.0f s planned; %.0f s of the %s budget left "
                  "(%.0f s of them kept for evaluate)", epoch + 1, math.ceil(p.epochs), elapsed,
                  p.finetune_seconds, left, budget.describe(p.budget_seconds), p.evaluate_seconds)
-        _mlflow("log_metric", "budget_seconds_left", left, step=epoch)
+        to_active_run("log_metric", "budget_seconds_left", left, step=epoch)
 
     def replay_hint(self) -> str:
         """The params that replay this run without the clock."""
         return (f"budget: 0, precision: {self.plan.precision} and "
                 + (f"finetune.replans: {self.plan.replans}" if self.plan.replans else f"finetune.steps: {self.plan.steps}"))
-
-
-def _mlflow(method: str, *args, **kwargs) -> None:
-    """Log to the active MLflow run, if there is one (a search trial has none of its own here)."""
-    import mlflow
-
-    if mlflow.active_run() is not None:
-        getattr(mlflow, method)(*args, **kwargs)

@@ -31,6 +31,7 @@ import math
 import keras
 import numpy as np
 
+from transferlab.tracking import to_active_run
 from transferlab.train.schedule import WarmupToZero
 
 log = logging.getLogger(__name__)
@@ -134,8 +135,8 @@ class CollapseGuard(keras.callbacks.Callback):
                     "Stopped on the last good weights after %d recoveries" % MAX_RECOVERIES if last else
                     f"Restored the last good weights and scaled the learning rate by {FACTOR} (now x{self.scale:.3g} "
                     "of finetune.learning_rate); training on")
-        _mlflow("set_tag", "finetune_collapsed", "true")
-        _mlflow("log_metric", "collapse_lr_scale", self.scale, step=self.step)
+        to_active_run("set_tag", "finetune_collapsed", "true")
+        to_active_run("log_metric", "collapse_lr_scale", self.scale, step=self.step)
         if last:
             self.model.stop_training = True
 
@@ -144,10 +145,3 @@ class CollapseGuard(keras.callbacks.Callback):
             self.schedule.scale_by(factor)
         else:  # a constant rate (the plateau schedule): the optimizer's own variable
             self.model.optimizer.learning_rate.assign(float(self.model.optimizer.learning_rate) * factor)
-
-
-def _mlflow(method: str, *args, **kwargs) -> None:
-    import mlflow
-
-    if mlflow.active_run() is not None:
-        getattr(mlflow, method)(*args, **kwargs)

@@ -1,6 +1,7 @@
 """Fine-tuning: build the model of a fine-tune and train it. The finetune stage
 (`transferlab.stages.finetune`, through `transferlab.train.session`) and the
-search's trials both train through `build` and `fit`; the rules of what trains are `transferlab.train.surgery`'s.
+search's trials both train through `build` and `fit`; the rules of what trains
+are `transferlab.train.surgery`'s.
 
 - the frozen BatchNorm layers train folded into the convolutions before them
   (`transferlab.folding`): the same function and gradients, a faster step;
@@ -125,6 +126,7 @@ def fit(t: FineTuning, r: Recipe, length: StepBudget, *, callbacks: list, verbos
     opt = recipes.make_optimizer(r.optimizer, lr, r.weight_decay, ema=r.ema, ema_every=per_epoch)
     progressive = t.small is not None and length.small_steps >= per_epoch
     length.attach(lr, per_epoch, from_step=length.small_steps if progressive else 0)
+    watch = [] if guard is None else [guard]  # first of the callbacks in every phase
     if guard is not None:
         guard.attach(lr)
     epochs = math.ceil(length.max_steps / per_epoch)
@@ -139,7 +141,6 @@ def fit(t: FineTuning, r: Recipe, length: StepBudget, *, callbacks: list, verbos
         if len(phases) > 1:
             log.info("finetune: epochs %d..%d at %s", start + 1, end,
                      f"{t.small_size} px" if model is t.small else "the full input size")
-        watch = [guard] if guard is not None else []
         history = model.fit(t.inputs, validation_data=None if own else t.val, initial_epoch=start, epochs=end,
                             callbacks=[*own, *watch, *callbacks, length], verbose=verbose, **t.fit_kwargs)
         for key, values in history.history.items():
