@@ -3,18 +3,22 @@ fine-tune end no worse than the head it started from?
 
     python -m bench small_data                       # both sets, default params
     python -m bench small_data --sets shapes --set finetune.min_steps=0
+    python -m bench small_data --sets cifar-imbalanced --set budget=10m
 
-Two sets, each a train/ and test/ image folder:
+Sets, each a train/ and test/ image folder:
 - cifar300: 300 training images per class (and 100 test images per class) drawn,
   seeded, from the CIFAR-10 JPEG archive in ../shared/data;
+- cifar-imbalanced: the same draw with every class but the first cut to a tenth
+  of its training images (--imbalance), the test split left balanced;
 - shapes: rendered, non-photographic images (6 shape classes, random colours,
   sizes, positions and rotations on noisy backgrounds), 300 + 100 per class.
 
 Each runs the pipeline's stages in its own process with the shipped params.yaml
 (data.source pointed at the set; --set overrides more) and reports the test
-accuracy, the raw-pixel baseline evaluate reports beside it, the head's and the
-fine-tune's best validation accuracy, the fine-tune's steps, whether test-time
-flips were kept, and the wall time. Writes the run into docs/bench/<date>-<--name>/
+accuracy (and balanced accuracy, macro-F1 and the recall of the classes with the
+fewest training images), the raw-pixel baseline evaluate reports beside it, the
+head's and the fine-tune's best validation accuracy, the fine-tune's steps,
+whether test-time flips were kept, and the wall time. Writes the run into docs/bench/<date>-<--name>/
 (or --out): results.json, README.md (a stub with the table), lscpu.txt; asserts nothing.
 """
 
@@ -61,6 +65,16 @@ def cifar_subset(archive: Path, dest: Path, train_per_class: int, test_per_class
                 out = dest / parts[-3] / parts[-2] / parts[-1]
                 out.parent.mkdir(parents=True, exist_ok=True)
                 out.write_bytes(tar.extractfile(m).read())
+
+
+def thin_classes(dest: Path, factor: int) -> None:
+    """Keep a `factor`-th of every training class but the first (alphabetical):
+    the first then has `factor` times the images of each other one."""
+    classes = sorted(d for d in (dest / "train").iterdir() if d.is_dir())
+    for folder in classes[1:]:
+        files = sorted(folder.iterdir())
+        for f in files[max(1, len(files) // factor):]:
+            f.unlink()
 
 
 def render_shapes(dest: Path, train_per_class: int, test_per_class: int, seed: int, size: int = 32) -> None:
@@ -132,7 +146,19 @@ def run_one(source: Path, workdir: Path, overrides: list[str]) -> dict:
     wall = time.perf_counter() - start
     m = {name: json.loads(Path(f"metrics/{name}.json").read_text()) for name in ("head", "finetune", "evaluate")}
     prepared = json.loads(Path("metrics/prepare.json").read_text())
+    manifest = json.loads(Path("data/prepared/manifest.json").read_text())
+    per_class = json.loads(Path("metrics/per_class.json").read_text())
+    train_counts = manifest["counts"]["train"]
+    rarest = [c for c, n in train_counts.items() if n == min(train_counts.values())]
     return {
+        "train_counts": train_counts,
+        "test_balanced_accuracy": m["evaluate"].get("test_balanced_accuracy"),
+        "test_macro_f1": m["evaluate"].get("test_macro_f1"),
+        "recall": {c: round(per_class[c]["recall"], 4) for c in train_counts},
+        "rarest_classes": rarest,
+        "rarest_min_recall": min(per_class[c]["recall"] for c in rarest),
+        "select_metric": m["finetune"].get("select_metric", "accuracy"),
+        "class_weighted": m["finetune"].get("class_weighted", 0),
         "train_images": prepared["train_images"], "val_images": prepared["val_images"],
         "test_images": prepared["test_images"],
         "test_accuracy": m["evaluate"]["test_accuracy"],
@@ -149,7 +175,9 @@ def run_one(source: Path, workdir: Path, overrides: list[str]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--archive", default=str(ROOT.parent / "shared/data/cifar10-jpeg.tar.gz"))
-    p.add_argument("--sets", nargs="+", default=["cifar300", "shapes"], choices=["cifar300", "shapes"])
+    p.add_argument("--sets", nargs="+", default=["cifar300", "shapes"],
+                   choices=["cifar300", "shapes", "cifar-imbalanced"])
+    p.add_argument("--imbalance", type=int, default=10, help="cifar-imbalanced: the first class's share over another's")
     p.add_argument("--per-class", type=int, default=300)
     p.add_argument("--test-per-class", type=int, default=100)
     p.add_argument("--set", action="append", default=[], help="key=value params overrides")
@@ -165,8 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for name in args.sets:
         source = work / f"{name}-images"
-        if name == "cifar300":
+        if name.startswith("cifar"):
             cifar_subset(Path(args.archive), source, args.per_class, args.test_per_class, seed=0)
+            if name == "cifar-imbalanced":
+                thin_classes(source, args.imbalance)
         else:
             render_shapes(source, args.per_class, args.test_per_class, seed=0)
         proc = subprocess.run([sys.executable, __file__, *[a for o in args.set for a in ("--set", o)],
@@ -181,16 +211,19 @@ def main(argv: list[str] | None = None) -> int:
     lines = [f"Measured {time.strftime('%Y-%m-%d')} on {cpu}; default params"
              + (f" with {' '.join(args.set)}" if args.set else "") + ".", "",
              "| set | train/val/test images | test acc. | raw-pixel baseline | head best val | fine-tune best val "
-             "| fine-tune steps | test-time flips | wall |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| fine-tune steps | test-time flips | wall | balanced acc. | rarest classes' lowest recall "
+             "| selected by |", "|" + " --- |" * 12]
     for name, r in results.items():
         lines.append(f"| {name} | {r['train_images']}/{r['val_images']}/{r['test_images']} | "
                      f"{r['test_accuracy']:.2%} | {r['baseline_test_accuracy']:.2%} | "
                      f"{r['head_best_val_accuracy']:.2%} | {r['finetune_best_val_accuracy']:.2%} "
                      f"(best epoch {r['finetune_best_epoch']}) | {r['finetune_steps']} | "
-                     f"{'kept' if r['tta_flip'] else 'dropped'} | {r['wall_seconds'] / 60:.1f} min |")
+                     f"{'kept' if r['tta_flip'] else 'dropped'} | {r['wall_seconds'] / 60:.1f} min | "
+                     f"{r['test_balanced_accuracy']:.2%} | {r['rarest_min_recall']:.2%} | "
+                     f"{r['select_metric']}{', class-weighted' if r['class_weighted'] else ''} |")
     text = "\n".join(lines) + "\n"
-    keys = ("test_accuracy", "baseline_test_accuracy", "head_best_val_accuracy", "finetune_best_val_accuracy",
-            "finetune_steps", "wall_seconds")
+    keys = ("test_accuracy", "test_balanced_accuracy", "rarest_min_recall", "baseline_test_accuracy",
+            "head_best_val_accuracy", "finetune_best_val_accuracy", "finetune_steps", "wall_seconds")
     write_run(output_folder(args), "small_data", {"sets": {n: {k: r[k] for k in keys if k in r} for n, r in results.items()}},
               {"sets": results}, text, argv, cpu=cpu)
     return 0

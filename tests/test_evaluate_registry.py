@@ -47,9 +47,11 @@ def test_should_promote():
     promote, reason = registry.should_promote(0.8, 0.8)
     assert not promote and "does not beat" in reason
     assert not registry.should_promote(0.7, 0.8)[0]
-    promote, reason = registry.should_promote(0.9, None, baseline_accuracy=0.95)  # the first, but below its baseline
+    promote, reason = registry.should_promote(0.9, None, baseline=0.95)  # the first, but below its baseline
     assert not promote and "raw-pixel baseline's 0.9500: transfer did not pay" in reason
-    assert registry.should_promote(0.9, 0.8, baseline_accuracy=0.5)[0]
+    assert registry.should_promote(0.9, 0.8, baseline=0.5)[0]
+    promote, reason = registry.should_promote(0.6, 0.5, metric="test_balanced_accuracy")
+    assert promote and reason.startswith("test_balanced_accuracy 0.6000 beats")
 
 
 def test_champion_alias_moves_only_to_a_better_model(in_tmp):
@@ -63,7 +65,7 @@ def test_champion_alias_moves_only_to_a_better_model(in_tmp):
         with mlflow.start_run():
             mlflow.log_dict({"acc": acc}, "model/MLmodel")
             uri = f"runs:/{mlflow.active_run().info.run_id}/model"
-            return registry.register_and_promote(uri, "m", acc)
+            return registry.register_and_promote(uri, "m", {"test_accuracy": acc})
 
     assert log(0.80)[:2] == ("1", True)
     assert log(0.75)[:2] == ("2", False)
@@ -72,6 +74,32 @@ def test_champion_alias_moves_only_to_a_better_model(in_tmp):
     assert (version, promoted) == ("3", True) and "beats" in reason
     assert str(client.get_model_version_by_alias("m", "champion").version) == "3"
     assert client.get_model_version("m", "2").tags["test_accuracy"] == "0.750000"
+
+
+def test_the_champion_rule_compares_the_selection_metric(in_tmp):
+    """On imbalanced data the champion is the better balanced accuracy, not the
+    better accuracy; a champion registered before the metric was tagged is
+    compared by its test accuracy."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    mlflow.set_experiment("champion-select")
+    client = mlflow.MlflowClient()
+
+    def log(scores, metric):
+        with mlflow.start_run():
+            mlflow.log_dict({}, "model/MLmodel")
+            uri = f"runs:/{mlflow.active_run().info.run_id}/model"
+            return registry.register_and_promote(uri, "b", scores, metric)
+
+    balanced = "test_balanced_accuracy"
+    assert log({"test_accuracy": 0.7}, "test_accuracy")[:2] == ("1", True)  # no balanced accuracy tag
+    assert log({"test_accuracy": 0.95, balanced: 0.6}, balanced)[:2] == ("2", False)  # 0.6 against 0.7
+    assert log({"test_accuracy": 0.90, balanced: 0.8}, balanced)[:2] == ("3", True)
+    assert log({"test_accuracy": 0.97, balanced: 0.75}, balanced)[:2] == ("4", False)  # more accurate, less balanced
+    assert str(client.get_model_version_by_alias("b", "champion").version) == "3"
+    tags = client.get_model_version("b", "4").tags
+    assert tags[balanced] == "0.750000" and tags["selected_by"] == balanced
 
 
 def _classifier():

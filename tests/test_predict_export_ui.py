@@ -62,7 +62,7 @@ def test_predict_cli_reads_the_registry_by_alias_and_version(model_file, photos,
     tracking.setup("serve-test")  # this store, and an experiment in it (not one a test before set)
     with mlflow.start_run():
         uri = registry.log_keras_model(model, x[:2], model.predict(x[:2], verbose=0), CLASSES)
-    registry.register_and_promote(uri, "tiny", 0.5)
+    registry.register_and_promote(uri, "tiny", {"test_accuracy": 0.5})
     out = in_tmp / "pred.json"
     assert cli.main(["predict", str(photos / "square"), "--model", "tiny", "--format", "json",
                      "--output", str(out)]) == 0

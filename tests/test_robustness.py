@@ -103,20 +103,20 @@ from pathlib import Path
 from transferlab import registry
 
 uri, accuracy, delay, me, other = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4], sys.argv[5]
-read = registry.champion_accuracy
+read = registry.champion_score
 
-def racing_read(client, name):
+def racing_read(client, name, metric):
     # Both racers read the champion together (when nothing serialises them) ...
     Path(me).touch()
     deadline = time.time() + 5
     while not Path(other).exists() and time.time() < deadline:
         time.sleep(0.05)
-    value = read(client, name)
+    value = read(client, name, metric)
     time.sleep(delay)  # ... and the worse one moves the alias last.
     return value
 
-registry.champion_accuracy = racing_read
-print(registry.register_and_promote(uri, "race", accuracy))
+registry.champion_score = racing_read
+print(registry.register_and_promote(uri, "race", {"test_accuracy": accuracy}))
 """
 
 

@@ -33,8 +33,9 @@ TINY = {
     "seed": 1,
     "budget": 0,  # the shipped one plans to the clock; the tiny runs train their few epochs
     "precision": "float32",  # auto would time the tiny model in two policies and may pick either
+    # two validation images a class (the shipped floor of 5 would take half of the tiny classes)
     "data": {"source": "tiny-images", "checksum": None, "image_size": 16, "val_fraction": 0.25,
-             "cache_dir": "data/cache"},
+             "val_min_per_class": 2, "cache_dir": "data/cache"},
     "backbone": {"name": "efficientnet_lite0", "weights": "none", "input_size": 32},
     "features": {"batch_size": 16, "train_fraction": 1.0},  # a few images a class: no share of them
     "head": {"units": 16, "dropout": 0.1, "epochs": 3, "batch_size": 8, "patience": 2},

@@ -7,7 +7,7 @@ transfer (ImageNet weights) against from scratch (weights none).
 One row per pipeline run (its parent run's summary) that reached the evaluate
 stage, grouped by the data set it ran on (the parent's `dataset` tag: the
 source's name and the manifest's digest): backbone, weights, input size, test
-accuracy, parameter count, time per stage and images/s. Writes
+accuracy, balanced accuracy and macro-F1, parameter count, time per stage and images/s. Writes
 reports/compare.csv, reports/compare.md and reports/compare.png.
 """
 
@@ -19,7 +19,8 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ["dataset", "backbone", "weights", "input_size", "unfreeze", "test_accuracy", "parameters",
+COLUMNS = ["dataset", "backbone", "weights", "input_size", "unfreeze", "test_accuracy", "test_balanced_accuracy",
+           "test_macro_f1", "parameters",
            "features_seconds", "head_seconds", "finetune_seconds", "total_seconds",
            "features_images_per_second", "train_images_per_second", "run_id"]
 
@@ -57,6 +58,8 @@ def collect(experiment: str, last: int | None = None) -> list[dict]:
                           or value(run, "params.backbone.input_size") or "?",
             "unfreeze": value(run, "params.finetune.unfreeze") or "?",
             "test_accuracy": value(run, "metrics.test_accuracy"),
+            "test_balanced_accuracy": value(run, "metrics.test_balanced_accuracy"),  # None: runs before they were
+            "test_macro_f1": value(run, "metrics.test_macro_f1"),
             "parameters": int(run["metrics.parameters"]) if value(run, "metrics.parameters") is not None else None,
             "features_seconds": value(run, "metrics.features_seconds"),
             "head_seconds": value(run, "metrics.head_seconds"),

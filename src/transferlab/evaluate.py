@@ -98,13 +98,18 @@ def recall_png(per_class: dict, classes: list[str], path: Path) -> Path:
 
 
 def summarize(y_true: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict:
-    """Test accuracy and loss, the per-class report and the confusion matrix."""
+    """Test accuracy, balanced accuracy, macro-F1 and loss, the per-class report
+    and the confusion matrix."""
     from sklearn.metrics import accuracy_score, log_loss
+
+    from transferlab.train.selection import score
 
     labels = list(range(len(classes)))
     y_pred = probs.argmax(axis=1)
     return {
         "test_accuracy": round(float(accuracy_score(y_true, y_pred)), 5),
+        "test_balanced_accuracy": round(score("balanced_accuracy", y_true, y_pred), 5),
+        "test_macro_f1": round(score("macro_f1", y_true, y_pred), 5),
         "test_loss": round(float(log_loss(y_true, np.clip(probs, 1e-7, 1.0), labels=labels)), 5),
         "per_class": per_class_report(y_true, y_pred, classes),
         "confusion": confusion(y_true, y_pred, len(classes)),
@@ -292,6 +297,9 @@ def pixel_baseline(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
     with warnings.catch_warnings():  # 200 iterations are enough for a baseline
         warnings.simplefilter("ignore", ConvergenceWarning)
         clf.fit(_pixels(Rows(x_train, rows), BASELINE_SIZE), y_train[rows])
-    accuracy = float((clf.predict(_pixels(x_test, BASELINE_SIZE)) == y_test).mean())
-    return {"baseline_test_accuracy": round(accuracy, 5), "baseline_train_images": int(len(rows)),
+    from transferlab.train.selection import scores
+
+    predicted = clf.predict(_pixels(x_test, BASELINE_SIZE))
+    return {**{f"baseline_test_{name}": round(value, 5) for name, value in scores(y_test, predicted).items()},
+            "baseline_train_images": int(len(rows)),
             "baseline_seconds": round(time.perf_counter() - start, 2)}

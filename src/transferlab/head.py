@@ -37,13 +37,15 @@ def train_head(
     batch_size: int,
     patience: int,
     monitor: str = "accuracy",
+    class_weight: dict | None = None,
     callbacks: list | None = None,
     verbose: int | None = None,
 ) -> keras.callbacks.History:
-    """Train with early stopping on the validation split's `monitor` (accuracy or
-    loss; the training batches' when there is no validation split); the best
-    weights are kept."""
-    recipe.compile_model(model, optimizer, learning_rate)
+    """Train with early stopping on the validation split's `monitor` (accuracy,
+    balanced_accuracy, macro_f1 or loss; the training batches' when there is no
+    validation split); the best weights are kept. `class_weight`: class index ->
+    loss weight (train.selection)."""
+    recipe.compile_model(model, optimizer, learning_rate, select="accuracy" if monitor == "loss" else monitor)
     has_val = len(y_val) > 0
     watched = recipe.monitor(has_val, monitor)
     stop = keras.callbacks.EarlyStopping(
@@ -57,5 +59,6 @@ def train_head(
         batch_size=batch_size,
         callbacks=[stop, *(callbacks or [])],
         shuffle=True,
+        class_weight=class_weight,
         verbose=recipe.verbosity() if verbose is None else verbose,
     )

@@ -1,7 +1,8 @@
 """The Model Registry: a model logged with its signature, input example and
 class names, registered under `tracking.model_name`, and the alias `champion`
 moved to it only where it is better than the current champion and than its
-own raw-pixel baseline (the move under `tracking.store_lock`)."""
+own raw-pixel baseline by the selection metric on test (the move under
+`tracking.store_lock`); every version tagged with its test scores."""
 
 from __future__ import annotations
 
@@ -49,43 +50,49 @@ def log_keras_model(model: keras.Model, example, prediction, classes: list[str] 
 CHAMPION = "champion"
 
 
-def should_promote(new_accuracy: float, champion_accuracy: float | None,
-                   baseline_accuracy: float | None = None) -> tuple[bool, str]:
-    """The champion alias moves only to a strictly better test accuracy, and
-    never to a model that does not beat its own raw-pixel baseline (transfer
-    did not pay: `baseline_accuracy`, where the evaluate stage measured it)."""
-    if baseline_accuracy is not None and new_accuracy <= baseline_accuracy:
-        return False, (f"test_accuracy {new_accuracy:.4f} does not beat the raw-pixel baseline's "
-                       f"{baseline_accuracy:.4f}: transfer did not pay")
-    if champion_accuracy is None:
+def should_promote(new: float, champion: float | None, baseline: float | None = None,
+                   metric: str = "test_accuracy") -> tuple[bool, str]:
+    """The champion alias moves only to a strictly better test score (`metric`:
+    test_ and the selection metric, train.selection), and never to a model that
+    does not beat its own raw-pixel baseline on it (transfer did not pay:
+    `baseline`, where the evaluate stage measured it)."""
+    if baseline is not None and new <= baseline:
+        return False, f"{metric} {new:.4f} does not beat the raw-pixel baseline's {baseline:.4f}: transfer did not pay"
+    if champion is None:
         return True, "no champion yet"
-    if new_accuracy > champion_accuracy:
-        return True, f"test_accuracy {new_accuracy:.4f} beats the champion's {champion_accuracy:.4f}"
-    return False, f"test_accuracy {new_accuracy:.4f} does not beat the champion's {champion_accuracy:.4f}"
+    if new > champion:
+        return True, f"{metric} {new:.4f} beats the champion's {champion:.4f}"
+    return False, f"{metric} {new:.4f} does not beat the champion's {champion:.4f}"
 
 
-def champion_accuracy(client, name: str) -> float | None:
+def champion_score(client, name: str, metric: str = "test_accuracy") -> float | None:
+    """The champion version's `metric` tag (its test_accuracy where it has no
+    such tag: registered before the selection metric was recorded); None: no champion."""
     from mlflow.exceptions import MlflowException
 
     try:
         version = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
         return None
-    value = (version.tags or {}).get("test_accuracy")
+    tags = version.tags or {}
+    value = tags.get(metric, tags.get("test_accuracy"))
     return float(value) if value is not None else None
 
 
-def register_and_promote(model_uri: str, name: str, test_accuracy: float,
-                         baseline_accuracy: float | None = None) -> tuple[str, bool, str]:
-    """Register `model_uri` under `name`; move "champion" to it if it is better
-    (`should_promote`)."""
+def register_and_promote(model_uri: str, name: str, scores: dict[str, float], metric: str = "test_accuracy",
+                         baseline: float | None = None) -> tuple[str, bool, str]:
+    """Register `model_uri` under `name`, tagged with its test `scores` (name ->
+    value: test_accuracy, and the other selection metrics where measured); move
+    "champion" to it if it is better by `metric` (`should_promote`)."""
     import mlflow
 
     client = mlflow.MlflowClient()
     version = mlflow.register_model(model_uri, name).version
-    client.set_model_version_tag(name, version, "test_accuracy", f"{test_accuracy:.6f}")
+    for key, value in scores.items():
+        client.set_model_version_tag(name, version, key, f"{value:.6f}")
+    client.set_model_version_tag(name, version, "selected_by", metric)
     with store_lock("registry"):
-        promote, reason = should_promote(test_accuracy, champion_accuracy(client, name), baseline_accuracy)
+        promote, reason = should_promote(scores[metric], champion_score(client, name, metric), baseline, metric)
         if promote:
             client.set_registered_model_alias(name, CHAMPION, version)
     log.info("registered %s version %s %s the %s alias: %s", name, version, "with" if promote else "without",
@@ -94,13 +101,14 @@ def register_and_promote(model_uri: str, name: str, test_accuracy: float,
 
 
 def log_and_register(model: keras.Model, example, prediction, classes: list[str], model_name: str,
-                     test_accuracy: float, baseline_accuracy: float | None = None) -> dict:
+                     scores: dict[str, float], metric: str = "test_accuracy", baseline: float | None = None) -> dict:
     """Log `model` to the active run, register it and move the champion alias if
-    it is better (the pipeline's evaluate stage and the search's best trial)."""
+    it is better by `metric` of its test `scores` (the pipeline's evaluate stage
+    and the search's best trial)."""
     import mlflow
 
     uri = log_keras_model(model, example, prediction, classes)
-    version, promoted, reason = register_and_promote(uri, model_name, test_accuracy, baseline_accuracy)
+    version, promoted, reason = register_and_promote(uri, model_name, scores, metric, baseline)
     mlflow.set_tags({"registered_version": version, "champion": str(promoted).lower(),
                      "champion_reason": reason})
     return {"registered_version": version, "champion": promoted}

@@ -29,6 +29,8 @@ def _data(params: Params) -> None:
     d = params.data
     if not 0.0 <= d.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction must be in [0, 1), received: {d.val_fraction}")
+    if d.val_min_per_class < 0:
+        raise ConfigError(f"data.val_min_per_class must be >= 0, received: {d.val_min_per_class}")
     if not 0.0 < d.test_fraction < 1.0:
         raise ConfigError(f"data.test_fraction must be in (0, 1), received: {d.test_fraction}")
     if d.image_size < 8:

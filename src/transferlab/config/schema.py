@@ -16,6 +16,9 @@ class DataConfig:
     checksum: str | None
     image_size: int
     val_fraction: float
+    # At least this many validation images of each class, where the class keeps as
+    # many for training (a class too small to validate is named in the manifest).
+    val_min_per_class: int
     # Only used when the source has no test split of its own.
     test_fraction: float
     cache_dir: str
@@ -184,6 +187,11 @@ class Params:
     # The fine-tune's dtype policy (transferlab.train.precision): auto | float32 |
     # mixed_bfloat16 | mixed_float16; on a GPU every stage's.
     precision: str
+    # The validation metric that picks models everywhere (transferlab.train.selection):
+    # auto | accuracy | balanced_accuracy | macro_f1.
+    select: str
+    # The loss's class weights: auto | balanced | none (transferlab.train.selection).
+    class_weight: str
     data: DataConfig
     backbone: BackboneConfig
     features: FeaturesConfig
@@ -197,12 +205,14 @@ class Params:
 CHOICES = {
     "distribute": ("auto", "mirrored", "none"),
     "precision": ("auto", "float32", "mixed_bfloat16", "mixed_float16"),
+    "select": ("auto", "accuracy", "balanced_accuracy", "macro_f1"),
+    "class_weight": ("auto", "balanced", "none"),
     "data.format": ("auto", "cifar10", "image_folder", "csv"),
     "head.optimizer": ("adam", "adamw", "sgd", "rmsprop"),
     "finetune.optimizer": ("adam", "adamw", "sgd", "rmsprop"),
     "finetune.mode": ("cached", "full"),
     "finetune.schedule": ("cosine", "linear", "plateau"),
     "tune.pruner": ("median", "hyperband", "none"),
-    "tune.monitor": ("val_accuracy", "val_loss"),
+    "tune.monitor": ("auto", "val_accuracy", "val_balanced_accuracy", "val_macro_f1", "val_loss"),
     "evaluate.tta": ("auto", "flip", "none"),
 }

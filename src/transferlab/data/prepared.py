@@ -5,6 +5,7 @@ reads back memory-mapped."""
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,15 +15,27 @@ from transferlab.data.arrays import Dataset, Rows, release, split_rows
 from transferlab.errors import DataError
 from transferlab.files import atomic_dir
 
+log = logging.getLogger(__name__)
+
 SPLITS = ("train", "val", "test")
 
 
-def write_prepared(ds: Dataset, out_dir: Path, val_fraction: float, seed: int, manifest: dict) -> dict:
-    """Carve val from train (seeded) and write arrays + classes + manifest atomically."""
+def write_prepared(ds: Dataset, out_dir: Path, val_fraction: float, seed: int, manifest: dict,
+                   val_min_per_class: int = 0) -> dict:
+    """Carve val from train (seeded, stratified, at least `val_min_per_class` of
+    a class where it keeps as many: `val_floor`) and write arrays + classes +
+    manifest atomically."""
     if val_fraction > 0:
         train_rows, val_rows = split_rows(ds.y_train, val_fraction, seed)
+        train_rows, val_rows = val_floor(ds.y_train, train_rows, val_rows, val_min_per_class, seed)
     else:
         train_rows, val_rows = np.arange(len(ds.y_train)), np.arange(0)
+    val_counts = np.bincount(ds.y_train[val_rows], minlength=len(ds.classes))
+    # a class with fewer than two validation images cannot be told apart from luck by any selection
+    unvalidated = [c for c, k in zip(ds.classes, val_counts) if k < 2] if val_fraction > 0 else []
+    if unvalidated:
+        log.warning("prepare: %d class(es) have fewer than 2 validation images, too few to validate: %s; "
+                    "add images of them, or raise data.val_fraction", len(unvalidated), ", ".join(unvalidated[:20]))
     splits = {"train": (Rows(ds.x_train, train_rows), ds.y_train[train_rows]),
               "val": (Rows(ds.x_train, val_rows), ds.y_train[val_rows]),
               "test": (ds.x_test, ds.y_test)}
@@ -39,6 +52,7 @@ def write_prepared(ds: Dataset, out_dir: Path, val_fraction: float, seed: int, m
         duplicates=ds.duplicates[:1000],
         num_duplicates=len(ds.duplicates),
         classes_without_test_images=ds.untested,
+        classes_too_small_to_validate=unvalidated,
     )
     with atomic_dir(out_dir) as tmp:
         for name, (x, y) in splits.items():
@@ -47,6 +61,26 @@ def write_prepared(ds: Dataset, out_dir: Path, val_fraction: float, seed: int, m
         (tmp / "classes.json").write_text(json.dumps(ds.classes, indent=1) + "\n")
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     return manifest
+
+
+def val_floor(y: np.ndarray, train_rows: np.ndarray, val_rows: np.ndarray, floor: int,
+              seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Move seeded rows of a class from train to val until val holds `floor` of
+    it, or half of the class (it keeps at least as many to train on). A
+    proportional split leaves a rare class a handful of validation images, and
+    early stopping and the best epoch would then be chosen on those."""
+    rng = np.random.default_rng(seed)
+    train_rows, moved = np.asarray(train_rows), []
+    for c in np.unique(y):
+        in_train = train_rows[y[train_rows] == c]
+        have = int(np.sum(y[val_rows] == c))
+        want = min(floor, (len(in_train) + have) // 2)
+        if want > have:
+            moved.append(rng.choice(in_train, want - have, replace=False))
+    if not moved:
+        return train_rows, val_rows
+    moved = np.concatenate(moved)
+    return np.setdiff1d(train_rows, moved), np.sort(np.concatenate([val_rows, moved]))
 
 
 def _counts(y: np.ndarray, classes: list[str]) -> dict[str, int]:

@@ -49,8 +49,12 @@ class Objective:
     def __init__(self, params: config.Params, trial_data: TrialData, parent_run_id: str, experiment_id: str):
         self.params, self.trial_data = params, trial_data
         self.parent_run_id, self.experiment_id = parent_run_id, experiment_id
-        self.monitor = params.tune.monitor
+        from transferlab.train import selection
+
+        self.monitor = params.tune.monitor  # resolved (search.space.with_monitor)
         self.sign = -1.0 if direction(self.monitor) == "minimize" else 1.0
+        # the class weights the pipeline trains with (the monitor is what selects here)
+        self.class_weight = selection.resolve(params.select, params.class_weight, trial_data.train_counts).class_weight
 
     def __call__(self, trial) -> float:
         import keras
@@ -137,7 +141,8 @@ class Objective:
         hist = head.train_head(
             head_model, d.features["train"], d.y["train"], d.features["val"], d.y["val"],
             optimizer=p.head.optimizer, learning_rate=hp["head_learning_rate"], epochs=t.head_epochs,
-            batch_size=batch(p.head.batch_size), patience=p.head.patience, monitor=metric, verbose=0,
+            batch_size=batch(p.head.batch_size), patience=p.head.patience, monitor=metric,
+            class_weight=self.class_weight, verbose=0,
             callbacks=[tracking.EpochLogger(prefix="head_")],
         )
         value = self._best(hist.history[self.monitor])
@@ -148,7 +153,8 @@ class Objective:
         recipe = dataclasses.replace(  # params.yaml's fine-tune, with what this trial tries
             Recipe.from_params(p.finetune, seed=p.seed + trial.number, batch_size=batch(p.finetune.batch_size)),
             unfreeze=hp["unfreeze"], learning_rate=hp["learning_rate"], weight_decay=hp["weight_decay"],
-            label_smoothing=hp["label_smoothing"])
+            label_smoothing=hp["label_smoothing"], class_weight=self.class_weight,
+            select="accuracy" if metric == "loss" else metric)
         fine_tune = trainer.build(spec, body, head_model, recipe, y_train=d.y["train"], y_val=d.y["val"],
                                   images=(d.x["train"], d.x["val"]), image_size=int(d.meta["image_size"]),
                                   input_size=proxy_size(p))

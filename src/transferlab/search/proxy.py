@@ -31,6 +31,7 @@ class TrialData:
     y: dict[str, np.ndarray]
     classes: list[str]
     meta: dict
+    train_counts: dict  # images per class in the whole training split (the selection's rule reads them)
 
 
 def proxy_size(params: config.Params) -> int:
@@ -94,4 +95,4 @@ def load_trial_data(params: config.Params, prepared_dir: Path, cache: Path) -> T
         raise TuneError("tune needs validation images: set data.val_fraction > 0 in params.yaml")
     x = {"train": np.asarray(prepared.x["train"][index]), "val": np.asarray(prepared.x["val"])}
     return TrialData({s: np.asarray(feats[s], np.float32) for s in ("train", "val")}, x, y,
-                     prepared.classes, meta)
+                     prepared.classes, meta, prepared.manifest["counts"]["train"])

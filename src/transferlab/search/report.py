@@ -15,7 +15,7 @@ from transferlab import config
 from transferlab.errors import TuneError
 from transferlab.files import write_json
 from transferlab.search.objective import MODEL_ATTR, RUN_ATTR
-from transferlab.search.space import DEFAULT_ATTR, PARAM_KEYS, direction
+from transferlab.search.space import DEFAULT_ATTR, PARAM_KEYS, direction, with_monitor
 from transferlab.search.study import PARENT_ATTR, open_study
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,11 @@ def finalize(params: config.Params, prepared_dir: Path, storage_url: str | None,
     from optuna.trial import TrialState
 
     from transferlab import data, evaluate, registry, tracking
+    from transferlab.train import selection
 
+    prepared = data.load_prepared(prepared_dir)
+    params = with_monitor(params, prepared.manifest["counts"]["train"])
+    metric = selection.resolve(params.select, params.class_weight, prepared.manifest["counts"]["train"]).metric
     study = open_study(params, storage_url)
     states = {s.name.lower(): len(study.get_trials(deepcopy=False, states=(s,)))
               for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)}
@@ -55,7 +59,6 @@ def finalize(params: config.Params, prepared_dir: Path, storage_url: str | None,
             raise TuneError(f"best trial {best.number}: its model artifact could not be read "
                             f"from MLflow run {best.user_attrs.get(RUN_ATTR)}: {exc}") from exc
         model = keras.saving.load_model(path, safe_mode=True)
-    prepared = data.load_prepared(prepared_dir)
     x, y = prepared.x["test"], prepared.y["test"]
     e = params.evaluate
     result = evaluate.evaluate_model(model, x, y, prepared.classes, e.batch_size, e.tta, prepared.x["val"],
@@ -83,7 +86,8 @@ def finalize(params: config.Params, prepared_dir: Path, storage_url: str | None,
         mlflow.log_dict(result["per_class"], "reports/test_per_class.json")
         summary.update(registry.log_and_register(
             result["model"], np.asarray(x[:2]), result["probs"][:2], prepared.classes,
-            params.tracking.model_name, result["test_accuracy"]))
+            params.tracking.model_name, {f"test_{m}": result[f"test_{m}"] for m in selection.METRICS},
+            metric=f"test_{metric}"))
     write_json(metrics_path, summary)
     optuna.logging.set_verbosity(optuna.logging.INFO)
     return summary

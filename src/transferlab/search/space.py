@@ -27,6 +27,19 @@ def direction(monitor: str) -> str:
     return "minimize" if monitor.endswith("loss") else "maximize"
 
 
+def with_monitor(params: config.Params, counts) -> config.Params:
+    """`params` with tune.monitor `auto` made val_ and the selection metric of
+    training classes of `counts` (transferlab.train.selection), as the pipeline selects."""
+    import dataclasses
+
+    from transferlab.train import selection
+
+    if params.tune.monitor != "auto":
+        return params
+    metric = selection.resolve(params.select, params.class_weight, counts).metric
+    return dataclasses.replace(params, tune=dataclasses.replace(params.tune, monitor=f"val_{metric}"))
+
+
 def make_sampler(seed: int, n_trials: int):
     """Seeded multivariate TPE; constant_liar so that concurrent workers do not
     all propose the point a running trial is already trying."""

@@ -40,7 +40,8 @@ from tqdm import tqdm
 from transferlab import config
 from transferlab.errors import TuneError
 from transferlab.redact import redact
-from transferlab.search.space import DEFAULT_ATTR, defaults, direction, make_pruner, make_sampler
+from transferlab.search.space import (DEFAULT_ATTR, defaults, direction, make_pruner, make_sampler,
+                                      with_monitor)
 
 log = logging.getLogger(__name__)
 
@@ -228,6 +229,9 @@ def work(params: config.Params, storage_url: str | None, prepared_dir: Path, wor
     from transferlab.search.objective import Objective
     from transferlab.search.proxy import ensure_cache, load_trial_data
 
+    from transferlab import data
+
+    params = with_monitor(params, data.load_prepared(prepared_dir).manifest["counts"]["train"])
     t = params.tune
     url = storage_url or t.storage
     study = open_study(params, url, seed_offset=worker_id)

@@ -24,10 +24,11 @@ from transferlab import config, evaluate, registry, tracking
 from transferlab.files import write_json
 from transferlab.stages import METRICS, MODELS, PLOTS, PREPARED, entry, end_stage
 from transferlab.stages.common import PARAMS_CHECKS, begin  # noqa: F401 (PARAMS_CHECKS: for stages.run)
+from transferlab.train import selection
 
 log = logging.getLogger(__name__)
 
-KEYS = ("seed", "deterministic", "precision", "backbone.name", "evaluate", "tracking")
+KEYS = ("seed", "deterministic", "precision", "select", "class_weight", "backbone.name", "evaluate", "tracking")
 CALIBRATION = ("test_accuracy_before_calibration", "test_accuracy_single_view", "temperature", "test_ece",
                "test_ece_before_calibration", "val_nll", "val_nll_before_calibration", "val_nll_single_view",
                "val_nll_flip")
@@ -45,13 +46,16 @@ def main(params: config.Params) -> dict:
     model = result["model"]  # what is logged and registered: test-time augmentation and temperature inside
     seconds = result["seconds"]
     metrics = {key: result[key] for key in CALIBRATION if key in result}
-    metrics.update(test_accuracy=result["test_accuracy"], test_loss=result["test_loss"],
+    chosen = selection.resolve(params.select, params.class_weight, prepared.manifest["counts"]["train"])
+    key = f"test_{chosen.metric}"  # what the baseline and the champion rule compare
+    metrics.update(test_accuracy=result["test_accuracy"], test_balanced_accuracy=result["test_balanced_accuracy"],
+                   test_macro_f1=result["test_macro_f1"], test_loss=result["test_loss"],
                    tta_flip=int(result["tta"] == "flip"),
                    evaluate_seconds=round(seconds, 2), test_images_per_second=round(len(y) / seconds, 1),
                    parameters=parameters)
     if e.baseline:  # did transfer pay off? the trivial model beside ours
         metrics.update(evaluate.pixel_baseline(prepared.x["train"], prepared.y["train"], x, y, params.seed))
-        metrics["beats_baseline"] = int(metrics["test_accuracy"] > metrics["baseline_test_accuracy"])
+        metrics["beats_baseline"] = int(metrics[key] > metrics[f"baseline_{key}"])
     metrics["stage_seconds"] = round(end_stage(), 2)
     write_json(METRICS / "evaluate.json", metrics)
     reliability = evaluate.reliability_png(
@@ -81,8 +85,10 @@ def main(params: config.Params) -> dict:
         if not metrics.get("beats_baseline", 1):
             mlflow.set_tag("transfer_paid", "false")
         registry.log_and_register(model, np.asarray(x[:2]), result["probs"][:2], prepared.classes,
-                                  params.tracking.model_name, metrics["test_accuracy"],
-                                  metrics.get("baseline_test_accuracy"))
+                                  params.tracking.model_name,
+                                  {f"test_{m}": metrics[f"test_{m}"] for m in selection.METRICS},
+                                  metric=key, baseline=metrics.get(f"baseline_{key}"))
+        mlflow.set_tag("select_metric", chosen.metric)
     # the pipeline's summary on its parent run: the knobs of the model evaluated (the
     # params its fine-tune stage wrote beside it), the test metrics, each stage's time
     trained = yaml.safe_load((MODELS / "finetune" / "params.yaml").read_text())
@@ -92,6 +98,8 @@ def main(params: config.Params) -> dict:
     if params.tracking.tuned_by:
         tracking.link_study(parent, params.tracking.tuned_by)
     tracking.end_parent()
+    log.info("evaluate: test balanced accuracy %.4f, macro-F1 %.4f; the champion rule compares %s",
+             metrics["test_balanced_accuracy"], metrics["test_macro_f1"], key)
     log.info("evaluate: test accuracy %.4f, loss %.4f, ECE %.4f -> %.4f (T = %.3f, test-time flips %s) "
              "(%d images, %.1f s)", metrics["test_accuracy"], metrics["test_loss"],
              metrics["test_ece_before_calibration"], metrics["test_ece"], metrics["temperature"],
@@ -100,11 +108,10 @@ def main(params: config.Params) -> dict:
         log.info("evaluate: the raw-pixel logistic regression baseline scores %.4f on test (%d training images)",
                  metrics["baseline_test_accuracy"], metrics["baseline_train_images"])
         if not metrics["beats_baseline"]:
-            log.warning("evaluate: TRANSFER DID NOT PAY: the model's test accuracy %.4f does not beat the raw-pixel "
+            log.warning("evaluate: TRANSFER DID NOT PAY: the model's %s %.4f does not beat the raw-pixel "
                         "baseline's %.4f, so it is registered without the champion alias. Compare the head's and "
                         "the fine-tune's validation curves (plots/), and try a lower finetune.learning_rate or "
-                        "fewer unfrozen blocks (finetune.unfreeze)", metrics["test_accuracy"],
-                        metrics["baseline_test_accuracy"])
+                        "fewer unfrozen blocks (finetune.unfreeze)", key, metrics[key], metrics[f"baseline_{key}"])
     return metrics
 
 

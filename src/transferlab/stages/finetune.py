@@ -24,12 +24,13 @@ from transferlab.stages import (METRICS, MODELS, PLOTS, PREPARED, end_stage, ent
                                 recorded_stage_seconds, resolved, stage_seconds)
 from transferlab.stages.common import PARAMS_CHECKS, begin  # noqa: F401 (PARAMS_CHECKS: for stages.run)
 from transferlab.train import checkpoint as checkpoints
-from transferlab.train import precision, session, surgery, trainer
+from transferlab.train import precision, selection, session, surgery, trainer
 from transferlab.train.recipe import Recipe
 
 log = logging.getLogger(__name__)
 
-KEYS = ("seed", "deterministic", "precision", "distribute", "budget", "backbone", "finetune", "tracking.experiment")
+KEYS = ("seed", "deterministic", "precision", "distribute", "select", "class_weight", "budget", "backbone",
+        "finetune", "tracking.experiment")
 CHECKPOINTS = Path("data/checkpoints")
 
 
@@ -65,7 +66,9 @@ def _main(params: config.Params, prepared: data.Prepared, callbacks: list | None
         if unfrozen > 0:
             if f.mode == "cached" and not cached:
                 log.warning("finetune.unfreeze=%r leaves nothing frozen to cache: using the full mode", f.unfreeze)
-            r = Recipe.from_params(f, seed=params.seed,  # batch_size per replica in params
+            chosen = selection.resolve(params.select, params.class_weight, prepared.manifest["counts"]["train"])
+            metrics.update(chosen.record())
+            r = Recipe.from_params(f, seed=params.seed, selection=chosen,  # batch_size per replica in params
                                    batch_size=device.global_batch(f.batch_size, params.distribute))
             activations = features.load_activations(feats_dir) if cached else None
 
@@ -108,6 +111,8 @@ def _main(params: config.Params, prepared: data.Prepared, callbacks: list | None
         metrics["stage_seconds"] = round(end_stage(), 2)
         write_json(METRICS / "finetune.json", metrics)
         mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        if "select_metric" in metrics:
+            mlflow.set_tag("select_metric", metrics["select_metric"])
         mlflow.log_artifact(str(out_dir / "params.yaml"))
     return metrics
 

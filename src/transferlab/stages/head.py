@@ -15,12 +15,12 @@ from transferlab import config, device, evaluate, features, head, tracking
 from transferlab.files import write_atomic, write_json
 from transferlab.stages import METRICS, MODELS, PLOTS, PREPARED, entry, features_dir, resolved, end_stage
 from transferlab.stages.common import PARAMS_CHECKS, begin  # noqa: F401 (PARAMS_CHECKS: for stages.run)
-from transferlab.train import recipe
+from transferlab.train import recipe, selection
 
 log = logging.getLogger(__name__)
 
-KEYS = ("seed", "deterministic", "precision", "distribute", "backbone.name", "backbone.input_size", "head",
-        "tracking.experiment")
+KEYS = ("seed", "deterministic", "precision", "distribute", "select", "class_weight", "backbone.name",
+        "backbone.input_size", "head", "tracking.experiment")
 
 
 def main(params: config.Params, callbacks: list | None = None) -> dict:
@@ -41,6 +41,8 @@ def main(params: config.Params, callbacks: list | None = None) -> dict:
 
         rows = meta.get("train_index")  # the features stage's share of the training images
         y_train = prepared.y["train"] if rows is None else prepared.y["train"][np.asarray(rows)]
+        chosen = selection.resolve(params.select, params.class_weight, prepared.manifest["counts"]["train"])
+        log.info("head: %s", chosen.reason)
         start = time.perf_counter()
         with strategy.scope():  # head.batch_size is per replica
             model = head.build_head(meta["feature_dim"], len(prepared.classes), h.units, h.dropout)
@@ -48,6 +50,7 @@ def main(params: config.Params, callbacks: list | None = None) -> dict:
                 model, feats["train"], y_train, feats["val"], prepared.y["val"],
                 optimizer=h.optimizer, learning_rate=h.learning_rate, epochs=h.epochs,
                 batch_size=device.global_batch(h.batch_size, params.distribute), patience=h.patience,
+                monitor=chosen.metric, class_weight=chosen.class_weight,
                 callbacks=[tracking.EpochLogger(), *(callbacks or [])],
             )
         seconds = time.perf_counter() - start
@@ -55,13 +58,15 @@ def main(params: config.Params, callbacks: list | None = None) -> dict:
         split = "val" if has_val else "train"
         y_true = prepared.y[split] if has_val else y_train
         y_pred = model.predict(feats[split], batch_size=1024, verbose=0).argmax(axis=1)
-        acc = float((y_pred == y_true).mean())
+        kept = selection.scores(y_true, y_pred)
+        acc = kept["accuracy"]
         hist = history.history
-        best = int(np.argmax(hist[recipe.monitor(has_val)]))
+        best = int(np.argmax(hist[recipe.monitor(has_val, chosen.metric)]))
         # The kept (best) model's figures carry a best_ prefix, here and in MLflow, so
         # that they add no point to the per-epoch train_*/val_* curves.
         metrics = {
-            f"best_{split}_accuracy": round(acc, 5),
+            **{f"best_{split}_{name}": round(value, 5) for name, value in kept.items()},
+            **chosen.record(),
             "best_train_accuracy": round(float(hist["accuracy"][best]), 5),
             "best_epoch": best + 1,
             "epochs_run": len(hist["loss"]),
@@ -78,14 +83,16 @@ def main(params: config.Params, callbacks: list | None = None) -> dict:
         cm = evaluate.confusion(y_true, y_pred, len(prepared.classes))
         png = evaluate.confusion_png(cm, prepared.classes, PLOTS / "head" / f"confusion_{split}.png",
                                      f"head on {b.name} features: {split} accuracy {acc:.3f}")
-        mlflow.log_metrics({k: v for k, v in metrics.items() if k != "best_train_accuracy"})
+        mlflow.log_metrics({k: v for k, v in metrics.items() if k not in ("best_train_accuracy", "select_metric")})
+        mlflow.set_tag("select_metric", chosen.metric)
         mlflow.log_artifact(str(png), "confusion")
         mlflow.log_dict(evaluate.per_class_report(y_true, y_pred, prepared.classes),
                         f"reports/{split}_per_class.json")
         mlflow.log_dict(cm.tolist(), f"confusion/confusion_{split}.json")
         mlflow.log_artifact(str(out_dir / "params.yaml"))
-        log.info("head: %s accuracy %.4f (best epoch %d of %d) in %.1f s",
-                 split, acc, best + 1, len(hist["loss"]), seconds)
+        log.info("head: %s accuracy %.4f%s (best epoch %d of %d) in %.1f s", split, acc,
+                 "" if chosen.metric == "accuracy" else f", {chosen.metric} {kept[chosen.metric]:.4f}",
+                 best + 1, len(hist["loss"]), seconds)
     return metrics
 
 

@@ -31,6 +31,7 @@ def main(params: config.Params) -> dict:
         manifest = data.write_prepared(
             ds, PREPARED, d.val_fraction, params.seed,
             {"source": redact(d.source), "checksum": digest, "format": d.format, "seed": params.seed},
+            val_min_per_class=d.val_min_per_class,
         )
     finally:
         ds.close()

@@ -170,12 +170,13 @@ class Checkpoint(keras.callbacks.Callback):
 
 def callbacks(
     backup_dir: Path, *, patience: int, schedule: str, has_val: bool, extra: list | None = None,
-    start_score: float | None = None,
+    start_score: float | None = None, select: str = "accuracy",
 ) -> tuple[list, Checkpoint]:
     """Keras callbacks for a resumable run: the learning rate into the epoch logs,
     the Checkpoint (state and best weights, see there), early stopping, and
-    ReduceLROnPlateau for that schedule."""
-    monitor = recipe.monitor(has_val)
+    ReduceLROnPlateau for that schedule, each watching the selection metric
+    `select` (train.selection) and `start_score` the score to beat."""
+    monitor = recipe.monitor(has_val, select)
     checkpoint = Checkpoint(backup_dir, monitor, start_score)
     cbs = [recipe.LearningRateLogger(), checkpoint,
            keras.callbacks.EarlyStopping(monitor=monitor, mode="max", patience=patience)]

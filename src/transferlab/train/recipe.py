@@ -13,6 +13,7 @@ from pathlib import Path
 import keras
 
 from transferlab.tracking import metric_name
+from transferlab.train.selection import keras_metrics
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 
@@ -37,17 +38,21 @@ class Recipe:
     train_depthwise: bool
     flip: bool  # cached mode: a randomly flipped copy per sample and epoch
     augment: dict  # full mode: the keywords of surgery.augmentation
+    select: str = "accuracy"  # the validation metric that picks the best epoch (train.selection)
+    class_weight: dict | None = None  # class index -> loss weight (train.selection); None: every class 1
 
     @classmethod
-    def from_params(cls, f, *, seed: int, batch_size: int) -> "Recipe":
+    def from_params(cls, f, *, seed: int, batch_size: int, selection=None) -> "Recipe":
         """From params.yaml's finetune section (`f`, a config.FinetuneConfig),
-        each key read by name (so a stage's params check sees every key it reads)."""
+        each key read by name (so a stage's params check sees every key it reads);
+        `selection`: a train.selection.Selection (None: accuracy, unweighted)."""
         a = f.augment
+        chosen = {} if selection is None else {"select": selection.metric, "class_weight": selection.class_weight}
         return cls(unfreeze=f.unfreeze, batch_size=batch_size, seed=seed, optimizer=f.optimizer,
                    learning_rate=f.learning_rate, weight_decay=f.weight_decay, schedule=f.schedule,
                    warmup_epochs=f.warmup_epochs, label_smoothing=f.label_smoothing, ema=f.ema,
                    train_bn=f.train_bn, train_depthwise=f.train_depthwise, flip=a.flip,
-                   augment={field.name: getattr(a, field.name) for field in dataclasses.fields(a)})
+                   augment={field.name: getattr(a, field.name) for field in dataclasses.fields(a)}, **chosen)
 
 
 def make_optimizer(name: str, learning_rate, weight_decay: float | None = None, ema: float = 0.0,
@@ -71,15 +76,17 @@ def make_optimizer(name: str, learning_rate, weight_decay: float | None = None, 
 
 
 def compile_model(model: keras.Model, optimizer, learning_rate, weight_decay: float | None = None,
-                  label_smoothing: float = 0.0) -> None:
+                  label_smoothing: float = 0.0, select: str = "accuracy") -> None:
     """Cross-entropy on softmax outputs against integer labels (smoothed by
-    `label_smoothing`), accuracy reported. `optimizer`: a name (made here with
+    `label_smoothing`), accuracy reported, and the selection metric `select`
+    (train.selection) where it is another. `optimizer`: a name (made here with
     `learning_rate` and `weight_decay`) or an optimizer to go on with, state and
     step counter included."""
     loss = SmoothedSparseCrossentropy(label_smoothing) if label_smoothing else "sparse_categorical_crossentropy"
     if isinstance(optimizer, str):
         optimizer = make_optimizer(optimizer, learning_rate, weight_decay)
-    model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"])
+    model.compile(optimizer=optimizer, loss=loss,
+                  metrics=keras_metrics(select, int(model.output_shape[-1])))
 
 
 @keras.saving.register_keras_serializable("transferlab")

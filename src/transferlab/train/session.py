@@ -45,7 +45,7 @@ class Start:
     """What a fine-tune starts from, besides its model and recipe."""
 
     directory: Path  # its checkpoints (`checkpoint.keyed_directory`), removed when it completes
-    head: dict  # the head's metrics: its validation accuracy is what an epoch must beat
+    head: dict  # the head's metrics: its validation score (the selection metric's) is what an epoch must beat
     n_classes: int
     n_val: int
     n_test: int
@@ -66,9 +66,10 @@ def run(t: trainer.FineTuning, r: Recipe, f, start: Start, *, history_csv: Path,
     # (shorter) epochs waits as many more, so it can reach its low-rate end (a budget's plan does not
     # stretch it: a long budget on a small set still stops)
     patience = math.ceil(f.patience * recipe_steps / max(1, f.epochs * per_epoch))
+    to_beat = head.get(f"best_val_{r.select}")  # the head's, by the same selection metric
     cbs, checkpoint = checkpoints.callbacks(start.directory, patience=patience, schedule=r.schedule,
-                                            has_val=t.val is not None, start_score=head.get("best_val_accuracy"),
-                                            extra=callbacks)
+                                            has_val=t.val is not None, start_score=to_beat,
+                                            extra=callbacks, select=r.select)
     length = _length(t, r, f, start, checkpoint, per_epoch, recipe_steps)
     guard = CollapseGuard(start.n_classes, start_loss=head.get("best_val_loss"))
     began = time.perf_counter()
@@ -80,10 +81,10 @@ def run(t: trainer.FineTuning, r: Recipe, f, start: Start, *, history_csv: Path,
     checkpoint.restore_best(t.model)  # the best epoch, not the last
     hist = checkpoint.history()
     recipes.write_history(history_csv, hist)
-    monitor = recipes.monitor(t.val is not None)
+    monitor = recipes.monitor(t.val is not None, r.select)
     if checkpoint.best_epoch == 0:  # ties of the monitor broken by the lower loss (Checkpoint)
         log.warning("no fine-tune epoch beat the head's %s of %.4f: keeping the weights it started from",
-                    monitor, head.get("best_val_accuracy"))
+                    monitor, to_beat)
     shutil.rmtree(start.directory)  # done: a later run starts fresh
     metrics = {
         "mode": t.mode,
@@ -97,6 +98,10 @@ def run(t: trainer.FineTuning, r: Recipe, f, start: Start, *, history_csv: Path,
         "finetune_seconds": round(seconds, 2),
         "train_images_per_second": round(ran * t.n_train / per_epoch / seconds, 1),
     }
+    if r.select != "accuracy" and t.val is not None:  # the kept weights' accuracy beside what selected them
+        best = checkpoint.best_epoch
+        metrics["best_val_accuracy"] = round(float(hist["val_accuracy"][best - 1]) if best else
+                                             head.get("best_val_accuracy", float("nan")), 5)
     if guard.events:  # collapsed or diverged, and recovered (or stopped): train.guard
         metrics.update(collapses=len(guard.events), collapse_events=guard.events)
     if length.plan is not None:

@@ -118,7 +118,8 @@ def fit(t: FineTuning, r: Recipe, length: StepBudget, *, callbacks: list, verbos
     larger one with the same optimizer and schedule. `r.ema` > 0: the momentum
     of a moving average of the weights (Keras' `use_ema`), written into them at
     the end of every epoch, so that validation, checkpoints and the next epoch
-    see it. `guard`: a `CollapseGuard`, which recovers a collapsed or diverged
+    see it. The epoch logs hold `r.select` (train.selection) and the loss weighs
+    the classes by `r.class_weight`. `guard`: a `CollapseGuard`, which recovers a collapsed or diverged
     run (it comes first of `callbacks`, after the small epochs' full-size validation)."""
     per_epoch = t.steps_per_epoch(r.batch_size)
     lr = learning_rate_schedule(r.schedule, r.learning_rate, length.first_steps,
@@ -135,14 +136,16 @@ def fit(t: FineTuning, r: Recipe, length: StepBudget, *, callbacks: list, verbos
         validate = [FullSizeValidation(t.model, t.val, r.batch_size)] if t.val is not None else []
         phases.insert(0, (t.small, length.small_steps // per_epoch, validate))
     for model, _, _ in phases:  # every phase's model before any trains: early stopping may end the first
-        recipes.compile_model(model, opt, lr, r.weight_decay, r.label_smoothing)
+        recipes.compile_model(model, opt, lr, r.weight_decay, r.label_smoothing, r.select)
+    weighted = {"class_weight": r.class_weight} if r.class_weight else {}
     history, start, merged, seen = None, 0, {}, []
     for model, end, own in phases:
         if len(phases) > 1:
             log.info("finetune: epochs %d..%d at %s", start + 1, end,
                      f"{t.small_size} px" if model is t.small else "the full input size")
         history = model.fit(t.inputs, validation_data=None if own else t.val, initial_epoch=start, epochs=end,
-                            callbacks=[*own, *watch, *callbacks, length], verbose=verbose, **t.fit_kwargs)
+                            callbacks=[*own, *watch, *callbacks, length], verbose=verbose, **t.fit_kwargs,
+                            **weighted)
         for key, values in history.history.items():
             merged.setdefault(key, []).extend(values)
         seen += history.epoch
