@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> None:
     params = config.load(a.params)
     b, f = params.backbone, params.finetune
     spec = backbones.get(b.name)
-    r = recipe.Recipe.from_params(f, seed=params.seed, batch_size=f.batch_size)
+    r = recipe.Recipe.from_params(f, seed=params.seed, batch_size=f.batch_size,
+                                  flip=f.augment.flip is not False)  # auto: flips, as CIFAR-10 keeps them
     body = backbones.build_body(b.name, a.input_size, b.weights)
     head = build_head(spec.feature_dim, 10, params.head.units, params.head.dropout)
     rng = np.random.default_rng(0)

@@ -4,6 +4,7 @@ fine-tune end no worse than the head it started from?
     python -m bench small_data                       # both sets, default params
     python -m bench small_data --sets shapes --set finetune.min_steps=0
     python -m bench small_data --sets cifar-imbalanced --set budget=10m
+    python -m bench small_data --sets defects glyphs --per-class 150 --test-per-class 50 --set budget=10m
 
 Sets, each a train/ and test/ image folder:
 - cifar300: 300 training images per class (and 100 test images per class) drawn,
@@ -11,7 +12,15 @@ Sets, each a train/ and test/ image folder:
 - cifar-imbalanced: the same draw with every class but the first cut to a tenth
   of its training images (--imbalance), the test split left balanced;
 - shapes: rendered, non-photographic images (6 shape classes, random colours,
-  sizes, positions and rotations on noisy backgrounds), 300 + 100 per class.
+  sizes, positions and rotations on noisy backgrounds), 300 + 100 per class;
+- defects: inspection-like 128-px textured surfaces whose class is a defect a
+  few pixels wide (normal, scratch, spot, crack); defects-imbalanced: "normal"
+  keeps its images, each defect a tenth of them (--imbalance), test balanced;
+- glyphs: 32-px grayscale hand-drawn-like glyphs (F, L, R, an arrow) and their
+  mirror images as classes of their own: a horizontal flip changes the label.
+
+--per-class and --test-per-class size every set (defects and glyphs as the issue
+measured them: --per-class 150 --test-per-class 50).
 
 Each runs the pipeline's stages in its own process with the shipped params.yaml
 (data.source pointed at the set; --set overrides more) and reports the test
@@ -67,11 +76,12 @@ def cifar_subset(archive: Path, dest: Path, train_per_class: int, test_per_class
                 out.write_bytes(tar.extractfile(m).read())
 
 
-def thin_classes(dest: Path, factor: int) -> None:
-    """Keep a `factor`-th of every training class but the first (alphabetical):
-    the first then has `factor` times the images of each other one."""
+def thin_classes(dest: Path, factor: int, keep: str | None = None) -> None:
+    """Keep a `factor`-th of every training class but `keep` (default: the first,
+    alphabetical): that one then has `factor` times the images of each other one."""
     classes = sorted(d for d in (dest / "train").iterdir() if d.is_dir())
-    for folder in classes[1:]:
+    keep = keep or classes[0].name
+    for folder in (c for c in classes if c.name != keep):
         files = sorted(folder.iterdir())
         for f in files[max(1, len(files) // factor):]:
             f.unlink()
@@ -128,6 +138,98 @@ def render_shapes(dest: Path, train_per_class: int, test_per_class: int, seed: i
                 draw(kind).save(folder / f"{i:04d}.png")
 
 
+GLYPHS = {  # strokes in unit coordinates (x right, y down); each has no mirror symmetry about a vertical axis
+    "F": [[(0.3, 0.9), (0.3, 0.1), (0.75, 0.1)], [(0.3, 0.5), (0.65, 0.5)]],
+    "L": [[(0.3, 0.1), (0.3, 0.9), (0.75, 0.9)]],
+    "R": [[(0.3, 0.9), (0.3, 0.1), (0.6, 0.1), (0.72, 0.2), (0.72, 0.38), (0.6, 0.5), (0.3, 0.5)],
+          [(0.5, 0.5), (0.75, 0.9)]],
+    "arrow": [[(0.15, 0.5), (0.85, 0.5)], [(0.6, 0.25), (0.85, 0.5), (0.6, 0.75)]],
+}
+
+
+def render_glyphs(dest, train_per_class, test_per_class, seed, size=32):
+    """Grayscale hand-drawn-like glyphs and their mirror images as classes of their
+    own (F and F-mirrored, ...): a horizontal flip changes the label."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    big = size * 4
+
+    def draw(strokes, mirrored):
+        img = Image.new("L", (big, big), int(rng.integers(200, 256)))
+        d = ImageDraw.Draw(img)
+        angle, scale = rng.uniform(-0.25, 0.25), rng.uniform(0.7, 1.0)
+        cx, cy = rng.uniform(0.4, 0.6, 2)
+        ink, width = int(rng.integers(0, 90)), int(rng.integers(5, 12))
+        c, s = np.cos(angle), np.sin(angle)
+        for stroke in strokes:
+            points = []
+            for x, y in stroke:
+                x = 1 - x if mirrored else x
+                x, y = (x - 0.5) * scale + rng.normal(0, 0.025), (y - 0.5) * scale + rng.normal(0, 0.025)
+                points.append(((cx + x * c - y * s) * big, (cy + x * s + y * c) * big))
+            d.line(points, fill=ink, width=width, joint="curve")
+        noise = rng.normal(0, 12, (big, big))
+        pixels = np.clip(np.asarray(img, np.float32) + noise, 0, 255).astype(np.uint8)
+        return Image.fromarray(pixels).resize((size, size), Image.Resampling.LANCZOS)
+
+    for split, n in (("train", train_per_class), ("test", test_per_class)):
+        for name, strokes in GLYPHS.items():
+            for mirrored in (False, True):
+                folder = dest / split / (f"{name}-mirrored" if mirrored else name)
+                folder.mkdir(parents=True, exist_ok=True)
+                for i in range(n):
+                    draw(strokes, mirrored).save(folder / f"{i:04d}.png")
+
+
+DEFECTS = ("normal", "scratch", "spot", "crack")
+
+
+def render_defects(dest, train_per_class, test_per_class, seed, size=128):
+    """Inspection-like textured surfaces where the class is a defect a few pixels
+    wide (or none: "normal"), at `size` px."""
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFilter
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+
+    def draw(kind):
+        f, theta, phase = rng.uniform(0.15, 0.35), rng.uniform(0, np.pi), rng.uniform(0, 2 * np.pi)
+        base = rng.uniform(90, 170)
+        weave = 18 * np.sin(f * (xx * np.cos(theta) + yy * np.sin(theta)) + phase)
+        weave += 10 * np.sin(f * 1.7 * (xx * np.sin(theta) - yy * np.cos(theta)))
+        surface = base + weave + rng.normal(0, 10, (size, size))
+        img = Image.fromarray(np.clip(surface, 0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(0.6))
+        img = img.convert("RGB")
+        tint = np.asarray(img, np.float32) * rng.uniform(0.85, 1.15, 3)
+        img = Image.fromarray(np.clip(tint, 0, 255).astype(np.uint8))
+        d = ImageDraw.Draw(img)
+        dark = tuple(int(v) for v in np.clip(base - rng.uniform(50, 80), 0, 255) * np.ones(3))
+        x, y = rng.uniform(0.2, 0.8, 2) * size
+        if kind == "scratch":  # a thin straight line, 1-2 px wide
+            a, n = rng.uniform(0, np.pi), rng.uniform(0.1, 0.25) * size
+            d.line([(x, y), (x + n * np.cos(a), y + n * np.sin(a))], fill=dark, width=int(rng.integers(1, 3)))
+        elif kind == "spot":  # a small round blob, 3-6 px across
+            r = rng.uniform(1.5, 3)
+            d.ellipse([x - r, y - r, x + r, y + r], fill=dark)
+        elif kind == "crack":  # a short jagged line
+            points = [(x, y)]
+            for _ in range(int(rng.integers(4, 7))):
+                x, y = x + rng.uniform(2, 5) * rng.choice([-1, 1]), y + rng.uniform(2, 5)
+                points.append((x, y))
+            d.line(points, fill=dark, width=1)
+        return img
+
+    for split, n in (("train", train_per_class), ("test", test_per_class)):
+        for kind in DEFECTS:
+            folder = dest / split / kind
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                draw(kind).save(folder / f"{i:04d}.png")
+
+
 def run_one(source: Path, workdir: Path, overrides: list[str]) -> dict:
     """The five stages on `source` in this process."""
     from transferlab import config
@@ -168,15 +270,26 @@ def run_one(source: Path, workdir: Path, overrides: list[str]) -> dict:
         "finetune_best_epoch": m["finetune"].get("best_epoch"),
         "finetune_steps": m["finetune"].get("steps"),
         "tta_flip": m["evaluate"].get("tta_flip"),
+        "augment_flip": m["finetune"].get("augment_flip"),
+        "mirror_val_accuracy": m["head"].get("mirror_val_accuracy"),
+        "mirror_val_accuracy_mirrored": m["head"].get("mirror_val_accuracy_mirrored"),
         "wall_seconds": round(wall, 1),
     }
+
+
+def _flips(r: dict) -> str:
+    if r.get("augment_flip") is None:
+        return "-"
+    evidence = (f" ({r['mirror_val_accuracy']:.1%} / {r['mirror_val_accuracy_mirrored']:.1%})"
+                if r.get("mirror_val_accuracy") is not None else "")
+    return ("on" if r["augment_flip"] else "off") + evidence
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--archive", default=str(ROOT.parent / "shared/data/cifar10-jpeg.tar.gz"))
     p.add_argument("--sets", nargs="+", default=["cifar300", "shapes"],
-                   choices=["cifar300", "shapes", "cifar-imbalanced"])
+                   choices=["cifar300", "shapes", "cifar-imbalanced", "defects", "defects-imbalanced", "glyphs"])
     p.add_argument("--imbalance", type=int, default=10, help="cifar-imbalanced: the first class's share over another's")
     p.add_argument("--per-class", type=int, default=300)
     p.add_argument("--test-per-class", type=int, default=100)
@@ -197,6 +310,12 @@ def main(argv: list[str] | None = None) -> int:
             cifar_subset(Path(args.archive), source, args.per_class, args.test_per_class, seed=0)
             if name == "cifar-imbalanced":
                 thin_classes(source, args.imbalance)
+        elif name.startswith("defects"):
+            render_defects(source, args.per_class, args.test_per_class, seed=0)
+            if name == "defects-imbalanced":
+                thin_classes(source, args.imbalance, keep="normal")
+        elif name == "glyphs":
+            render_glyphs(source, args.per_class, args.test_per_class, seed=0)
         else:
             render_shapes(source, args.per_class, args.test_per_class, seed=0)
         proc = subprocess.run([sys.executable, __file__, *[a for o in args.set for a in ("--set", o)],
@@ -212,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
              + (f" with {' '.join(args.set)}" if args.set else "") + ".", "",
              "| set | train/val/test images | test acc. | raw-pixel baseline | head best val | fine-tune best val "
              "| fine-tune steps | test-time flips | wall | balanced acc. | rarest classes' lowest recall "
-             "| selected by |", "|" + " --- |" * 12]
+             "| selected by | training flips (head's val acc. plain / mirrored) |", "|" + " --- |" * 13]
     for name, r in results.items():
         lines.append(f"| {name} | {r['train_images']}/{r['val_images']}/{r['test_images']} | "
                      f"{r['test_accuracy']:.2%} | {r['baseline_test_accuracy']:.2%} | "
@@ -220,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
                      f"(best epoch {r['finetune_best_epoch']}) | {r['finetune_steps']} | "
                      f"{'kept' if r['tta_flip'] else 'dropped'} | {r['wall_seconds'] / 60:.1f} min | "
                      f"{r['test_balanced_accuracy']:.2%} | {r['rarest_min_recall']:.2%} | "
-                     f"{r['select_metric']}{', class-weighted' if r['class_weighted'] else ''} |")
+                     f"{r['select_metric']}{', class-weighted' if r['class_weighted'] else ''} | "
+                     f"{_flips(r)} |")
     text = "\n".join(lines) + "\n"
     keys = ("test_accuracy", "test_balanced_accuracy", "rarest_min_recall", "baseline_test_accuracy",
             "head_best_val_accuracy", "finetune_best_val_accuracy", "finetune_steps", "wall_seconds")

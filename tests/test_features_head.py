@@ -25,10 +25,29 @@ def test_extract_splits_writes_features_and_meta(tmp_path):
     out = tmp_path / "feats"
     meta = features.extract_splits(model, x, out, 4, {"backbone": "mobilenetv2"})
     feats, meta2 = features.load_features(out)
-    assert {s: len(f) for s, f in feats.items()} == {"train": 6, "val": 2, "test": 3}
-    assert meta == meta2 and meta["feature_dim"] == 1280
+    # val_flip: the validation images' mirror images, for the head's mirror check (train.mirror)
+    assert {s: len(f) for s, f in feats.items()} == {"train": 6, "val": 2, "test": 3, "val_flip": 2}
+    assert meta == meta2 and meta["feature_dim"] == 1280 and meta["val_flip_index"] == [0, 1]
     assert json.loads((out / "meta.json").read_text())["timings"]["train"]["images"] == 6
     assert not list(tmp_path.glob(".feats-*"))  # no temporary folder left behind
+
+
+def test_the_mirrored_validation_features_are_those_of_the_mirror_images(tmp_path, monkeypatch):
+    import keras
+
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Rescaling(1 / 255)(inputs)
+    x = keras.layers.Conv2D(4, 3, activation="relu")(x)
+    model = keras.Model(inputs, keras.layers.Flatten()(x))  # keeps where things are: a mirror changes it
+    rng = np.random.default_rng(1)
+    x = {s: rng.integers(0, 255, (n, 8, 8, 3), dtype=np.uint8) for s, n in [("train", 2), ("val", 7), ("test", 0)]}
+    monkeypatch.setattr(features.mirror, "CHECK_IMAGES", 4)  # at most 4 of the 7, evenly spaced
+    meta = features.extract_splits(model, x, tmp_path / "feats", 3, {})
+    feats, _ = features.load_features(tmp_path / "feats")
+    assert meta["val_flip_index"] == [0, 2, 4, 6]
+    mirrored = model.predict(x["val"][[0, 2, 4, 6], :, ::-1], verbose=0)
+    np.testing.assert_allclose(feats["val_flip"], mirrored, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(feats["val_flip"], feats["val"][[0, 2, 4, 6]], atol=1e-3)
 
 
 def test_load_features_names_the_missing_stage(tmp_path):

@@ -29,7 +29,7 @@ from transferlab import cli, config, data
 from transferlab.errors import ConfigError, TuneError
 from transferlab.search import command
 from transferlab.search.objective import RUN_ATTR
-from transferlab.search.proxy import cache_dir, ensure_cache, load_trial_data
+from transferlab.search.proxy import ensure_cache, load_trial_data, share
 from transferlab.search.report import apply_best, verdict
 from transferlab.search.space import DEFAULT_ATTR, defaults, pruning_callback
 from transferlab.search.study import PARENT_ATTR, make_storage, open_study, optimize, start, work
@@ -47,7 +47,7 @@ TINY = {
     "tracking": {"experiment": "tune-test", "model_name": "tune-test-model"},
     "tune": {
         "n_trials": 4, "head_epochs": 6, "finetune_epochs": 2, "heartbeat_seconds": 1,
-        "storage": "sqlite:///optuna.db", "train_fraction": 0.5, "input_size": 0,
+        "storage": "sqlite:///optuna.db", "train_fraction": 0.5, "min_per_class": 0, "input_size": 0,
         "space": {"unfreeze": [0, 2], "head_learning_rate": [1e-3, 1e-2], "units": [32, 64]},
     },
 }
@@ -126,7 +126,7 @@ def test_tiny_study_nests_trials_and_registers_the_best(project):
     children = {int(r.data.tags["trial_number"]): r for r in runs_of(parent.info.run_id)}
     assert sorted(children) == [0, 1, 2, 3]
     assert children[0].data.tags["params_yaml"] == "true"
-    share = len(load_trial_data(params, PREPARED, cache_dir(params)).y["train"])
+    share = len(load_trial_data(params, PREPARED, ensure_cache(params, PREPARED)).y["train"])
     for t in trials:
         run = children[t.number]
         assert run.data.tags["state"] == t.state.name
@@ -164,6 +164,15 @@ def test_trials_train_on_the_proxy_share_at_the_proxy_size(project):
     index = np.asarray(d.meta["train_index"])
     assert np.array_equal(d.x["train"], prepared.x["train"][index])
     assert np.array_equal(d.y["train"], prepared.y["train"][index])
+    # a floor of images per class: the share raised until the smallest class gives it, at most all of them
+    smallest = int(np.bincount(prepared.y["train"]).min())
+    for floor in (smallest - 1, smallest, 10 * smallest):
+        write_params(project, input_size=48, min_per_class=floor)
+        params = config.load("params.yaml")
+        assert share(params, prepared.y["train"]) == pytest.approx(min(1.0, floor / smallest))
+        d = load_trial_data(params, PREPARED, ensure_cache(params, PREPARED))
+        assert np.bincount(d.y["train"]).min() >= min(floor, smallest)
+        assert (len(d.y["train"]) == n_train) == (floor >= smallest)
 
 
 @pytest.mark.heavy  # a minute of trials; the pruning rule's unit tests stay in the default suite

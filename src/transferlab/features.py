@@ -23,6 +23,7 @@ from tqdm import tqdm
 from transferlab import data
 from transferlab.folding import fold_batchnorm
 from transferlab.files import atomic_dir
+from transferlab.train import mirror
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +120,14 @@ def extract_splits(
             timings[split] = {"images": int(images), "seconds": round(seconds, 2),
                               "images_per_second": round(rate, 1)}
             log.info("features %s: %d images in %.1f s (%.1f img/s)", split, images, seconds, rate)
+        if len(x["val"]):  # for the head's mirror check (train.mirror): pooled features of mirrored val images
+            rows = mirror.sample(len(x["val"]))
+            mirrored = _memmap(tmp / "val_flip.npy", len(rows), (feature_dim,), np.float32)
+            extract_into(model, data.Rows(x["val"], rows), [None, mirrored] if two else [mirrored], batch_size,
+                         "features val, mirrored", flip=True)
+            mirrored.flush()
+            del mirrored
+            meta = {**meta, "val_flip_index": rows.tolist()}
         meta = {**meta, "feature_dim": feature_dim, "timings": timings}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     return meta
@@ -140,4 +149,6 @@ def load_features(out_dir: str | Path) -> tuple[dict[str, np.ndarray], dict]:
     if not (out_dir / "meta.json").exists():
         raise FileNotFoundError(f"{out_dir}: no cached features here; run `dvc repro features` first")
     feats = {s: np.load(out_dir / f"{s}.npy") for s in SPLITS}
+    if (out_dir / "val_flip.npy").exists():  # mirrored val rows meta["val_flip_index"]
+        feats["val_flip"] = np.load(out_dir / "val_flip.npy")
     return feats, json.loads((out_dir / "meta.json").read_text())

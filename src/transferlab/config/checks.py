@@ -54,6 +54,8 @@ def _finetune(params: Params) -> None:
     if not 0.0 <= p.fraction < 1.0:
         raise ConfigError(f"finetune.progressive.fraction (the share of steps at the smaller size) must be in "
                           f"[0, 1), received: {p.fraction}")
+    if isinstance(f.augment.flip, str) and f.augment.flip != "auto":
+        raise ConfigError(f"finetune.augment.flip must be true, false or auto, received: {f.augment.flip!r}")
     if not 0.0 <= f.augment.erase <= 1.0:
         raise ConfigError(f"finetune.augment.erase is a probability in [0, 1], received: {f.augment.erase}")
     if not 0.0 <= f.label_smoothing < 1.0:
@@ -96,6 +98,8 @@ def _tune(params: Params) -> None:
         raise ConfigError(f"tune.space.units must be a non-empty list of widths >= 0, received: {s.units}")
     if not 0 < t.train_fraction <= 1:
         raise ConfigError(f"tune.train_fraction must be in (0, 1], received: {t.train_fraction}")
+    if t.min_per_class < 0:
+        raise ConfigError(f"tune.min_per_class must be >= 0, received: {t.min_per_class}")
     if t.heartbeat_seconds < 1:
         raise ConfigError(f"tune.heartbeat_seconds must be >= 1, received: {t.heartbeat_seconds}")
     if t.n_trials < 1 or t.head_epochs < 1 or t.finetune_epochs < 0:

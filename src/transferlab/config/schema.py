@@ -58,7 +58,8 @@ class HeadConfig:
 class AugmentConfig:
     # "full" mode applies all of these to the images; "cached" mode caches the
     # activations of both horizontal flips and picks one per sample and epoch.
-    flip: bool
+    # flip: true | false | auto (flips where a mirror keeps the labels: train.mirror)
+    flip: bool | str
     shift: float
     rotation: float
     zoom: float
@@ -119,7 +120,7 @@ class FinetuneConfig:
 class EvaluateConfig:
     batch_size: int
     # test-time augmentation: flip (mean of the image and its mirror) | none | auto
-    # (flip where it lowers the validation NLL)
+    # (flip where a mirror keeps the labels and it lowers the validation NLL)
     tta: str
     # a temperature fitted on val (one scalar, minimum NLL), kept where it lowers val NLL
     calibrate: bool
@@ -164,6 +165,7 @@ class TuneConfig:
     # (0: backbone.input_size), for a few fine-tune epochs with the schedule sized
     # to them. Validation is the whole validation split, the same for every trial.
     train_fraction: float
+    min_per_class: int  # the share raised until the smallest class gives this many (search.proxy.share)
     input_size: int
     head_epochs: int
     finetune_epochs: int

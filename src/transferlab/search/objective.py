@@ -15,10 +15,13 @@ a trial at least as good as the best so far is logged with it.
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import socket
 import time
 from pathlib import Path
+
+import numpy as np
 
 from transferlab import config
 from transferlab.search.proxy import TrialData, proxy_size
@@ -27,6 +30,8 @@ from transferlab.search.space import DEFAULT_ATTR, direction, pruning_callback, 
 RUN_ATTR = "mlflow_run_id"  # trial user attribute: the trial's MLflow run
 MODEL_ATTR = "model_logged"  # trial user attribute: its run holds model/model.keras
 STATE_TAG = "state"  # MLflow tag: the trial's Optuna state
+
+log = logging.getLogger(__name__)
 
 
 def close_trial_run(trial, state: str) -> None:
@@ -151,7 +156,8 @@ class Objective:
         if hp["unfreeze"] == 0 or t.finetune_epochs == 0:
             return value, (spec, body, head_model)
         recipe = dataclasses.replace(  # params.yaml's fine-tune, with what this trial tries
-            Recipe.from_params(p.finetune, seed=p.seed + trial.number, batch_size=batch(p.finetune.batch_size)),
+            Recipe.from_params(p.finetune, seed=p.seed + trial.number, batch_size=batch(p.finetune.batch_size),
+                               flip=self._flip(trial, head_model)),
             unfreeze=hp["unfreeze"], learning_rate=hp["learning_rate"], weight_decay=hp["weight_decay"],
             label_smoothing=hp["label_smoothing"], class_weight=self.class_weight,
             select="accuracy" if metric == "loss" else metric)
@@ -171,6 +177,25 @@ class Objective:
             fine_tune.model.set_weights(before)  # fine-tuning did not help: keep the head's result
             return value, (spec, body, head_model)
         return tuned, (spec, body, head_model)
+
+    def _flip(self, trial, head_model) -> bool:
+        """finetune.augment.flip for this trial: auto decided by its own head, as
+        the pipeline's head decides it (train.mirror)."""
+        from transferlab.train import mirror
+
+        d, setting = self.trial_data, self.params.finetune.augment.flip
+        head_metrics = {}
+        if setting == "auto" and "val_flip" in d.features:
+            rows = np.asarray(d.meta["val_flip_index"])
+            def predict(x):
+                return head_model.predict(x, batch_size=1024, verbose=0).argmax(axis=1)
+
+            head_metrics = mirror.check(d.y["val"][rows], predict(d.features["val"][rows]),
+                                        predict(d.features["val_flip"])).record()
+        flip, reason = mirror.resolve(setting, head_metrics, "finetune.augment.flip")
+        trial.set_user_attr("augment_flip", int(flip))
+        log.debug("trial %d: %s", trial.number, reason)
+        return flip
 
     def _best(self, values: list[float]) -> float:
         return min(values) if self.sign < 0 else max(values)

@@ -1,5 +1,6 @@
 """What every trial trains on: a seeded, stratified share of the training images
-(params.yaml `tune.train_fraction`) and the whole validation split, with their
+(params.yaml `tune.train_fraction`, at least `tune.min_per_class` images of each
+class: the whole set where a class has fewer) and the whole validation split, with their
 pooled features at the proxy's input size, extracted once per study into
 data/tune/cache and reused by every trial and worker. Trials never see the test
 split."""
@@ -38,17 +39,27 @@ def proxy_size(params: config.Params) -> int:
     return params.tune.input_size or budget.input_size(params.backbone.input_size, params.budget)
 
 
-def cache_dir(params: config.Params) -> Path:
-    b, t = params.backbone, params.tune
-    return TUNE_DIR / "cache" / f"{b.name}-{proxy_size(params)}px-share{t.train_fraction:g}-seed{params.seed}"
+def cache_dir(params: config.Params, fraction: float) -> Path:
+    b = params.backbone
+    return TUNE_DIR / "cache" / f"{b.name}-{proxy_size(params)}px-share{fraction:.4g}-seed{params.seed}"
 
 
-def _share(params: config.Params, y_train: np.ndarray) -> np.ndarray:
+def share(params: config.Params, y_train: np.ndarray) -> float:
+    """The share of the training images a trial trains on: tune.train_fraction,
+    raised until the smallest class gives tune.min_per_class images (all the
+    training images where a class has fewer): a small data set is searched on
+    the whole of it, not on a dozen images a class."""
+    counts = np.bincount(y_train)
+    smallest = int(counts[counts > 0].min())
+    return min(1.0, max(params.tune.train_fraction, params.tune.min_per_class / smallest))
+
+
+def _share_rows(params: config.Params, y_train: np.ndarray, fraction: float) -> np.ndarray:
     from transferlab import data
 
-    if params.tune.train_fraction >= 1:
+    if fraction >= 1:
         return np.arange(len(y_train))
-    return data.split_rows(y_train, 1 - params.tune.train_fraction, params.seed)[0]
+    return data.split_rows(y_train, 1 - fraction, params.seed)[0]
 
 
 def ensure_cache(params: config.Params, prepared_dir: Path) -> Path:
@@ -61,19 +72,25 @@ def ensure_cache(params: config.Params, prepared_dir: Path) -> Path:
 
     from transferlab import backbones, data, features
 
-    out = cache_dir(params)
+    prepared = data.load_prepared(prepared_dir)
+    y_train = np.asarray(prepared.y["train"])
+    fraction = share(params, y_train)
+    out = cache_dir(params, fraction)
     b = params.backbone
     want = {"backbone": b.name, "input_size": proxy_size(params), "weights": b.weights,
-            "train_fraction": params.tune.train_fraction, "seed": params.seed,
-            "prepared": hashlib.sha256((prepared_dir / "manifest.json").read_bytes()).hexdigest()[:16]}
+            "train_fraction": fraction, "seed": params.seed,
+            "prepared": hashlib.sha256((prepared_dir / "manifest.json").read_bytes()).hexdigest()[:16],
+            "mirror_check": 1}  # val_flip.npy: a trial's head checks whether a mirror keeps the labels
     if (out / "meta.json").exists():
         meta = json.loads((out / "meta.json").read_text())
         if all(meta.get(k) == v for k, v in want.items()):
             return out
         log.info("%s was made for %s: rebuilding", out, {k: meta.get(k) for k in want})
     keras.utils.set_random_seed(params.seed)
-    prepared = data.load_prepared(prepared_dir)
-    index = _share(params, np.asarray(prepared.y["train"]))
+    if fraction > params.tune.train_fraction:
+        log.info("tune: a trial trains on %.1f%% of the training images (tune.min_per_class %d: the smallest "
+                 "class has %d)", 100 * fraction, params.tune.min_per_class, int(min(c for c in np.bincount(y_train) if c)))
+    index = _share_rows(params, y_train, fraction)
     image_size = int(prepared.x["train"].shape[1])
     model = backbones.build_feature_extractor(b.name, image_size, proxy_size(params), b.weights)
     x = {"train": data.Rows(prepared.x["train"], index), "val": prepared.x["val"],
@@ -94,5 +111,5 @@ def load_trial_data(params: config.Params, prepared_dir: Path, cache: Path) -> T
     if len(y["val"]) == 0:
         raise TuneError("tune needs validation images: set data.val_fraction > 0 in params.yaml")
     x = {"train": np.asarray(prepared.x["train"][index]), "val": np.asarray(prepared.x["val"])}
-    return TrialData({s: np.asarray(feats[s], np.float32) for s in ("train", "val")}, x, y,
+    return TrialData({s: np.asarray(feats[s], np.float32) for s in ("train", "val", "val_flip") if s in feats}, x, y,
                      prepared.classes, meta, prepared.manifest["counts"]["train"])

@@ -2,7 +2,8 @@
 metrics/per_class.json, plots/evaluate/ (confusion matrix as CSV and PNG, the
 reliability diagram, the most confident mistakes, each class's recall); a
 temperature fitted on the validation split where it lowers the validation NLL;
-test-time flips where they lower it too (evaluate.tta: auto);
+test-time flips where a mirror keeps the labels (the head's check, train.mirror)
+and they lower it too (evaluate.tta: auto);
 a raw-pixel logistic regression baseline beside the model (evaluate.baseline: a
 model that does not beat it says so, `beats_baseline` 0 and the tag
 `transfer_paid`, and is not made champion); the model (test-time augmentation
@@ -14,6 +15,7 @@ moved to it only if it beats the current champion.
 
 from __future__ import annotations
 
+import json
 import logging
 
 import keras
@@ -24,7 +26,7 @@ from transferlab import config, evaluate, registry, tracking
 from transferlab.files import write_json
 from transferlab.stages import METRICS, MODELS, PLOTS, PREPARED, entry, end_stage
 from transferlab.stages.common import PARAMS_CHECKS, begin  # noqa: F401 (PARAMS_CHECKS: for stages.run)
-from transferlab.train import selection
+from transferlab.train import mirror, selection
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +42,12 @@ def main(params: config.Params) -> dict:
     model = keras.saving.load_model(MODELS / "finetune" / "model.keras", safe_mode=True)
     x, y = prepared.x["test"], prepared.y["test"]
     e = params.evaluate
-    result = evaluate.evaluate_model(model, x, y, prepared.classes, e.batch_size, e.tta,
+    tta = e.tta
+    if tta == "auto":  # test-time flips only where a mirror keeps the labels, then where they lower val NLL
+        flips, reason = mirror.resolve(tta, json.loads((METRICS / "head.json").read_text()), "evaluate.tta")
+        log.info("evaluate: %s", reason)
+        tta = tta if flips else "none"
+    result = evaluate.evaluate_model(model, x, y, prepared.classes, e.batch_size, tta,
                                  prepared.x["val"], prepared.y["val"], calibrate=e.calibrate)
     parameters = int(model.count_params())
     model = result["model"]  # what is logged and registered: test-time augmentation and temperature inside

@@ -24,7 +24,7 @@ from transferlab.stages import (METRICS, MODELS, PLOTS, PREPARED, end_stage, ent
                                 recorded_stage_seconds, resolved, stage_seconds)
 from transferlab.stages.common import PARAMS_CHECKS, begin  # noqa: F401 (PARAMS_CHECKS: for stages.run)
 from transferlab.train import checkpoint as checkpoints
-from transferlab.train import precision, selection, session, surgery, trainer
+from transferlab.train import mirror, precision, selection, session, surgery, trainer
 from transferlab.train.recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,11 @@ def _main(params: config.Params, prepared: data.Prepared, callbacks: list | None
                 log.warning("finetune.unfreeze=%r leaves nothing frozen to cache: using the full mode", f.unfreeze)
             chosen = selection.resolve(params.select, params.class_weight, prepared.manifest["counts"]["train"])
             metrics.update(chosen.record())
-            r = Recipe.from_params(f, seed=params.seed, selection=chosen,  # batch_size per replica in params
+            head_metrics = json.loads((METRICS / "head.json").read_text())
+            flip, reason = mirror.resolve(f.augment.flip, head_metrics, "finetune.augment.flip")
+            log.info("finetune: %s", reason)
+            metrics["augment_flip"] = int(flip)
+            r = Recipe.from_params(f, seed=params.seed, selection=chosen, flip=flip,  # batch_size per replica
                                    batch_size=device.global_batch(f.batch_size, params.distribute))
             activations = features.load_activations(feats_dir) if cached else None
 
@@ -92,7 +96,7 @@ def _main(params: config.Params, prepared: data.Prepared, callbacks: list | None
             metrics.update(precision.record(choice))
             mlflow.set_tag("precision", choice.precision)
             start = session.Start(
-                directory, head=json.loads((METRICS / "head.json").read_text()), n_classes=len(prepared.classes),
+                directory, head=head_metrics, n_classes=len(prepared.classes),
                 n_val=len(prepared.y["val"]), n_test=len(prepared.y["test"]), precision=choice, saved=saved,
                 probed=probed, clock=_clock(budget_seconds) if budget_seconds and not saved else None)
             metrics.update(session.run(t, r, f, start, history_csv=PLOTS / "finetune" / "history.csv",

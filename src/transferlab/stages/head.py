@@ -15,7 +15,7 @@ from transferlab import config, device, evaluate, features, head, tracking
 from transferlab.files import write_atomic, write_json
 from transferlab.stages import METRICS, MODELS, PLOTS, PREPARED, entry, features_dir, resolved, end_stage
 from transferlab.stages.common import PARAMS_CHECKS, begin  # noqa: F401 (PARAMS_CHECKS: for stages.run)
-from transferlab.train import recipe, selection
+from transferlab.train import mirror, recipe, selection
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,12 @@ def main(params: config.Params, callbacks: list | None = None) -> dict:
         }
         if has_val:
             metrics["best_val_loss"] = round(float(hist["val_loss"][best]), 5)
+        if "val_flip" in feats:  # does a mirror keep the labels? (finetune.augment.flip, evaluate.tta: auto)
+            rows = np.asarray(meta["val_flip_index"])
+            check = mirror.check(prepared.y["val"][rows], y_pred[rows],
+                                 model.predict(feats["val_flip"], batch_size=1024, verbose=0).argmax(axis=1))
+            metrics.update(check.record())
+            log.info("head: %s", check.describe())
         model.save(out_dir / "model.keras")
         write_atomic(out_dir / "params.yaml", resolved(values))
         metrics["stage_seconds"] = round(end_stage(), 2)

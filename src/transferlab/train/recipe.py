@@ -42,17 +42,23 @@ class Recipe:
     class_weight: dict | None = None  # class index -> loss weight (train.selection); None: every class 1
 
     @classmethod
-    def from_params(cls, f, *, seed: int, batch_size: int, selection=None) -> "Recipe":
+    def from_params(cls, f, *, seed: int, batch_size: int, selection=None, flip: bool | None = None) -> "Recipe":
         """From params.yaml's finetune section (`f`, a config.FinetuneConfig),
         each key read by name (so a stage's params check sees every key it reads);
-        `selection`: a train.selection.Selection (None: accuracy, unweighted)."""
+        `selection`: a train.selection.Selection (None: accuracy, unweighted);
+        `flip`: finetune.augment.flip resolved (train.mirror; needed where it is auto)."""
         a = f.augment
+        if flip is None:
+            if a.flip == "auto":
+                raise ValueError("finetune.augment.flip is auto: pass the flip train.mirror.resolve chose")
+            flip = a.flip
         chosen = {} if selection is None else {"select": selection.metric, "class_weight": selection.class_weight}
         return cls(unfreeze=f.unfreeze, batch_size=batch_size, seed=seed, optimizer=f.optimizer,
                    learning_rate=f.learning_rate, weight_decay=f.weight_decay, schedule=f.schedule,
                    warmup_epochs=f.warmup_epochs, label_smoothing=f.label_smoothing, ema=f.ema,
-                   train_bn=f.train_bn, train_depthwise=f.train_depthwise, flip=a.flip,
-                   augment={field.name: getattr(a, field.name) for field in dataclasses.fields(a)}, **chosen)
+                   train_bn=f.train_bn, train_depthwise=f.train_depthwise, flip=flip,
+                   augment={**{field.name: getattr(a, field.name) for field in dataclasses.fields(a)}, "flip": flip},
+                   **chosen)
 
 
 def make_optimizer(name: str, learning_rate, weight_decay: float | None = None, ema: float = 0.0,
