@@ -8,6 +8,13 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests/synth.py
 import pytest  # noqa: E402
 
 
+def pytest_xdist_auto_num_workers(config):
+    """`-n logical` (pyproject's addopts): one worker more than the CPUs, at most
+    4. The end-to-end tests wait on subprocesses, servers and files, so on two
+    cores a third worker keeps them busy (two workers kept them 76 % busy)."""
+    return min(4, len(os.sched_getaffinity(0)) + 1)
+
+
 @pytest.fixture
 def in_tmp(tmp_path, monkeypatch):
     """Run in a fresh folder, with MLflow pointed at a store inside it."""
@@ -45,3 +52,27 @@ def _file_leaves_mlflow_environment_and_cwd():
     yield
     _restore_mlflow_variables(before)
     os.chdir(cwd)
+
+
+@pytest.fixture(scope="module")
+def stages_done(tmp_path_factory):
+    """prepare, features and head on the tiny images, in a scratch folder, once
+    per test file that asks (the fine-tune: stagekit.run_finetune)."""
+    import synth
+    import tinyproject
+    from transferlab import config
+    from transferlab.stages import features, head, prepare
+
+    folder = tmp_path_factory.mktemp("stages")
+    synth.make_image_folder(folder / "tiny-images", per_class=12, test_per_class=2, size=16)
+    cwd, uri = os.getcwd(), os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.chdir(folder)
+    try:
+        params = config.from_dict(tinyproject.full_params(tinyproject.TINY))
+        for stage in (prepare, features, head):
+            stage.main(params)
+        yield folder
+    finally:
+        os.chdir(cwd)
+        if uri is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = uri

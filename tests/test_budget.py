@@ -12,12 +12,12 @@ import pytest
 
 import synth
 import tinyproject
+from stagekit import SLOW, run_finetune
 from transferlab import config
-from transferlab import head as head_lib
 from transferlab.budget import callback, plans
 from transferlab.budget.callback import StepBudget
 from transferlab.config import pipeline
-from transferlab.stages import evaluate, features, finetune, head, prepare
+from transferlab.stages import features, finetune, head, prepare
 from transferlab.train import trainer as trainer_module
 
 
@@ -150,46 +150,12 @@ def test_budget_and_fixed_steps_cannot_both_size_the_fine_tune():
         pipeline.check(config.from_dict(tinyproject.full_params({"budget": "twenty minutes"})))
 
 
-@pytest.fixture(scope="module")
-def stages_done(tmp_path_factory):
-    """prepare, features and head on the tiny images, in a scratch folder."""
-    import os
-
-    folder = tmp_path_factory.mktemp("budget")
-    synth.make_image_folder(folder / "tiny-images", per_class=12, test_per_class=2, size=16)
-    cwd, uri = os.getcwd(), os.environ.pop("MLFLOW_TRACKING_URI", None)
-    os.chdir(folder)
-    try:
-        params = config.from_dict(tinyproject.full_params(tinyproject.TINY))
-        for stage in (prepare, features, head):
-            stage.main(params)
-        yield folder
-    finally:
-        os.chdir(cwd)
-        if uri is not None:
-            os.environ["MLFLOW_TRACKING_URI"] = uri
-
-
-SLOW = plans.Probe(step_seconds=10.0, first_step_seconds=12.0, batch_size=8)
-
-
-def _finetune(folder, monkeypatch, probe=None, callbacks=None, **over):
-    """The fine-tune stage; `probe`: a step time to plan with instead of the one
-    measured, so that a budget of minutes plans a few dozen tiny steps, not thousands."""
-    if probe is not None:  # a Probe, or a function of (fine-tune, batch size) giving one
-        monkeypatch.setattr("transferlab.train.trainer.probe",
-                            probe if callable(probe) else lambda t, batch_size: probe)
-    monkeypatch.chdir(folder)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    raw = tinyproject.full_params({**tinyproject.TINY, **over})
-    return finetune.main(config.from_dict(raw), callbacks=callbacks)
-
 
 def test_a_budget_plans_the_fine_tune_and_its_plan_replays_without_the_clock(stages_done, monkeypatch):
     for name in ("prepare", "features", "head"):  # each stage recorded its wall time for the clock
         assert json.loads((stages_done / "metrics" / f"{name}.json").read_text())["stage_seconds"] > 0
     long_recipe = {**tinyproject.TINY["finetune"], "epochs": 1000}  # the budget, not the recipe, binds
-    planned = _finetune(stages_done, monkeypatch, probe=SLOW, budget="10m", finetune=long_recipe)
+    planned = run_finetune(stages_done, monkeypatch, probe=SLOW, budget="10m", finetune=long_recipe)
     plan = planned["plan"]
     assert plan["budget_seconds"] == 600 and plan["steps"] == planned["steps"] > 0
     assert plan["step_seconds"] == 10.0 and plan["steps"] * 10.0 <= 600 - plan["spent_seconds"]
@@ -205,14 +171,14 @@ def test_a_budget_plans_the_fine_tune_and_its_plan_replays_without_the_clock(sta
     assert int(run["params.plan.steps"]) == plan["steps"]  # and to the MLflow run
     assert "metrics.budget_seconds_left" in run.index
 
-    replayed = _finetune(stages_done, monkeypatch, finetune={**long_recipe, "steps": plan["steps"]})
+    replayed = run_finetune(stages_done, monkeypatch, finetune={**long_recipe, "steps": plan["steps"]})
     assert replayed["steps"] == plan["steps"] and "plan" not in replayed
     assert replayed["epochs_run"] == planned["epochs_run"]
 
 
 def test_a_budget_that_holds_the_whole_recipe_trains_the_recipe(stages_done, monkeypatch):
-    recipe = _finetune(stages_done, monkeypatch)["steps"]  # no budget: finetune.epochs
-    planned = _finetune(stages_done, monkeypatch, probe=SLOW, budget="10m")
+    recipe = run_finetune(stages_done, monkeypatch)["steps"]  # no budget: finetune.epochs
+    planned = run_finetune(stages_done, monkeypatch, probe=SLOW, budget="10m")
     assert planned["steps"] == planned["plan"]["steps"] == recipe
     assert recipe * SLOW.step_seconds < 600 - planned["plan"]["spent_seconds"] - 100  # so the cap binds
 
@@ -293,7 +259,7 @@ def test_the_fine_tune_plans_again_from_its_own_steps_and_the_replans_replay(sta
     train the same run. (Batches of one image: epochs long enough to time.)"""
     recipe = {**tinyproject.TINY["finetune"], "epochs": 4, "patience": 1000, "warmup_epochs": 0.95,
               "batch_size": 1}
-    planned = _finetune(stages_done, monkeypatch, probe=SLOW, budget="10m", finetune=recipe)
+    planned = run_finetune(stages_done, monkeypatch, probe=SLOW, budget="10m", finetune=recipe)
     plan = planned["plan"]
     per = plan["steps_per_epoch"]
     warmup = round(0.95 * per)
@@ -314,7 +280,7 @@ def test_the_fine_tune_plans_again_from_its_own_steps_and_the_replans_replay(sta
     history = client.get_metric_history(run["run_id"], "planned_steps")
     assert [[m.step, int(m.value)] for m in history] == plan["replans"][1:]
 
-    replayed = _finetune(stages_done, monkeypatch, finetune={**recipe, "replans": plan["replans"]})
+    replayed = run_finetune(stages_done, monkeypatch, finetune={**recipe, "replans": plan["replans"]})
     assert replayed["steps"] == replayed["steps_run"] == plan["steps"] and "plan" not in replayed
     assert replayed["epochs_run"] == planned["epochs_run"]
     with pytest.raises(config.ConfigError, match="replays a budgeted run"):
@@ -347,7 +313,7 @@ def test_precision_auto_records_its_choice_and_a_replay_trains_in_it_without_tim
 
     recipe = {**tinyproject.TINY["finetune"], "epochs": 1000}
     with caplog.at_level("INFO"):
-        planned = _finetune(stages_done, monkeypatch, probe=by_policy, budget="10m", finetune=recipe,
+        planned = run_finetune(stages_done, monkeypatch, probe=by_policy, budget="10m", finetune=recipe,
                             precision="auto")
     plan = planned["plan"]
     assert planned["precision"] == plan["precision"] == "mixed_bfloat16"
@@ -365,7 +331,7 @@ def test_precision_auto_records_its_choice_and_a_replay_trains_in_it_without_tim
 
     trained_in.clear()
     replay = {**recipe, "replans": plan["replans"]} if plan["replans"] else {**recipe, "steps": plan["steps"]}
-    replayed = _finetune(stages_done, monkeypatch, probe=untimed, finetune=replay, precision=plan["precision"])
+    replayed = run_finetune(stages_done, monkeypatch, probe=untimed, finetune=replay, precision=plan["precision"])
     assert replayed["precision"] == "mixed_bfloat16" and "precision_step_seconds" not in replayed
     assert trained_in == [{"mixed_bfloat16", "float32"}]
     assert replayed["steps_run"] == planned["steps_run"]
@@ -374,7 +340,7 @@ def test_precision_auto_records_its_choice_and_a_replay_trains_in_it_without_tim
 def test_precision_auto_on_a_cpu_without_bfloat16_trains_in_float32_untimed(stages_done, monkeypatch):
     monkeypatch.setattr("transferlab.train.precision.cpu_has_bf16", lambda: False)
     probed = []
-    planned = _finetune(stages_done, monkeypatch, probe=lambda t, b: probed.append(_policies(t.model)) or SLOW,
+    planned = run_finetune(stages_done, monkeypatch, probe=lambda t, b: probed.append(_policies(t.model)) or SLOW,
                         budget="10m", precision="auto")
     assert planned["precision"] == planned["plan"]["precision"] == "float32"
     assert "precision_step_seconds" not in planned and planned["plan"]["precision_step_seconds"] == {}
@@ -399,13 +365,13 @@ def test_a_fine_tune_past_its_window_ends_there_and_the_stop_replays(stages_done
     monkeypatch.setattr(callback, "time", types.SimpleNamespace(
         monotonic=lambda: real() + (1e6 if steps.done >= 6 else 0.0), perf_counter=time.perf_counter))
     recipe = {**tinyproject.TINY["finetune"], "epochs": 1000, "batch_size": 1}
-    planned = _finetune(stages_done, monkeypatch, probe=SLOW, budget="10m", finetune=recipe, callbacks=[steps])
+    planned = run_finetune(stages_done, monkeypatch, probe=SLOW, budget="10m", finetune=recipe, callbacks=[steps])
     plan = planned["plan"]
     assert plan["probe_steps"] > 6 and plan["replans"][0] == [0, plan["probe_steps"]]
     assert plan["replans"][-1] == [6, 6] and plan["steps"] == planned["steps"] == planned["steps_run"] == 6
     assert json.loads((stages_done / "metrics" / "finetune.json").read_text())["plan"] == plan
     monkeypatch.undo()
-    replayed = _finetune(stages_done, monkeypatch, finetune={**recipe, "replans": plan["replans"]})
+    replayed = run_finetune(stages_done, monkeypatch, finetune={**recipe, "replans": plan["replans"]})
     assert replayed["steps"] == replayed["steps_run"] == 6
     for wrong in ([[0, 47], [6, 5]], [[0, 47], [6, 6], [8, 9]], [[0, 0]]):  # only the last may end at its step
         with pytest.raises(config.ConfigError, match=r"expected \[\[0, steps\]"):
@@ -417,154 +383,15 @@ def test_min_steps_stretches_early_stopping_with_the_schedule(stages_done, monke
     would end the run after `patience` epochs, but the schedule that min_steps
     stretched to 10x the recipe's length waits 10x as long, and runs to its end."""
     tiny = {**tinyproject.TINY["finetune"], "epochs": 1, "patience": 1, "learning_rate": 0.0}
-    per_epoch = _finetune(stages_done, monkeypatch, finetune=tiny)["steps"]  # one epoch
-    ran = _finetune(stages_done, monkeypatch, finetune={**tiny, "min_steps": 10 * per_epoch})
+    per_epoch = run_finetune(stages_done, monkeypatch, finetune=tiny)["steps"]  # one epoch
+    ran = run_finetune(stages_done, monkeypatch, finetune={**tiny, "min_steps": 10 * per_epoch})
     assert ran["steps"] == 10 * per_epoch and ran["steps_run"] == ran["steps"] and ran["epochs_run"] == 10
 
 
 def test_a_budget_spent_before_the_fine_tune_is_a_clear_error(stages_done, monkeypatch):
     with pytest.raises(plans.BudgetError, match=r"smallest budget that fits is \d+m"):
-        _finetune(stages_done, monkeypatch, budget="1s")
+        run_finetune(stages_done, monkeypatch, budget="1s")
 
-
-def test_evaluate_runs_after_a_planned_fine_tune(stages_done, monkeypatch):
-    """evaluate scores the model the planned fine-tune saved, on the test images."""
-    import numpy as np
-
-    from transferlab import data
-
-    _finetune(stages_done, monkeypatch, probe=SLOW, budget="10m")
-    metrics = evaluate.main(config.from_dict(tinyproject.full_params(tinyproject.TINY)))
-    model = keras.saving.load_model(stages_done / "models/finetune/model.keras", safe_mode=True)
-    prepared = data.load_prepared(stages_done / "data/prepared")
-    predicted = model.predict(np.asarray(prepared.x["test"]), verbose=0).argmax(axis=1)
-    assert metrics["test_accuracy_single_view"] == pytest.approx(float((predicted == prepared.y["test"]).mean()),
-                                                                 abs=1e-4)
-
-
-def test_every_stage_run_logs_the_prepared_data_as_its_dataset_input(stages_done, monkeypatch):
-    """The MLflow UI's Dataset column: each stage's run names the data it saw,
-    with the manifest's checksum as digest and the counts as profile."""
-    import mlflow
-
-    _finetune(stages_done, monkeypatch)
-    evaluate.main(config.from_dict(tinyproject.full_params(tinyproject.TINY)))
-    manifest = json.loads((stages_done / "data" / "prepared" / "manifest.json").read_text())
-    digest = manifest["checksum"].split(":")[1][:16]
-    mlflow.set_tracking_uri(f"sqlite:///{stages_done / 'mlflow.db'}")
-    client = mlflow.MlflowClient()
-    for stage in ("prepare", "features", "head", "finetune", "evaluate"):
-        run = mlflow.search_runs(experiment_names=["smoke"], filter_string=f"tags.stage = '{stage}'",
-                                 order_by=["attributes.start_time DESC"], max_results=1).iloc[0]
-        (given,) = client.get_run(run["run_id"]).inputs.dataset_inputs
-        assert given.dataset.name == "tiny-images" and given.dataset.digest == digest
-        assert json.loads(given.dataset.profile) == {**manifest["totals"], "classes": len(manifest["classes"])}
-        context = "evaluation" if stage == "evaluate" else "training"
-        assert {t.key: t.value for t in given.tags}["mlflow.data.context"] == context
-    # the parent run's tag, by which `transferlab compare` groups runs
-    assert client.get_run(run["tags.mlflow.parentRunId"]).data.tags["dataset"] == f"tiny-images@{digest}"
-
-
-def test_a_diverged_fine_tune_is_recovered_and_says_so(stages_done, monkeypatch, caplog):
-    """A learning rate no network survives: the guard (transferlab.train.guard)
-    restores the last good weights and lowers the rate, twice, then stops; the
-    events go to the log, metrics/finetune.json and the MLflow run, and the
-    saved model holds finite weights."""
-    import mlflow
-    import numpy as np
-
-    recipe = {**tinyproject.TINY["finetune"], "learning_rate": 1e12, "optimizer": "sgd", "epochs": 4,
-              "patience": 100}
-    with caplog.at_level("WARNING"):
-        out = _finetune(stages_done, monkeypatch, finetune=recipe)
-    assert out["collapses"] == len(out["collapse_events"]) >= 1
-    assert "diverged" in out["collapse_events"][0]["reason"] and "FINE-TUNE COLLAPSED" in caplog.text
-    written = json.loads((stages_done / "metrics" / "finetune.json").read_text())
-    assert written["collapse_events"] == out["collapse_events"]
-    model = keras.saving.load_model(stages_done / "models" / "finetune" / "model.keras", safe_mode=True)
-    assert all(np.isfinite(np.asarray(w)).all() for w in model.weights)
-    mlflow.set_tracking_uri(f"sqlite:///{stages_done / 'mlflow.db'}")
-    run = mlflow.search_runs(experiment_names=["smoke"], filter_string="tags.stage = 'finetune'",
-                             order_by=["attributes.start_time DESC"], max_results=1).iloc[0]
-    assert run["tags.finetune_collapsed"] == "true"
-
-
-WITH_BASELINE = {**tinyproject.TINY, "evaluate": {"baseline": True}}
-
-
-def test_the_raw_pixel_baseline_is_scored_on_the_same_test_images_and_the_model_judged_by_it(stages_done,
-                                                                                          monkeypatch):
-    from transferlab import data
-    from transferlab import evaluate as evaluate_lib
-
-    _finetune(stages_done, monkeypatch)
-    metrics = evaluate.main(config.from_dict(tinyproject.full_params(WITH_BASELINE)))
-    prepared = data.load_prepared(stages_done / "data" / "prepared")
-    pixels = evaluate_lib.pixel_baseline(prepared.x["train"], prepared.y["train"], prepared.x["test"],
-                                         prepared.y["test"], WITH_BASELINE["seed"])
-    assert metrics["baseline_test_accuracy"] == pytest.approx(pixels["baseline_test_accuracy"])
-    assert metrics["baseline_train_images"] == len(prepared.y["train"]) == pixels["baseline_train_images"]
-    assert metrics["beats_baseline"] == int(metrics["test_accuracy"] > metrics["baseline_test_accuracy"])
-
-
-def test_a_model_below_its_raw_pixel_baseline_says_so_and_is_not_made_champion(stages_done, monkeypatch, caplog):
-    import mlflow
-
-    _finetune(stages_done, monkeypatch)
-    monkeypatch.setattr("transferlab.evaluate.pixel_baseline", lambda *a: {  # a baseline nothing beats
-        "baseline_test_accuracy": 1.0, "baseline_train_images": 1, "baseline_seconds": 0.0})
-    with caplog.at_level("WARNING"):
-        metrics = evaluate.main(config.from_dict(tinyproject.full_params(WITH_BASELINE)))
-    assert metrics["beats_baseline"] == 0
-    assert json.loads((stages_done / "metrics" / "evaluate.json").read_text())["beats_baseline"] == 0
-    assert "TRANSFER DID NOT PAY" in caplog.text and "without the champion alias" in caplog.text
-    mlflow.set_tracking_uri(f"sqlite:///{stages_done / 'mlflow.db'}")
-    run = mlflow.search_runs(experiment_names=["smoke"], filter_string="tags.stage = 'evaluate'",
-                             order_by=["attributes.start_time DESC"], max_results=1).iloc[0]
-    assert run["tags.transfer_paid"] == "false" and run["tags.champion"] == "false"
-    assert "transfer did not pay" in run["tags.champion_reason"]
-    artifacts = {a.path for folder in ("mistakes", "per_class")
-                 for a in mlflow.MlflowClient().list_artifacts(run["run_id"], folder)}
-    assert artifacts == {"mistakes/mistakes.png", "per_class/recall.png"}
-    for name in ("mistakes.png", "recall.png"):  # and DVC's plots
-        assert (stages_done / "plots" / "evaluate" / name).stat().st_size > 1000
-
-
-def test_the_head_can_train_on_a_share_of_the_training_features(stages_done, monkeypatch):
-    import numpy as np
-
-    from transferlab import data
-
-    monkeypatch.chdir(stages_done)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    share = {"train_fraction": 0.5, "min_train_images": 0}
-    params = config.from_dict(tinyproject.full_params({**tinyproject.TINY, "features": share}))
-    features.main(params)
-    meta = json.loads(next((stages_done / "data" / "features").glob("*/meta.json")).read_text())
-    y = data.load_prepared("data/prepared").y["train"]
-    rows = np.asarray(meta["train_index"])
-    assert abs(len(rows) - len(y) * 0.5) <= 1 and meta["timings"]["train"]["images"] == len(rows)
-    counts = np.bincount(y[rows], minlength=y.max() + 1)
-    assert counts.max() - counts.min() <= 1  # stratified
-    assert meta["timings"]["test"]["images"] == 0  # nothing reads test features
-    trained_on = []
-    real_train_head = head_lib.train_head
-    monkeypatch.setattr(head_lib, "train_head", lambda model, x, y, *a, **k: (
-        trained_on.append((len(x), len(y))), real_train_head(model, x, y, *a, **k))[1])
-    head.main(params)
-    assert trained_on == [(len(rows), len(rows))]  # the head trained on the share's features and labels
-    # at least min_train_images: the share's floor in images; a set smaller than it, whole
-    n = len(y)
-    for floor, rows in ((n * 3 // 4, n * 3 // 4), (n + 1, n)):
-        features.main(config.from_dict(tinyproject.full_params(
-            {**tinyproject.TINY, "features": {**share, "min_train_images": floor}})))
-        meta = json.loads(next((stages_done / "data" / "features").glob("*/meta.json")).read_text())
-        got = len(meta.get("train_index", range(n)))
-        assert abs(got - rows) <= 1 and meta["timings"]["train"]["images"] == got
-        assert ("train_index" in meta) == (rows < n)
-    with pytest.raises(config.ConfigError, match="needs finetune.mode: full"):
-        pipeline.check(config.from_dict(tinyproject.full_params(
-            {**tinyproject.TINY, "features": {"train_fraction": 0.5}, "finetune": {"mode": "cached", "unfreeze": 2}})))
 
 
 def test_features_and_fine_tune_resolve_auto_input_size_alike(tmp_path, monkeypatch):

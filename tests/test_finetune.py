@@ -425,6 +425,9 @@ def _fit_progressive(t, callbacks, steps=25, small=15, **kwargs):
                         callbacks=callbacks, **kwargs)
 
 
+# heavy: the stage-level test_budget.py::test_a_budget_plans_progressive_resizing_and_the_plan_replays
+# checks the sizes epoch by epoch in the default suite
+@pytest.mark.heavy
 def test_progressive_resizing_trains_the_first_epochs_small_then_goes_on_at_full_size():
     spec, body, t = _progressive()
     assert {id(v) for v in t.small.trainable_weights} == {id(v) for v in t.model.trainable_weights}  # shared
@@ -441,6 +444,9 @@ def test_progressive_resizing_trains_the_first_epochs_small_then_goes_on_at_full
     assert len(hist.history["val_accuracy"]) == 5 and hist.epoch == [0, 1, 2, 3, 4]  # both phases' epochs
 
 
+# heavy: the stage-level test_budget.py::test_progressive_resizing_is_planned_again_at_full_size_and_
+# the_replans_replay checks the re-plan in the default suite
+@pytest.mark.heavy
 def test_progressive_resizing_is_planned_again_once_the_full_size_trains(monkeypatch):
     """Planned 25 steps of 5 an epoch, the first 15 at 32 px: the re-plans time
     full-size steps only (none before step 15; none at its end either, whose
