@@ -121,12 +121,13 @@ def extract_splits(
                               "images_per_second": round(rate, 1)}
             log.info("features %s: %d images in %.1f s (%.1f img/s)", split, images, seconds, rate)
         if len(x["val"]):  # for the head's mirror check (train.mirror): pooled features of mirrored val images
-            rows = mirror.sample(len(x["val"]))
+            start, rows = time.perf_counter(), mirror.sample(len(x["val"]))
             mirrored = _memmap(tmp / "val_flip.npy", len(rows), (feature_dim,), np.float32)
             extract_into(model, data.Rows(x["val"], rows), [None, mirrored] if two else [mirrored], batch_size,
                          "features val, mirrored", flip=True)
             mirrored.flush()
             del mirrored
+            timings["val_flip"] = {"images": len(rows), "seconds": round(time.perf_counter() - start, 2)}
             meta = {**meta, "val_flip_index": rows.tolist()}
         meta = {**meta, "feature_dim": feature_dim, "timings": timings}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
