@@ -28,6 +28,33 @@ def load(source, tmp_path, **kw):
     return data.load_source(str(source), args.pop("fmt"), **args)
 
 
+def test_image_size_auto_is_the_median_shorter_side_at_most_224(tmp_path, monkeypatch):
+    # 40 x 48 images (and one 20 x 20 outlier): stored at 40, the median shorter side
+    root = synth.make_image_folder(tmp_path / "imgs", per_class=3, test_per_class=1, size=40)
+    for i, f in enumerate(sorted(root.rglob("*.png"))):
+        Image.open(f).resize((40, 48) if i else (20, 20)).save(f)
+    ds, _ = load(root, tmp_path, image_size="auto")
+    assert ds.x_train.shape[1:] == (40, 40, 3) and ds.x_test.shape[1:] == (40, 40, 3)
+    # photos larger than any input size: stored at 224, not at their own size
+    big = synth.make_image_folder(tmp_path / "big", per_class=2, test_per_class=1, size=300)
+    ds, _ = load(big, tmp_path / "b", image_size="auto")
+    assert ds.x_train.shape[1:3] == (224, 224)
+    # the headers of AUTO_SAMPLE images, evenly spaced, decide
+    monkeypatch.setattr(data.folders, "AUTO_SAMPLE", 2)
+    paths = sorted(root.rglob("*.png"))
+    opened = []
+    real_open = Image.open
+    monkeypatch.setattr(Image, "open", lambda path, *a, **k: (opened.append(path), real_open(path, *a, **k))[1])
+    assert data.folders.native_size(paths) == 30  # files 0 (the 20-px one) and 6: the median of 20 and 40
+    assert opened == [paths[0], paths[6]]
+
+
+def test_image_size_auto_keeps_cifar10_at_32(tmp_path):
+    archive = synth.make_cifar10_archive(tmp_path / "cifar-10-python.tar.gz")
+    ds, _ = load(archive, tmp_path, image_size="auto", checksum=sha256(archive))
+    assert ds.x_train.shape[1:] == (32, 32, 3)
+
+
 def sha256(path):
     return "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()
 

@@ -33,8 +33,8 @@ def _data(params: Params) -> None:
         raise ConfigError(f"data.val_min_per_class must be >= 0, received: {d.val_min_per_class}")
     if not 0.0 < d.test_fraction < 1.0:
         raise ConfigError(f"data.test_fraction must be in (0, 1), received: {d.test_fraction}")
-    if d.image_size < 8:
-        raise ConfigError(f"data.image_size must be at least 8, received: {d.image_size}")
+    if d.image_size != "auto" and (isinstance(d.image_size, str) or d.image_size < 8):
+        raise ConfigError(f"data.image_size must be a size in pixels (at least 8) or auto, received: {d.image_size!r}")
     if d.checksum is not None and d.checksum.split(":", 1)[0] not in ("md5", "sha256"):
         raise ConfigError(
             f"data.checksum must look like 'md5:<hex>' or 'sha256:<hex>', received: {d.checksum!r}"

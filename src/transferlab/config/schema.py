@@ -14,7 +14,8 @@ class DataConfig:
     format: str
     # "md5:<hex>" or "sha256:<hex>"; required before a CIFAR-10 pickle is loaded.
     checksum: str | None
-    image_size: int
+    # px (>= 8) | auto: the images' median shorter side, at most 224 (data.folders.native_size)
+    image_size: int | str
     val_fraction: float
     # At least this many validation images of each class, where the class keeps as
     # many for training (a class too small to validate is named in the manifest).

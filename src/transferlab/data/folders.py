@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 FEW_IMAGES = 10  # a class with fewer training images than this gets a warning
+AUTO_MAX_SIZE = 224  # data.image_size: auto stores images at their median shorter side, at most this
+AUTO_SAMPLE = 500  # images whose headers auto reads (evenly spaced)
 
 
 def load_image_folder(root: Path, image_size: int, test_fraction: float, seed: int,
@@ -84,6 +86,8 @@ def decode_items(root: Path, classes: list[str], train_items: list[tuple[Path, i
     every source of files: classes none of whose images decodes (an error), few
     images, no test images, identical files (module docstring)."""
     skipped: list[dict] = []
+    if image_size == "auto":
+        image_size = native_size([path for path, _ in [*train_items, *(test_items or [])]])
     scratch = [_scratch(scratch_dir, "train")]
     x_train, y_train, files_train = _decode_all(train_items, image_size, "decode train", skipped, root, scratch[0])
     if test_items is not None:
@@ -224,6 +228,25 @@ def _gather(split_dir: Path, classes: list[str], ignored: list[str]) -> list[tup
             continue
         items += [(p, label) for p in image_files(class_dir, ignored)]
     return items
+
+
+def native_size(paths: list[Path]) -> int:
+    """data.image_size: auto: the median shorter side of the images (AUTO_SAMPLE
+    of them, evenly spaced, read from their headers only), at most AUTO_MAX_SIZE
+    and at least 8: a folder of 32-px images stays 32 px, one of 128-px images
+    keeps the details a 32-px copy would lose, and photos of any size are stored
+    at AUTO_MAX_SIZE, above the backbones' input sizes, not at their own."""
+    sides = []
+    for path in paths[::max(1, len(paths) // AUTO_SAMPLE)]:
+        try:
+            with Image.open(path) as image:
+                sides.append(min(image.size))  # EXIF orientation turns, never changes, the shorter side
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError):
+            continue  # decoding lists it with its reason
+    size = int(np.clip(np.median(sides), 8, AUTO_MAX_SIZE)) if sides else AUTO_MAX_SIZE
+    log.info("data.image_size: auto -> %d px (the median shorter side of %d images, at most %d)",
+             size, len(sides), AUTO_MAX_SIZE)
+    return size
 
 
 def _decode_all(

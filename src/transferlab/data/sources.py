@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from transferlab.data.archives import extract_cached, is_archive
 from transferlab.data.arrays import Dataset
-from transferlab.data.cifar import CIFAR10_MD5, CIFAR10_URL, find_cifar10_root, load_cifar10
+from transferlab.data.cifar import CIFAR10_MD5, CIFAR10_URL, NATIVE_SIZE, find_cifar10_root, load_cifar10
 from transferlab.data.folders import load_image_folder
 from transferlab.data.labels import load_csv
 from transferlab.errors import DataError
@@ -58,7 +58,7 @@ def load_source(
                     f"passes; its md5 {known} is not the canonical {CIFAR10_MD5}. Set "
                     "data.checksum to the archive's checksum if you trust this file."
                 )
-        return load_cifar10(cifar_root, image_size), digest
+        return load_cifar10(cifar_root, NATIVE_SIZE if image_size == "auto" else image_size), digest
     return load_image_folder(root, image_size, test_fraction, seed, cache_dir / "decoded"), digest
 
 
