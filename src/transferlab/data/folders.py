@@ -237,9 +237,9 @@ def native_size(paths: list[Path]) -> int:
     keeps the details a 32-px copy would lose, and photos of any size are stored
     at AUTO_MAX_SIZE, above the backbones' input sizes, not at their own."""
     sides = []
-    for path in paths[::max(1, len(paths) // AUTO_SAMPLE)]:
+    for i in np.unique(np.linspace(0, len(paths) - 1, min(len(paths), AUTO_SAMPLE)).round().astype(int)):
         try:
-            with Image.open(path) as image:
+            with Image.open(paths[i]) as image:
                 sides.append(min(image.size))  # EXIF orientation turns, never changes, the shorter side
         except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError):
             continue  # decoding lists it with its reason
