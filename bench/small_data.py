@@ -87,6 +87,18 @@ def thin_classes(dest: Path, factor: int, keep: str | None = None) -> None:
             f.unlink()
 
 
+def write_set(dest: Path, classes: dict, draw, train_per_class: int, test_per_class: int) -> None:
+    """dest/train/<class>/NNNN.png and dest/test/<class>/NNNN.png, each image
+    `draw(*classes[class])`, train first, class by class (the order the seeded
+    draws came in before this helper)."""
+    for split, n in (("train", train_per_class), ("test", test_per_class)):
+        for name, args in classes.items():
+            folder = dest / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                draw(*args).save(folder / f"{i:04d}.png")
+
+
 def render_shapes(dest: Path, train_per_class: int, test_per_class: int, seed: int, size: int = 32) -> None:
     """Shape classes drawn at random colours, sizes, positions and rotations on a
     noisy background: nothing like ImageNet photographs."""
@@ -130,12 +142,7 @@ def render_shapes(dest: Path, train_per_class: int, test_per_class: int, seed: i
             d.polygon(rotated([(-r, -width), (r, -width), (r, width), (-r, width)]), fill=colour)
         return img.resize((size, size), Image.Resampling.LANCZOS)
 
-    for split, n in (("train", train_per_class), ("test", test_per_class)):
-        for kind in SHAPES:
-            folder = dest / split / kind
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                draw(kind).save(folder / f"{i:04d}.png")
+    write_set(dest, {kind: (kind,) for kind in SHAPES}, draw, train_per_class, test_per_class)
 
 
 GLYPHS = {  # strokes in unit coordinates (x right, y down); each has no mirror symmetry about a vertical axis
@@ -174,13 +181,9 @@ def render_glyphs(dest, train_per_class, test_per_class, seed, size=32):
         pixels = np.clip(np.asarray(img, np.float32) + noise, 0, 255).astype(np.uint8)
         return Image.fromarray(pixels).resize((size, size), Image.Resampling.LANCZOS)
 
-    for split, n in (("train", train_per_class), ("test", test_per_class)):
-        for name, strokes in GLYPHS.items():
-            for mirrored in (False, True):
-                folder = dest / split / (f"{name}-mirrored" if mirrored else name)
-                folder.mkdir(parents=True, exist_ok=True)
-                for i in range(n):
-                    draw(strokes, mirrored).save(folder / f"{i:04d}.png")
+    classes = {f"{name}-mirrored" if mirrored else name: (strokes, mirrored)
+               for name, strokes in GLYPHS.items() for mirrored in (False, True)}
+    write_set(dest, classes, draw, train_per_class, test_per_class)
 
 
 DEFECTS = ("normal", "scratch", "spot", "crack")
@@ -222,12 +225,7 @@ def render_defects(dest, train_per_class, test_per_class, seed, size=128):
             d.line(points, fill=dark, width=1)
         return img
 
-    for split, n in (("train", train_per_class), ("test", test_per_class)):
-        for kind in DEFECTS:
-            folder = dest / split / kind
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                draw(kind).save(folder / f"{i:04d}.png")
+    write_set(dest, {kind: (kind,) for kind in DEFECTS}, draw, train_per_class, test_per_class)
 
 
 def run_one(source: Path, workdir: Path, overrides: list[str]) -> dict:
