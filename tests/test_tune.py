@@ -138,6 +138,7 @@ def test_tiny_study_nests_trials_and_registers_the_best(project):
         assert steps == sorted(t.intermediate_values), "MLflow and Optuna disagree on the steps"
         if t.params["unfreeze"] > 0 and t.state.name == "COMPLETE":  # fine-tune epochs, as steps 1, 2
             assert sorted(t.intermediate_values) == [1, 2]
+            assert t.user_attrs["augment_flip"] in (0, 1)  # flip: auto, decided by the trial's own head
 
     version = client.get_model_version_by_alias(TINY["tracking"]["model_name"], "champion")
     assert version.run_id == parent.info.run_id

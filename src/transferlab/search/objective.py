@@ -187,6 +187,7 @@ class Objective:
         head_metrics = {}
         if setting == "auto" and "val_flip" in d.features:
             rows = np.asarray(d.meta["val_flip_index"])
+
             def predict(x):
                 return head_model.predict(x, batch_size=1024, verbose=0).argmax(axis=1)
 

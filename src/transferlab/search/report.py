@@ -61,7 +61,9 @@ def finalize(params: config.Params, prepared_dir: Path, storage_url: str | None,
         model = keras.saving.load_model(path, safe_mode=True)
     x, y = prepared.x["test"], prepared.y["test"]
     e = params.evaluate
-    result = evaluate.evaluate_model(model, x, y, prepared.classes, e.batch_size, e.tta, prepared.x["val"],
+    # test-time flips as the pipeline's evaluate: none where the best trial's head saw a mirror change the labels
+    tta = "none" if e.tta == "auto" and best.user_attrs.get("augment_flip") == 0 else e.tta
+    result = evaluate.evaluate_model(model, x, y, prepared.classes, e.batch_size, tta, prepared.x["val"],
                                  prepared.y["val"], calibrate=e.calibrate, desc="tune: best trial on test")
     summary = {
         "best_trial": best.number, f"best_{params.tune.monitor}": round(best.value, 5),
