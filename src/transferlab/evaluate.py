@@ -100,16 +100,14 @@ def recall_png(per_class: dict, classes: list[str], path: Path) -> Path:
 def summarize(y_true: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict:
     """Test accuracy, balanced accuracy, macro-F1 and loss, the per-class report
     and the confusion matrix."""
-    from sklearn.metrics import accuracy_score, log_loss
+    from sklearn.metrics import log_loss
 
-    from transferlab.train.selection import score
+    from transferlab.train.selection import scores
 
     labels = list(range(len(classes)))
     y_pred = probs.argmax(axis=1)
     return {
-        "test_accuracy": round(float(accuracy_score(y_true, y_pred)), 5),
-        "test_balanced_accuracy": round(score("balanced_accuracy", y_true, y_pred), 5),
-        "test_macro_f1": round(score("macro_f1", y_true, y_pred), 5),
+        **{f"test_{name}": round(value, 5) for name, value in scores(y_true, y_pred).items()},
         "test_loss": round(float(log_loss(y_true, np.clip(probs, 1e-7, 1.0), labels=labels)), 5),
         "per_class": per_class_report(y_true, y_pred, classes),
         "confusion": confusion(y_true, y_pred, len(classes)),

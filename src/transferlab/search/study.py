@@ -226,10 +226,9 @@ def work(params: config.Params, storage_url: str | None, prepared_dir: Path, wor
     import mlflow
 
     from transferlab import tracking
+    from transferlab import data
     from transferlab.search.objective import Objective
     from transferlab.search.proxy import ensure_cache, load_trial_data
-
-    from transferlab import data
 
     params = with_monitor(params, data.load_prepared(prepared_dir).manifest["counts"]["train"])
     t = params.tune

@@ -137,15 +137,14 @@ def fit(t: FineTuning, r: Recipe, length: StepBudget, *, callbacks: list, verbos
         phases.insert(0, (t.small, length.small_steps // per_epoch, validate))
     for model, _, _ in phases:  # every phase's model before any trains: early stopping may end the first
         recipes.compile_model(model, opt, lr, r.weight_decay, r.label_smoothing, r.select)
-    weighted = {"class_weight": r.class_weight} if r.class_weight else {}
     history, start, merged, seen = None, 0, {}, []
     for model, end, own in phases:
         if len(phases) > 1:
             log.info("finetune: epochs %d..%d at %s", start + 1, end,
                      f"{t.small_size} px" if model is t.small else "the full input size")
         history = model.fit(t.inputs, validation_data=None if own else t.val, initial_epoch=start, epochs=end,
-                            callbacks=[*own, *watch, *callbacks, length], verbose=verbose, **t.fit_kwargs,
-                            **weighted)
+                            callbacks=[*own, *watch, *callbacks, length], verbose=verbose,
+                            class_weight=r.class_weight, **t.fit_kwargs)
         for key, values in history.history.items():
             merged.setdefault(key, []).extend(values)
         seen += history.epoch
