@@ -30,7 +30,7 @@ from transferlab.errors import ConfigError, TuneError
 from transferlab.search import command
 from transferlab.search.objective import RUN_ATTR
 from transferlab.search.proxy import ensure_cache, load_trial_data, share
-from transferlab.search.report import apply_best, verdict
+from transferlab.search.report import apply_best, confirm, verdict
 from transferlab.search.space import DEFAULT_ATTR, defaults, pruning_callback
 from transferlab.search.study import PARENT_ATTR, make_storage, open_study, optimize, start, work
 from transferlab.stages import PREPARED
@@ -147,6 +147,22 @@ def test_tiny_study_nests_trials_and_registers_the_best(project):
     assert summary["trials"]["complete"] + summary["trials"]["pruned"] == 4
     assert summary["default_trial"] == 0 and isinstance(summary["default_wins"], bool)
 
+    # --apply's check at full fidelity: both configurations again, on every training image at the
+    # pipeline's input size, one run each under the study's run (called here whoever won the proxy)
+    checked = confirm(params, PREPARED, None, summary)
+    assert checked["train_images"] == len(data.load_prepared(PREPARED).y["train"]) > share
+    assert checked["input_size"] == params.backbone.input_size == 32
+    runs = {r.info.run_name: r for r in runs_of(parent.info.run_id) if r.data.tags["stage"] == "tune-confirm"}
+    assert sorted(runs) == sorted(["confirm-params-yaml", f"confirm-trial-{summary['best_trial']}"])
+    assert runs["confirm-params-yaml"].data.params["learning_rate"] == str(defaults(params)["learning_rate"])
+    best_run = runs[f"confirm-trial-{summary['best_trial']}"]
+    assert best_run.data.params["learning_rate"] == str(study.best_params["learning_rate"])
+    assert best_run.data.params["train_images"] == str(checked["train_images"])
+    value = best_run.data.metrics["best_val_accuracy"]
+    assert checked["best_val_accuracy"] == round(value, 5)
+    assert checked["best_wins"] == (value > runs["confirm-params-yaml"].data.metrics["best_val_accuracy"])
+    assert client.get_run(parent.info.run_id).data.tags["confirm"] == checked["verdict"]
+
 
 def test_trials_train_on_the_proxy_share_at_the_proxy_size(project):
     """The proxy: a stratified share of the training images (tune.train_fraction),
@@ -251,6 +267,32 @@ def test_apply_writes_the_winner_into_params_yaml_keeping_comments(project):
     # every block unfrozen is written as "all"
     apply_best(Path("params.yaml"), params, {"default_wins": False, "best_params": {"unfreeze": 5}}, "r")
     assert config.load("params.yaml").finetune.unfreeze == "all"
+
+
+def test_apply_writes_a_proxy_winner_only_when_the_full_fidelity_check_agrees(project, monkeypatch):
+    """`tune --apply` runs the check when a trial beat params.yaml's on the proxy (and
+    tune.confirm is on), records it in metrics/tune.json and writes nothing when it disagrees."""
+    summary = {"default_wins": False, "default_trial": 0, "best_trial": 1, "verdict": "trial 1 beats",
+               "best_params": {**GOOD, "learning_rate": 3e-4}, "trials": {}, "test_accuracy": 0.5,
+               "study_seconds": 1.0, "parent_run_id": "run1"}
+    checks = []
+
+    def check(params, prepared_dir, url, summary_):
+        checks.append(summary_["best_trial"])
+        return {"best_wins": len(checks) > 1, "verdict": f"check {len(checks)}"}
+
+    monkeypatch.setattr(command, "work", lambda *a, **k: 0)  # no trials: the summary below stands for them
+    monkeypatch.setattr(command, "finalize", lambda *a, **k: dict(summary))
+    monkeypatch.setattr(command, "confirm", check)
+    before = Path("params.yaml").read_text()
+    assert cli.main(["tune", "--apply"]) == 0
+    assert checks == [1] and Path("params.yaml").read_text() == before
+    assert yaml.safe_load(Path("metrics/tune.json").read_text())["confirm"]["verdict"] == "check 1"
+    assert cli.main(["tune", "--apply"]) == 0  # the check agrees: the winner is written
+    assert config.load("params.yaml").finetune.learning_rate == 3e-4
+    Path("params.yaml").write_text(before.replace("confirm: true", "confirm: false"))
+    assert cli.main(["tune", "--apply"]) == 0  # tune.confirm false: no check
+    assert checks == [1, 1]
 
 
 def test_the_pipeline_run_and_the_study_run_link_to_each_other(project, caplog):
@@ -506,7 +548,7 @@ def test_mlflow_run_tune_entry_nests_the_trials_under_its_run(project):
         shutil.copy(root / name, project / name)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
-    out = subprocess.run(["mlflow", "run", ".", "-e", "tune", "--env-manager", "local", "-P", "n_trials=2",
+    out = subprocess.run(["mlflow", "run", ".", "-e", "tune", "--env-manager", "local", "-P", "n_trials=1",
                           "-P", "apply=true", "--experiment-name", TINY["tracking"]["experiment"]],
                          env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -515,5 +557,5 @@ def test_mlflow_run_tune_entry_nests_the_trials_under_its_run(project):
     assert load().user_attrs[PARENT_ATTR] == run_id
     parent = mlflow.MlflowClient().get_run(run_id)
     assert parent.data.tags["stage"] == "tune" and "test_accuracy" in parent.data.metrics
-    trials = runs_of(run_id)
-    assert sorted(r.data.tags["trial_number"] for r in trials) == ["0", "1"]
+    trials = runs_of(run_id)  # -P n_trials=1 reached it too (the tiny params.yaml says 4)
+    assert [r.data.tags["trial_number"] for r in trials] == ["0"]

@@ -170,6 +170,9 @@ class TuneConfig:
     input_size: int
     head_epochs: int
     finetune_epochs: int
+    # `--apply` retrains the winner and params.yaml's configuration as trials on the
+    # whole training split at the pipeline's input size, and writes it only if it wins there too.
+    confirm: bool
     # A worker silent this long x3 has died: its trial is marked failed and retried.
     heartbeat_seconds: int
     space: SpaceConfig

@@ -15,9 +15,10 @@ from pathlib import Path
 from transferlab import config
 from transferlab.config import pipeline
 from transferlab.errors import ConfigError
+from transferlab.files import write_json
 from transferlab.redact import redact_tree
 from transferlab.search.proxy import ensure_cache
-from transferlab.search.report import apply_best, finalize
+from transferlab.search.report import apply_best, confirm, finalize
 from transferlab.search.space import defaults
 from transferlab.search.study import is_sqlite, start, work
 
@@ -85,5 +86,8 @@ def main(params_path: Path, overrides: list[str], storage: str | None = None, wo
     log.info("tune: best trial %d (%s), test accuracy %.4f; %s; %.1f s", summary["best_trial"],
              summary["best_params"], summary["test_accuracy"], summary["trials"], summary["study_seconds"])
     if apply:
+        if params.tune.confirm and not summary["default_wins"]:
+            summary["confirm"] = confirm(params, PREPARED, url, summary)
+            write_json(METRICS / "tune.json", summary)
         apply_best(params_path, params, summary, summary["parent_run_id"])
     return 0

@@ -113,6 +113,33 @@ class Objective:
             raise pruned
         return value
 
+    def fit_once(self, hp: dict, run_name: str) -> float:
+        """One configuration trained as a trial trains, outside the study (no
+        pruning, the seed of trial 0), in its own MLflow run under the study's
+        parent run, tagged stage tune-confirm: `tune --apply`'s check at full
+        fidelity (search.report.confirm). Returns its best monitored value."""
+        import keras
+        import mlflow
+        import optuna
+
+        from transferlab import device, tracking
+
+        keras.backend.clear_session()
+        gc.collect()
+        keras.utils.set_random_seed(self.params.seed)
+        t, b = self.params.tune, self.params.backbone
+        tags = {"stage": "tune-confirm", "backbone": b.name, "study": t.study, "git_commit": tracking.git_commit()}
+        with mlflow.start_run(run_name=run_name, experiment_id=self.experiment_id,
+                              parent_run_id=self.parent_run_id, tags=tags):
+            mlflow.log_params({**hp, "head_epochs": t.head_epochs, "finetune_epochs": t.finetune_epochs,
+                               "input_size": proxy_size(self.params),
+                               "train_images": len(self.trial_data.y["train"])})
+            began = time.perf_counter()
+            with device.strategy(self.params.distribute).scope():
+                value, _ = self._fit_proxy(optuna.trial.FixedTrial(hp), hp, prune=False)
+            mlflow.log_metrics({f"best_{self.monitor}": value, "trial_seconds": time.perf_counter() - began})
+        return value
+
     def _at_least_as_good_as_the_best(self, study, value: float) -> bool:
         """Ties log too: every trial that reaches the study's final best value
         has its model, whatever order concurrent workers finish in."""

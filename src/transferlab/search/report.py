@@ -1,11 +1,13 @@
 """After the search: the best trial's model on the test set, registered under
 the pipeline's champion rule, with the study's summary (metrics/tune.json), its
 verdict against params.yaml's configuration and Optuna's plots on the parent
-run; and `tune --apply`, which writes the winner into params.yaml."""
+run; and `tune --apply`, which checks the verdict at full fidelity (`confirm`)
+and writes the winner into params.yaml."""
 
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 from pathlib import Path
 
@@ -15,7 +17,7 @@ from transferlab import config
 from transferlab.errors import TuneError
 from transferlab.files import write_json
 from transferlab.search.objective import MODEL_ATTR, RUN_ATTR
-from transferlab.search.space import DEFAULT_ATTR, PARAM_KEYS, direction, with_monitor
+from transferlab.search.space import DEFAULT_ATTR, PARAM_KEYS, defaults, direction, with_monitor
 from transferlab.search.study import PARENT_ATTR, open_study
 
 log = logging.getLogger(__name__)
@@ -114,16 +116,69 @@ def verdict(study, best, monitor: str) -> dict:
             "default_wins": wins, "verdict": text}
 
 
+def confirm(params: config.Params, prepared_dir: Path, storage_url: str | None, summary: dict) -> dict:
+    """The verdict at full fidelity, before `--apply` writes a winner: the best
+    trial's configuration and params.yaml's train again as a trial trains (head,
+    then tune.finetune_epochs fine-tune epochs, one seed for both), but on all
+    the training images at the pipeline's input size, and are compared on the
+    validation split. A proxy's win can be noise (a small validation split) or
+    an artefact of its share and size; it stands only if it wins here too.
+    Logged as two runs under the study's parent run (stage tune-confirm) and on
+    the parent (`confirm_*` metrics, a `confirm` tag)."""
+    import dataclasses
+
+    import mlflow
+
+    from transferlab import data, tracking
+    from transferlab.search.objective import Objective
+    from transferlab.search.proxy import ensure_cache, load_trial_data, proxy_size
+
+    began = time.perf_counter()
+    counts = data.load_prepared(prepared_dir).manifest["counts"]["train"]
+    params = with_monitor(params, counts)
+    full = dataclasses.replace(params, tune=dataclasses.replace(
+        params.tune, train_fraction=1.0, min_per_class=0, input_size=0))  # input size 0: the pipeline's
+    monitor, sign = params.tune.monitor, -1.0 if direction(params.tune.monitor) == "minimize" else 1.0
+    study = open_study(params, storage_url)
+    best = study.trials[summary["best_trial"]]
+    tracking.setup(params.tracking.experiment)
+    parent = study.user_attrs[PARENT_ATTR]
+    experiment_id = mlflow.MlflowClient().get_run(parent).info.experiment_id
+    log.info("tune --apply: checking trial %d against params.yaml's configuration at full fidelity "
+             "(all %d training images, %d px, %d fine-tune epochs each)", best.number, sum(counts.values()),
+             proxy_size(full), params.tune.finetune_epochs)
+    objective = Objective(full, load_trial_data(full, prepared_dir, ensure_cache(full, prepared_dir)),
+                          parent, experiment_id)
+    default_value = objective.fit_once(defaults(params), "confirm-params-yaml")
+    best_value = objective.fit_once(best.params, f"confirm-trial-{best.number}")
+    wins = sign * best_value > sign * default_value
+    text = (f"at full fidelity trial {best.number} {'beats' if wins else 'does not beat'} params.yaml's "
+            f"configuration: {monitor} {best_value:.4f} vs {default_value:.4f}")
+    result = {"best_wins": wins, f"best_{monitor}": round(best_value, 5),
+              f"default_{monitor}": round(default_value, 5), "train_images": len(objective.trial_data.y["train"]),
+              "input_size": proxy_size(full), "seconds": round(time.perf_counter() - began, 1), "verdict": text}
+    client = mlflow.MlflowClient()
+    client.set_tag(parent, "confirm", text)
+    client.log_metric(parent, f"confirm_best_{monitor}", best_value)
+    client.log_metric(parent, f"confirm_default_{monitor}", default_value)
+    log.info("tune --apply: %s", text)
+    return result
+
+
 def apply_best(params_path: Path, params: config.Params, summary: dict, parent_run_id: str) -> dict:
     """`tune --apply`: the best trial's params into params.yaml (comments kept),
     with tracking.tuned_by naming the study's MLflow run, so that the pipeline run
     that trains them links back to it. Nothing changes when params.yaml's own
-    configuration won. Returns the changes written."""
+    configuration won, on the proxy or in the full-fidelity check (`confirm`,
+    where it ran). Returns the changes written."""
     from transferlab import backbones
     from transferlab.run import apply_overrides
 
     if summary.get("default_wins"):
         log.info("tune --apply: %s; params.yaml unchanged", summary["verdict"])
+        return {}
+    if "confirm" in summary and not summary["confirm"]["best_wins"]:
+        log.warning("tune --apply: %s; params.yaml unchanged", summary["confirm"]["verdict"])
         return {}
     all_blocks = len(backbones.get(params.backbone.name).blocks)
     values = dict(summary["best_params"])
