@@ -425,7 +425,7 @@ def _fit_progressive(t, callbacks, steps=25, small=15, **kwargs):
                         callbacks=callbacks, **kwargs)
 
 
-# heavy: the stage-level test_budget.py::test_a_budget_plans_progressive_resizing_and_the_plan_replays
+# heavy: the stage-level test_progressive.py::test_a_budget_plans_progressive_resizing_and_the_plan_replays
 # checks the sizes epoch by epoch in the default suite
 @pytest.mark.heavy
 def test_progressive_resizing_trains_the_first_epochs_small_then_goes_on_at_full_size():
@@ -444,7 +444,7 @@ def test_progressive_resizing_trains_the_first_epochs_small_then_goes_on_at_full
     assert len(hist.history["val_accuracy"]) == 5 and hist.epoch == [0, 1, 2, 3, 4]  # both phases' epochs
 
 
-# heavy: the stage-level test_budget.py::test_progressive_resizing_is_planned_again_at_full_size_and_
+# heavy: the stage-level test_progressive.py::test_progressive_resizing_is_planned_again_at_full_size_and_
 # the_replans_replay checks the re-plan in the default suite
 @pytest.mark.heavy
 def test_progressive_resizing_is_planned_again_once_the_full_size_trains(monkeypatch):
@@ -485,6 +485,9 @@ class ValidatedAtFullSize(keras.callbacks.Callback):
         self.pairs.append((logs["val_loss"], own))
 
 
+# heavy (both below): progressive resizing is off by default, and the stage-level tests in
+# test_progressive.py train it in the default suite
+@pytest.mark.heavy
 def test_progressive_resizing_validates_every_epoch_at_the_full_size():
     """The small epochs' val_* come from the full-size model, so the best epoch,
     early stopping and the head's score compare like with like. (vgg16: its
@@ -504,6 +507,7 @@ class StopAfterFirstEpoch(keras.callbacks.Callback):
         self.model.stop_training = True
 
 
+@pytest.mark.heavy
 def test_early_stopping_in_the_small_epochs_ends_the_run_with_the_full_size_model_compiled():
     _, _, t = _progressive()
     hist = _fit_progressive(t, [StopAfterFirstEpoch()])
