@@ -228,10 +228,13 @@ def render_defects(dest, train_per_class, test_per_class, seed, size=128):
     write_set(dest, {kind: (kind,) for kind in DEFECTS}, draw, train_per_class, test_per_class)
 
 
-def run_one(source: Path, workdir: Path, overrides: list[str]) -> dict:
-    """The five stages on `source` in this process."""
+def run_one(source: Path, workdir: Path, overrides: list[str], tuned: dict | None = None) -> dict:
+    """The five stages on `source` in this process; with `tuned` (a study's
+    metrics/tune.json), on the best trial's params written as `tune --apply`
+    writes them, whatever its check at full fidelity said."""
     from transferlab import config
     from transferlab.run import apply_overrides
+    from transferlab.search.report import apply_best
     from transferlab.stages import evaluate, features, finetune, head, prepare, setup_logging
 
     setup_logging()
@@ -239,6 +242,9 @@ def run_one(source: Path, workdir: Path, overrides: list[str]) -> dict:
     os.chdir(workdir)
     shutil.copy(ROOT / "params.yaml", "params.yaml")
     apply_overrides(Path("params.yaml"), [f"data.source={source}", "data.checksum=null", *overrides])
+    if tuned is not None:
+        unchecked = {**{k: v for k, v in tuned.items() if k != "confirm"}, "default_wins": False}
+        apply_best(Path("params.yaml"), config.load("params.yaml"), unchecked, tuned["parent_run_id"])
     params = config.load("params.yaml")
     start = time.perf_counter()
     for stage in (prepare, features, head, finetune, evaluate):
@@ -275,6 +281,29 @@ def run_one(source: Path, workdir: Path, overrides: list[str]) -> dict:
     }
 
 
+def tune_one(source: Path, workdir: Path, overrides: list[str]) -> dict:
+    """In the shipped run's folder: `transferlab tune --apply` with the shipped
+    tune settings; then, where a trial beat params.yaml's on the proxy, the
+    pipeline on the winner's params in a folder of its own (run_one with
+    `tuned`), whether or not --apply's check let it through."""
+    from transferlab import cli
+
+    os.chdir(workdir)
+    before = Path("params.yaml").read_text()
+    start = time.perf_counter()
+    if cli.main(["tune", "--apply"]) != 0:
+        raise SystemExit("transferlab tune --apply failed")
+    seconds = time.perf_counter() - start
+    summary = json.loads(Path("metrics/tune.json").read_text())
+    out = {"tune_trials": summary["trials"], "tune_seconds": round(seconds, 1),
+           "study_seconds": summary["study_seconds"], "verdict": summary["verdict"],
+           "confirm": summary.get("confirm"), "applied": Path("params.yaml").read_text() != before,
+           "best_params": summary["best_params"], "best_trial_test_accuracy": summary["test_accuracy"]}
+    if not summary["default_wins"]:
+        out["winner"] = run_one(source, workdir.parent / f"{workdir.name}-winner", overrides, tuned=summary)
+    return out
+
+
 def _flips(r: dict) -> str:
     if r.get("augment_flip") is None:
         return "-"
@@ -294,10 +323,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], help="key=value params overrides")
     p.add_argument("--workdir", default=str(ROOT / "bench/work-small"))
     add_output_arguments(p, "small-data")
+    p.add_argument("--tune", action="store_true",
+                   help="then `transferlab tune --apply` (shipped tune settings) and the pipeline on its winner")
     p.add_argument("--one", nargs=2, metavar=("SOURCE", "WORKDIR"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.one:
-        print(json.dumps(run_one(Path(args.one[0]), Path(args.one[1]), args.set)))
+        source, workdir = Path(args.one[0]), Path(args.one[1]).resolve()
+        result = run_one(source, workdir, args.set)
+        if args.tune:
+            result["tune"] = tune_one(source, workdir, args.set)
+        print(json.dumps(result))
         return 0
     work = Path(args.workdir).resolve()
     shutil.rmtree(work, ignore_errors=True)
@@ -317,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             render_shapes(source, args.per_class, args.test_per_class, seed=0)
         proc = subprocess.run([sys.executable, __file__, *[a for o in args.set for a in ("--set", o)],
+                               *(["--tune"] if args.tune else []),
                                "--one", str(source), str(work / f"run-{name}")], text=True,
                               stdout=subprocess.PIPE)
         if proc.returncode != 0:
@@ -339,10 +375,26 @@ def main(argv: list[str] | None = None) -> int:
                      f"{r['test_balanced_accuracy']:.2%} | {r['rarest_min_recall']:.2%} | "
                      f"{r['select_metric']}{', class-weighted' if r['class_weighted'] else ''} | "
                      f"{_flips(r)} |")
+    tuned = {n: r["tune"] for n, r in results.items() if "tune" in r}
+    if tuned:
+        lines += ["", "`transferlab tune --apply` (shipped tune settings), then the pipeline on the winner's params:", "",
+                  "| set | trials complete/pruned/failed | tune wall (with the check) | on the proxy | at full fidelity "
+                  "| --apply wrote it | shipped test acc. | winner's pipeline test acc. |", "|" + " --- |" * 8]
+        for name, t in tuned.items():
+            n, check = t["tune_trials"], t["confirm"]
+            winner = f"{t['winner']['test_accuracy']:.2%}" if "winner" in t else "- (params.yaml won)"
+            lines.append(f"| {name} | {n['complete']}/{n['pruned']}/{n['fail']} | {t['tune_seconds'] / 60:.1f} min | "
+                         f"{t['verdict']} | {check['verdict'] if check else '-'} | {'yes' if t['applied'] else 'no'} | "
+                         f"{results[name]['test_accuracy']:.2%} | {winner} |")
     text = "\n".join(lines) + "\n"
     keys = ("test_accuracy", "test_balanced_accuracy", "rarest_min_recall", "baseline_test_accuracy",
             "head_best_val_accuracy", "finetune_best_val_accuracy", "finetune_steps", "wall_seconds")
-    write_run(output_folder(args), "small_data", {"sets": {n: {k: r[k] for k in keys if k in r} for n, r in results.items()}},
+    figures = {n: {k: r[k] for k in keys if k in r} for n, r in results.items()}
+    for name, t in tuned.items():
+        figures[name].update({"tune_seconds": t["tune_seconds"], "tune_applied": int(t["applied"])})
+        if "winner" in t:
+            figures[name]["winner_test_accuracy"] = t["winner"]["test_accuracy"]
+    write_run(output_folder(args), "small_data", {"sets": figures},
               {"sets": results}, text, argv, cpu=cpu)
     return 0
 
