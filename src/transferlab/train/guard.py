@@ -19,8 +19,10 @@ start, or the end of the latest healthy epoch), multiplies the learning rate by
 `FACTOR` (the schedule's whole curve, so its end stays where the budget put
 it) and trains on within the same budget; after `MAX_RECOVERIES` it stops the
 fine-tune on those weights. Each event goes to the log (a warning), to the
-MLflow run (tag `finetune_collapsed`, metric `collapse_lr_scale` at its step)
-and to metrics/finetune.json (`collapses`, `collapse_events`).
+MLflow run (tag `finetune_collapsed`, metric `collapse_lr_scale` at its step),
+to metrics/finetune.json (`collapses`, `collapse_events`) and to the run's
+checkpoint, so that a fine-tune resumed after a kill goes on with the events
+counted and the rate lowered, from the weights it resumed from.
 """
 
 from __future__ import annotations
@@ -46,11 +48,13 @@ MAX_RECOVERIES = 2
 class CollapseGuard(keras.callbacks.Callback):
     """Detects a collapsed or diverged fine-tune and recovers from it (module
     docstring). `n_classes`: K. `start_loss`: the loss the fine-tune starts
-    from (the head's validation loss), if known. `attach(schedule)`: the
-    learning rate `fit` made."""
+    from (the head's validation loss), if known. `checkpoint`: the run's
+    train.checkpoint.Checkpoint, which keeps the events for a resume.
+    `attach(schedule)`: the learning rate `fit` made."""
 
-    def __init__(self, n_classes: int, start_loss: float | None = None):
+    def __init__(self, n_classes: int, start_loss: float | None = None, checkpoint=None):
         super().__init__()
+        self.checkpoint = checkpoint  # train.checkpoint.Checkpoint: where events are kept for a resume
         self.uniform = math.log(max(2, n_classes))
         self.events: list[dict] = []
         self.schedule = None
@@ -66,12 +70,11 @@ class CollapseGuard(keras.callbacks.Callback):
         self.schedule = schedule
 
     # ------------------------------------------------------------------ Keras hooks
-    def on_train_begin(self, logs=None):
-        if self.good is None:  # the first phase of progressive resizing, or the only one
-            self._keep()
-
     def on_epoch_begin(self, epoch, logs=None):
         self.running, self.blind = None, False
+        if self.good is None:  # the first epoch: every on_train_begin has run, a checkpoint's weights are in
+            self._resume()
+            self._keep()
 
     def on_train_batch_end(self, batch, logs=None):
         """Keras logs the epoch's running mean of the loss after each batch: the
@@ -112,6 +115,20 @@ class CollapseGuard(keras.callbacks.Callback):
                 and loss >= UNIFORM * self.uniform)
 
     # ------------------------------------------------------------------ what it does
+    def _resume(self) -> None:
+        """A resumed fine-tune's earlier events, from its checkpoint: counted
+        toward MAX_RECOVERIES, and the schedule scaled as they left it (a
+        constant rate is an optimizer variable, restored with the weights)."""
+        saved = self.checkpoint.state.get("collapse_events") if self.checkpoint is not None else None
+        if not saved:
+            return
+        self.events = [dict(e) for e in saved]
+        self.scale = float(saved[-1]["lr_scale"])
+        if isinstance(self.schedule, WarmupToZero):
+            self.schedule.scale_by(self.scale)
+        log.warning("resumed a fine-tune that collapsed %d time(s): the learning rate stays x%.3g of "
+                    "finetune.learning_rate", len(self.events), self.scale)
+
     def _keep(self) -> None:
         """The weights and optimizer state now: the last good moment. Kept by
         variable, so that progressive resizing's two models (the same variables)
@@ -131,6 +148,8 @@ class CollapseGuard(keras.callbacks.Callback):
             self._scale_learning_rate(FACTOR)
         self.events.append({"step": self.step, "reason": reason, "lr_scale": round(self.scale, 6),
                             "action": "stopped" if last else "restored, learning rate lowered"})
+        if self.checkpoint is not None:
+            self.checkpoint.note(collapse_events=self.events)
         log.warning("FINE-TUNE COLLAPSED at step %d: %s. %s", self.step, reason,
                     "Stopped on the last good weights after %d recoveries" % MAX_RECOVERIES if last else
                     f"Restored the last good weights and scaled the learning rate by {FACTOR} (now x{self.scale:.3g} "

@@ -71,7 +71,7 @@ def run(t: trainer.FineTuning, r: Recipe, f, start: Start, *, history_csv: Path,
                                             has_val=t.val is not None, start_score=to_beat,
                                             extra=callbacks, select=r.select)
     length = _length(t, r, f, start, checkpoint, per_epoch, recipe_steps)
-    guard = CollapseGuard(start.n_classes, start_loss=head.get("best_val_loss"))
+    guard = CollapseGuard(start.n_classes, start_loss=head.get("best_val_loss"), checkpoint=checkpoint)
     began = time.perf_counter()
     trainer.fit(t, r, length, callbacks=cbs, verbose=recipes.verbosity(), guard=guard)
     seconds = time.perf_counter() - began
