@@ -425,9 +425,7 @@ def _fit_progressive(t, callbacks, steps=25, small=15, **kwargs):
                         callbacks=callbacks, **kwargs)
 
 
-# heavy: the stage-level test_progressive.py::test_a_budget_plans_progressive_resizing_and_the_plan_replays
-# checks the sizes epoch by epoch in the default suite
-@pytest.mark.heavy
+@pytest.mark.heavy  # progressive resizing: test_progressive.py says why
 def test_progressive_resizing_trains_the_first_epochs_small_then_goes_on_at_full_size():
     spec, body, t = _progressive()
     assert {id(v) for v in t.small.trainable_weights} == {id(v) for v in t.model.trainable_weights}  # shared
@@ -444,9 +442,7 @@ def test_progressive_resizing_trains_the_first_epochs_small_then_goes_on_at_full
     assert len(hist.history["val_accuracy"]) == 5 and hist.epoch == [0, 1, 2, 3, 4]  # both phases' epochs
 
 
-# heavy: the stage-level test_progressive.py::test_progressive_resizing_is_planned_again_at_full_size_and_
-# the_replans_replay checks the re-plan in the default suite
-@pytest.mark.heavy
+@pytest.mark.heavy  # progressive resizing: test_progressive.py says why
 def test_progressive_resizing_is_planned_again_once_the_full_size_trains(monkeypatch):
     """Planned 25 steps of 5 an epoch, the first 15 at 32 px: the re-plans time
     full-size steps only (none before step 15; none at its end either, whose
@@ -485,9 +481,7 @@ class ValidatedAtFullSize(keras.callbacks.Callback):
         self.pairs.append((logs["val_loss"], own))
 
 
-# heavy (both below): progressive resizing is off by default, and the stage-level tests in
-# test_progressive.py train it in the default suite
-@pytest.mark.heavy
+@pytest.mark.heavy  # progressive resizing: test_progressive.py says why
 def test_progressive_resizing_validates_every_epoch_at_the_full_size():
     """The small epochs' val_* come from the full-size model, so the best epoch,
     early stopping and the head's score compare like with like. (vgg16: its
@@ -507,7 +501,7 @@ class StopAfterFirstEpoch(keras.callbacks.Callback):
         self.model.stop_training = True
 
 
-@pytest.mark.heavy
+@pytest.mark.heavy  # progressive resizing: test_progressive.py says why
 def test_early_stopping_in_the_small_epochs_ends_the_run_with_the_full_size_model_compiled():
     _, _, t = _progressive()
     hist = _fit_progressive(t, [StopAfterFirstEpoch()])
@@ -536,6 +530,7 @@ def test_small_input_size_is_a_multiple_of_32_and_never_below_the_backbone_minim
     assert surgery.small_input_size(spec, 128, 0.75, 0.0) == 0  # no step at the smaller size
 
 
+@pytest.mark.heavy  # progressive resizing: test_progressive.py says why
 def test_probe_times_both_sizes_of_progressive_resizing(monkeypatch):
     _, _, t = _progressive()
     timed, real = [], trainer._time_steps
@@ -670,6 +665,7 @@ def test_a_fine_tune_with_a_moving_average_resumes_where_it_was_killed(tmp_path)
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.heavy  # progressive resizing: test_progressive.py says why
 def test_progressive_resizing_resumes_at_the_size_of_the_epoch_it_was_killed_in(tmp_path):
     """Killed after the first full-size epoch: the restart trains no small epoch
     again and goes on at the full size with the optimizer's step count."""

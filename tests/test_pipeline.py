@@ -400,20 +400,21 @@ def test_dvc_plots_metrics_diff_and_experiments(reproduced):
     for plot in ("confusion.csv", "head_accuracy", "finetune_accuracy", "finetune_loss", "finetune_learning_rate",
                  "confusion_val.png", "reliability.png", "mistakes.png", "recall.png"):
         assert plot in page, plot
-    before = json.loads((dest / "metrics/head.json").read_text())
-    out = run(["dvc", "exp", "run", "-S", "head.units=8", "-S", "head.dropout=0.3"], dest, env)
-    assert "Running stage 'head'" in out  # the changed params re-ran the stage
-    assert yaml.safe_load((dest / "params.yaml").read_text())["head"]["units"] == 8
+    # a param of the last stage: the sweep re-runs that stage only (seconds, where one of the head's
+    # re-runs the head, the fine-tune and evaluate)
+    before = json.loads((dest / "metrics/evaluate.json").read_text())
+    out = run(["dvc", "exp", "run", "-S", "evaluate.tta=flip", "-S", "evaluate.calibrate=false"], dest, env)
+    assert "Running stage 'evaluate'" in out and "Running stage 'head'" not in out  # what the params change
+    assert yaml.safe_load((dest / "params.yaml").read_text())["evaluate"]["tta"] == "flip"
     shown = run(["dvc", "exp", "show", "--json"], dest, env)
-    assert "head.units" in shown or '"units": 8' in shown
-    after = json.loads((dest / "metrics/head.json").read_text())
+    assert "evaluate.tta" in shown or '"tta": "flip"' in shown
+    after = json.loads((dest / "metrics/evaluate.json").read_text())
+    assert after["tta_flip"] == 1 and after["temperature"] == 1.0  # the swept values took effect
     out = subprocess.run(["dvc", "metrics", "diff", "--all", "--json"], cwd=dest, env=env,
                          capture_output=True, text=True, check=True).stdout
-    head_diff = json.loads(out)["metrics/head.json"]
-    assert head_diff["best_val_accuracy"]["old"] == before["best_val_accuracy"]
-    assert head_diff["best_val_accuracy"]["new"] == after["best_val_accuracy"]
-    assert head_diff["head_seconds"]["old"] == before["head_seconds"]
-    assert head_diff["head_seconds"]["new"] == after["head_seconds"]
+    diff = json.loads(out)["metrics/evaluate.json"]
+    for key in ("test_accuracy", "test_loss", "evaluate_seconds"):
+        assert diff[key]["old"] == before[key] and diff[key]["new"] == after[key], key
 
 
 def test_dvc_exp_run_temp_logs_to_the_project_store(reproduced):

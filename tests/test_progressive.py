@@ -1,14 +1,20 @@
 """Progressive resizing under a time budget, at the stage: the plan counts the
 steps of both sizes, re-plans from the first full-size epoch on, and replays
-without the clock. (Its unit tests are in test_finetune.py.)"""
+without the clock. (Its unit tests are in test_finetune.py.)
+
+Heavy, as are the unit tests that train progressively: progressive resizing is
+off by default (finetune.progressive.scale: 1), so the README's test command
+leaves its minutes of training to .ci/run's `pytest -m heavy`."""
 
 import keras
+import pytest
 
 import tinyproject
 from transferlab import config
 from transferlab.budget import plans
 from transferlab.stages import finetune
 
+pytestmark = pytest.mark.heavy
 
 PROGRESSIVE = plans.Probe(step_seconds=10.0, first_step_seconds=12.0, batch_size=8,
                            small_step_seconds=5.0, small_first_step_seconds=6.0)
