@@ -87,9 +87,7 @@ class Objective:
                               tags=tags) as run:
             trial.set_user_attr(RUN_ATTR, run.info.run_id)
             trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-            mlflow.log_params({**hp, "head_epochs": t.head_epochs, "finetune_epochs": t.finetune_epochs,
-                               "input_size": proxy_size(self.params),
-                               "train_images": len(self.trial_data.y["train"])})
+            mlflow.log_params(self._run_params(hp))
             began = time.perf_counter()
             pruned = None
             try:
@@ -131,14 +129,18 @@ class Objective:
         tags = {"stage": "tune-confirm", "backbone": b.name, "study": t.study, "git_commit": tracking.git_commit()}
         with mlflow.start_run(run_name=run_name, experiment_id=self.experiment_id,
                               parent_run_id=self.parent_run_id, tags=tags):
-            mlflow.log_params({**hp, "head_epochs": t.head_epochs, "finetune_epochs": t.finetune_epochs,
-                               "input_size": proxy_size(self.params),
-                               "train_images": len(self.trial_data.y["train"])})
+            mlflow.log_params(self._run_params(hp))
             began = time.perf_counter()
             with device.strategy(self.params.distribute).scope():
                 value, _ = self._fit_proxy(optuna.trial.FixedTrial(hp), hp, prune=False)
             mlflow.log_metrics({f"best_{self.monitor}": value, "trial_seconds": time.perf_counter() - began})
         return value
+
+    def _run_params(self, hp: dict) -> dict:
+        """What a trial's (or a check's) MLflow run logs as its params."""
+        t = self.params.tune
+        return {**hp, "head_epochs": t.head_epochs, "finetune_epochs": t.finetune_epochs,
+                "input_size": proxy_size(self.params), "train_images": len(self.trial_data.y["train"])}
 
     def _at_least_as_good_as_the_best(self, study, value: float) -> bool:
         """Ties log too: every trial that reaches the study's final best value
