@@ -299,9 +299,21 @@ def tune_one(source: Path, workdir: Path, overrides: list[str]) -> dict:
            "study_seconds": summary["study_seconds"], "verdict": summary["verdict"],
            "confirm": summary.get("confirm"), "applied": Path("params.yaml").read_text() != before,
            "best_params": summary["best_params"], "best_trial_test_accuracy": summary["test_accuracy"]}
-    if not summary["default_wins"]:
-        out["winner"] = run_one(source, workdir.parent / f"{workdir.name}-winner", overrides, tuned=summary)
+    if not summary["default_wins"]:  # in a process of its own: a stage's clock counts from its process's start
+        out["winner"] = one_process(source, workdir.parent / f"{workdir.name}-winner", overrides,
+                                    "--tuned", str(Path("metrics/tune.json").resolve()))
     return out
+
+
+def one_process(source: Path, workdir: Path, overrides: list[str], *flags: str) -> dict:
+    """`--one` in a new process (each set's stages, as `dvc repro` runs them, apart
+    from whatever ran before): its result, or SystemExit with its exit code."""
+    proc = subprocess.run([sys.executable, __file__, *[a for o in overrides for a in ("--set", o)], *flags,
+                           "--one", str(source), str(workdir)], text=True, stdout=subprocess.PIPE)
+    if proc.returncode != 0:
+        print(f"[small] {source.name} failed (exit {proc.returncode})", flush=True)
+        raise SystemExit(proc.returncode)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def _flips(r: dict) -> str:
@@ -326,10 +338,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tune", action="store_true",
                    help="then `transferlab tune --apply` (shipped tune settings) and the pipeline on its winner")
     p.add_argument("--one", nargs=2, metavar=("SOURCE", "WORKDIR"), help=argparse.SUPPRESS)
+    p.add_argument("--tuned", help=argparse.SUPPRESS)  # with --one: a study's metrics/tune.json (run_one)
     args = p.parse_args(argv)
     if args.one:
         source, workdir = Path(args.one[0]), Path(args.one[1]).resolve()
-        result = run_one(source, workdir, args.set)
+        result = run_one(source, workdir, args.set, tuned=json.loads(Path(args.tuned).read_text()) if args.tuned
+                         else None)
         if args.tune:
             result["tune"] = tune_one(source, workdir, args.set)
         print(json.dumps(result))
@@ -351,14 +365,10 @@ def main(argv: list[str] | None = None) -> int:
             render_glyphs(source, args.per_class, args.test_per_class, seed=0)
         else:
             render_shapes(source, args.per_class, args.test_per_class, seed=0)
-        proc = subprocess.run([sys.executable, __file__, *[a for o in args.set for a in ("--set", o)],
-                               *(["--tune"] if args.tune else []),
-                               "--one", str(source), str(work / f"run-{name}")], text=True,
-                              stdout=subprocess.PIPE)
-        if proc.returncode != 0:
-            print(f"[small] {name} failed (exit {proc.returncode})", flush=True)
-            return proc.returncode
-        results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+        try:
+            results[name] = one_process(source, work / f"run-{name}", args.set, *(["--tune"] if args.tune else []))
+        except SystemExit as exc:
+            return exc.code
         print(f"[small] {name}: {results[name]}", flush=True)
     cpu = cpu_description()
     lines = [f"Measured {time.strftime('%Y-%m-%d')} on {cpu}; default params"
