@@ -313,11 +313,12 @@ def test_a_fine_tune_past_its_window_ends_there_and_the_stop_replays(stages_done
 def test_min_steps_stretches_early_stopping_with_the_schedule(stages_done, monkeypatch):
     """A learning rate of zero never improves on the first epoch: early stopping
     would end the run after `patience` epochs, but the schedule that min_steps
-    stretched to 10x the recipe's length waits 10x as long, and runs to its end."""
+    stretched to 3x the recipe's length waits 3x as long, and runs to its end."""
     tiny = {**tinyproject.TINY["finetune"], "epochs": 1, "patience": 1, "learning_rate": 0.0}
-    per_epoch = run_finetune(stages_done, monkeypatch, finetune=tiny)["steps"]  # one epoch
-    ran = run_finetune(stages_done, monkeypatch, finetune={**tiny, "min_steps": 10 * per_epoch})
-    assert ran["steps"] == 10 * per_epoch and ran["steps_run"] == ran["steps"] and ran["epochs_run"] == 10
+    n_train = json.loads((stages_done / "metrics" / "prepare.json").read_text())["train_images"]
+    per_epoch = -(-n_train // tiny["batch_size"])
+    ran = run_finetune(stages_done, monkeypatch, finetune={**tiny, "min_steps": 3 * per_epoch})
+    assert ran["steps"] == 3 * per_epoch and ran["steps_run"] == ran["steps"] and ran["epochs_run"] == 3
 
 
 def test_a_budget_spent_before_the_fine_tune_is_a_clear_error(stages_done, monkeypatch):
