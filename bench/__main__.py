@@ -26,6 +26,7 @@ BENCHMARKS = {
     "throughput": "feature extraction and training step throughput choices",
     "finetune_paths": "fine-tuning throughput, the full path against the cached path",
     "study_table": "an Optuna study's trials as a table",
+    "lr_range": "a learning-rate range test on the fine-tune of each project folder given",
 }
 
 
