@@ -25,6 +25,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -48,9 +49,9 @@ def suggestions(rows: list[dict]) -> dict:
         smooth.append(avg / (1 - SMOOTHING ** (i + 1)))
     finite = [i for i, s in enumerate(smooth) if math.isfinite(s)]
     lowest = min(finite, key=lambda i: smooth[i])
-    slopes = [(smooth[i + 1] - smooth[i]) / (math.log(rows[i + 1]["lr"]) - math.log(rows[i]["lr"]))
-              for i in finite[:-1] if i + 1 in finite and i + 1 <= lowest]
-    steepest = min(range(len(slopes)), key=lambda i: slopes[i]) if slopes else lowest
+    slopes = {i: (smooth[i + 1] - smooth[i]) / (math.log(rows[i + 1]["lr"]) - math.log(rows[i]["lr"]))
+              for i in finite if i + 1 in finite and i + 1 <= lowest}  # row -> slope to the next row
+    steepest = min(slopes, key=slopes.get) if slopes else lowest
     return {"lr_at_lowest_loss": rows[lowest]["lr"], "lr_tenth_of_lowest": rows[lowest]["lr"] / 10,
             "lr_steepest": rows[steepest]["lr"], "lowest_smoothed_loss": smooth[lowest],
             "first_loss": rows[0]["loss"], "smoothed": smooth}
@@ -97,7 +98,10 @@ def sweep_in_this_folder(steps: int, low: float, high: float, result: Path) -> N
 
     trainer.probe = sweep
     keras.utils.set_random_seed(0)
-    code = cli.main(["finetune", "--set", "precision=float32"])
+    with tempfile.TemporaryDirectory() as tmp:  # --set writes into the params file: a copy's, not the folder's
+        copy = Path(tmp) / "params.yaml"
+        shutil.copy("params.yaml", copy)
+        code = cli.main(["finetune", "--params", str(copy), "--set", "precision=float32"])
     raise SystemExit(f"the fine-tune stage ended ({code}) before the sweep: is a budget set in params.yaml?")
 
 
