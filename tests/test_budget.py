@@ -8,6 +8,7 @@ import time
 import types
 
 import keras
+import numpy as np
 import pytest
 
 import synth
@@ -126,6 +127,20 @@ def test_progressive_resizing_plans_the_steps_of_both_sizes():
     assert q.small_steps == p.small_steps and q.steps > small + 352
     with pytest.raises(ValueError, match="smaller input size"):
         plans.replan(p, step_seconds=0.45, steps_done=small - 352, seconds_left=2000.0)
+
+
+@pytest.mark.parametrize("n", [20, 100])
+def test_the_probe_times_full_batches_only(monkeypatch, n):
+    """A set smaller than the probe's steps is repeated, so every timed batch is
+    full: a partial one is traced anew, and its time would inflate the plan's
+    step (4.8 s planned on 165 images whose steps took about 1 s)."""
+    seen = []
+    monkeypatch.setattr(trainer_module, "_time_steps", lambda model, x, y, batch_size: seen.append((x, y)) or (1, 2))
+    images = np.arange(n)[:, None]
+    t = types.SimpleNamespace(mode="full", inputs=images, fit_kwargs={"y": images[:, 0] % 3}, small=None, model=None)
+    trainer_module.probe(t, batch_size=8, steps=11)
+    (x, y), = seen
+    assert len(x) == len(y) == 88 and (x[:min(n, 88), 0] == np.arange(min(n, 88))).all() and (y == x[:, 0] % 3).all()
 
 
 def test_a_budget_too_small_names_the_smallest_that_fits():
@@ -310,15 +325,17 @@ def test_a_fine_tune_past_its_window_ends_there_and_the_stop_replays(stages_done
             config.from_dict(tinyproject.full_params({**tinyproject.TINY, "finetune": {**recipe, "replans": wrong}}))
 
 
-def test_min_steps_stretches_early_stopping_with_the_schedule(stages_done, monkeypatch):
+def test_min_steps_stretches_early_stopping_and_the_warmup_with_the_schedule(stages_done, monkeypatch):
     """A learning rate of zero never improves on the first epoch: early stopping
     would end the run after `patience` epochs, but the schedule that min_steps
-    stretched to 3x the recipe's length waits 3x as long, and runs to its end."""
-    tiny = {**tinyproject.TINY["finetune"], "epochs": 1, "patience": 1, "learning_rate": 0.0}
+    stretched to 3x the recipe's length waits 3x as long, and runs to its end.
+    Its warmup is 3x as long too: the same share of the schedule."""
+    tiny = {**tinyproject.TINY["finetune"], "epochs": 1, "patience": 1, "learning_rate": 0.0, "warmup_epochs": 0.5}
     n_train = json.loads((stages_done / "metrics" / "prepare.json").read_text())["train_images"]
     per_epoch = -(-n_train // tiny["batch_size"])
     ran = run_finetune(stages_done, monkeypatch, finetune={**tiny, "min_steps": 3 * per_epoch})
     assert ran["steps"] == 3 * per_epoch and ran["steps_run"] == ran["steps"] and ran["epochs_run"] == 3
+    assert per_epoch >= 2 and ran["warmup_steps"] == round(1.5 * per_epoch)  # unstretched: round(0.5 * per_epoch)
 
 
 def test_a_budget_spent_before_the_fine_tune_is_a_clear_error(stages_done, monkeypatch):

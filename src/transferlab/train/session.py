@@ -62,10 +62,13 @@ def run(t: trainer.FineTuning, r: Recipe, f, start: Start, *, history_csv: Path,
     per_epoch = t.steps_per_epoch(r.batch_size)
     recipe_steps = schedule.total_steps(epochs=f.epochs, steps_per_epoch=per_epoch, min_steps=f.min_steps)
     head = start.head if t.val else {}  # the head's score on the same validation images
-    # patience counts epochs of the recipe's length: a schedule that min_steps stretched over more
-    # (shorter) epochs waits as many more, so it can reach its low-rate end (a budget's plan does not
-    # stretch it: a long budget on a small set still stops)
-    patience = math.ceil(f.patience * recipe_steps / max(1, f.epochs * per_epoch))
+    # patience and the warmup count epochs of the recipe's length: a schedule that min_steps stretched
+    # over more (shorter) epochs waits as many more, so it can reach its low-rate end, and warms up over
+    # as many more, so the same share of its steps (a budget's plan stretches neither: a long budget on a
+    # small set still stops). Unstretched, 600 images warmed up in 2 steps and collapsed at the peak.
+    stretch = recipe_steps / max(1, f.epochs * per_epoch)
+    patience = math.ceil(f.patience * stretch)
+    r = dataclasses.replace(r, warmup_epochs=r.warmup_epochs * stretch)
     to_beat = head.get(f"best_val_{r.select}")  # the head's, by the same selection metric
     cbs, checkpoint = checkpoints.callbacks(start.directory, patience=patience, schedule=r.schedule,
                                             has_val=t.val is not None, start_score=to_beat,
@@ -92,6 +95,7 @@ def run(t: trainer.FineTuning, r: Recipe, f, start: Start, *, history_csv: Path,
         "best_epoch": checkpoint.best_epoch,
         "epochs_run": len(hist[monitor]),
         "steps": length.final_steps,
+        "warmup_steps": trainer.warmup_steps(r, per_epoch),
         "steps_run": ran,
         "small_steps": length.small_steps,  # progressive resizing: the first ones at small_input_size
         "small_input_size": t.small_size if length.small_steps else 0,

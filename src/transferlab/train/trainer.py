@@ -108,6 +108,11 @@ def build(spec: BackboneSpec, body: keras.Model, head: keras.Model, r: Recipe, *
     return FineTuning(model, inputs, val, fit_kwargs, len(y_train), mode, small, small_size if small else 0)
 
 
+def warmup_steps(r: Recipe, per_epoch: int) -> int:
+    """The schedule's warmup in steps: `r.warmup_epochs` epochs of `per_epoch` steps."""
+    return int(round(r.warmup_epochs * per_epoch))
+
+
 def fit(t: FineTuning, r: Recipe, length: StepBudget, *, callbacks: list, verbose: int = 1,
         guard: CollapseGuard | None = None):
     """Compile and train for `length` (steps, or a plan that moves the
@@ -122,8 +127,7 @@ def fit(t: FineTuning, r: Recipe, length: StepBudget, *, callbacks: list, verbos
     the classes by `r.class_weight`. `guard`: a `CollapseGuard`, which recovers a collapsed or diverged
     run (it comes first of `callbacks`, after the small epochs' full-size validation)."""
     per_epoch = t.steps_per_epoch(r.batch_size)
-    lr = learning_rate_schedule(r.schedule, r.learning_rate, length.first_steps,
-                                int(round(r.warmup_epochs * per_epoch)))
+    lr = learning_rate_schedule(r.schedule, r.learning_rate, length.first_steps, warmup_steps(r, per_epoch))
     opt = recipes.make_optimizer(r.optimizer, lr, r.weight_decay, ema=r.ema, ema_every=per_epoch)
     progressive = t.small is not None and length.small_steps >= per_epoch
     length.attach(lr, per_epoch, from_step=length.small_steps if progressive else 0)
@@ -224,8 +228,8 @@ class _StepTimer(keras.callbacks.Callback):
 
 def probe(t: FineTuning, batch_size: int, steps: int = 11) -> Probe:
     """Seconds per training step of this model on this machine (and of the
-    smaller one of progressive resizing): `steps` steps on the first training
-    batches at a learning rate of zero. Every variable of the model (weights and
+    smaller one of progressive resizing): `steps` full batches of the first
+    training images (a small set's repeated) at a learning rate of zero. Every variable of the model (weights and
     the augmentation's random state) and the cached path's random flips are
     restored afterwards, so a planned run trains exactly as its replay without
     the probe does."""
@@ -236,7 +240,10 @@ def probe(t: FineTuning, batch_size: int, steps: int = 11) -> Probe:
         x = np.concatenate([b[0] for b in batches])
         y = np.concatenate([b[1] for b in batches])
     else:
-        x, y = t.inputs[:steps * batch_size], t.fit_kwargs["y"][:steps * batch_size]
+        x, y = t.inputs, t.fit_kwargs["y"]
+    # full batches only: a partial batch's new shape is traced again, and the mean would count that
+    take = np.arange(steps * batch_size) % len(y)
+    x, y = x[take], y[take]
     step, first = _time_steps(t.model, x, y, batch_size)
     if t.small is None:
         return Probe(step_seconds=step, first_step_seconds=first, batch_size=batch_size)
