@@ -27,6 +27,7 @@ BENCHMARKS = {
     "finetune_paths": "fine-tuning throughput, the full path against the cached path",
     "study_table": "an Optuna study's trials as a table",
     "lr_range": "a learning-rate range test on the fine-tune of each project folder given",
+    "scratch": "the from-scratch peer: airbench94 in Keras on CIFAR-10, test accuracy after each epoch, TTA at the end",
 }
 
 

@@ -2,9 +2,9 @@
 
     python -m bench recipes                       # real CIFAR-10, efficientnet_lite0, default params
     python -m bench recipes --data DIR --weights none --set head.epochs=2 ...   # a smoke run
-    python -m bench recipes --recipes ours,fastai # any of ours, seeds, fastai
+    python -m bench recipes --recipes ours,fastai # any of ours, seeds, fastai, scratch
 
-Three recipes, each in its own process (so each has its own peak RSS):
+Four recipes, each in its own process (so each has its own peak RSS):
 - seeds: the classic notebook recipe written plainly with Keras `model.fit`:
   native 32x32 input, frozen backbone + Flatten/Dense(256, relu)/Dropout(0.5)/
   Dense(10, softmax), Adam, 10 epochs, batch 128; then the top registry block
@@ -14,12 +14,16 @@ Three recipes, each in its own process (so each has its own peak RSS):
 - fastai: `Learner.fine_tune` on the same Lite0 ImageNet weights in PyTorch
   (bench/fastai_peer.py), in its own environment: `--peer-python`, by default
   .peer/bin/python, made with `python -m venv .peer && .peer/bin/pip install -r
-  bench/peer-requirements.txt`. Without it the peer is left out, and said so.
+  bench/peer-requirements.txt`. Without it the peer is left out, and said so;
+- scratch: airbench94 trained from random weights in Keras (bench/scratch.py,
+  `python -m bench scratch`), on the same archive, decoded by its own process;
+  not in the default --recipes.
 
 After every epoch of either, a probe measures test accuracy with the clock
 stopped, so the curve is test accuracy against training wall time. The seeds'
-recipe starts from the prepared arrays (the JPEG decoding, our prepare stage, is
-counted for ours only); fastai's clock starts before it unpacks the archive.
+recipe starts from the prepared arrays, scratch from its decoded ones (the JPEG
+decoding, our prepare stage, is counted for ours only); fastai's clock starts
+before it unpacks the archive.
 
 Writes the run into docs/bench/<date>-<--name>/ (or --out): results.json (the
 figures and every recipe's result, points included), README.md (a stub with
@@ -367,13 +371,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="the Python of the fastai peer's environment (bench/peer-requirements.txt)")
     p.add_argument("--peer-epochs", type=int, default=1, help="fastai fine_tune's unfrozen epochs")
     p.add_argument("--peer-freeze-epochs", type=int, default=1, help="fastai fine_tune's frozen epochs (its default)")
+    p.add_argument("--scratch-epochs", type=float, default=9.9, help="the from-scratch peer's epochs (airbench94's)")
     p.add_argument("--reuse", action="store_true",
                    help="keep --workdir, and report the recipes not run from their <recipe>.json there")
     p.add_argument("--only", choices=["ours", "seeds"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     chosen = [r.strip() for r in args.recipes.split(",") if r.strip()]
-    if not chosen or set(chosen) - {"ours", "seeds", "fastai"}:
-        p.error(f"--recipes: a comma-separated choice of ours, seeds, fastai; received {args.recipes!r}")
+    if not chosen or set(chosen) - {"ours", "seeds", "fastai", "scratch"}:
+        p.error(f"--recipes: a comma-separated choice of ours, seeds, fastai, scratch; received {args.recipes!r}")
     if "seeds" in chosen and "ours" not in chosen and not args.reuse:
         p.error("--recipes: the seeds' recipe reads the arrays ours prepares; add ours (or --reuse its run)")
     workdir = Path(args.workdir).resolve()
@@ -420,8 +425,8 @@ def main(argv: list[str] | None = None) -> int:
                         "--seeds-head-epochs", str(args.seeds_head_epochs),
                         "--seeds-finetune-epochs", str(args.seeds_finetune_epochs),
                         "--seeds-unfreeze", str(args.seeds_unfreeze)], check=True)
+    ours_params = config.load(workdir / "params.yaml") if (workdir / "params.yaml").exists() else base
     if "fastai" in chosen:  # the same archive or folder, input size and seed as ours
-        ours_params = config.load(workdir / "params.yaml") if (workdir / "params.yaml").exists() else base
         if args.weights != "imagenet":
             print("[fastai] runs with the Lite0 ImageNet weights whatever --weights says", flush=True)
         subprocess.run([args.peer_python, str(ROOT / "bench/fastai_peer.py"), "--data", source,
@@ -431,11 +436,15 @@ def main(argv: list[str] | None = None) -> int:
                         "--valid-pct", str(ours_params.data.val_fraction),
                         "--epochs", str(args.peer_epochs), "--freeze-epochs", str(args.peer_freeze_epochs)],
                        check=True)
-    reused = [name for name in ("seeds", "fastai", "ours")
+    if "scratch" in chosen:  # the same archive or folder and seed as ours
+        subprocess.run([sys.executable, "-m", "bench", "scratch", "--data", source, "--seed", str(ours_params.seed),
+                        "--epochs", str(args.scratch_epochs), "--workdir", str(workdir / "scratch"),
+                        "--result", str(workdir / "scratch.json")], cwd=ROOT, check=True)
+    reused = [name for name in ("seeds", "fastai", "scratch", "ours")
               if args.reuse and name not in chosen and (workdir / f"{name}.json").exists()]
     for name in reused:
         print(f"[{name}] reported from {workdir / f'{name}.json'} (an earlier run; --reuse)", flush=True)
-    order = [name for name in ("seeds", "fastai", "ours") if name in chosen or name in reused]
+    order = [name for name in ("seeds", "fastai", "scratch", "ours") if name in chosen or name in reused]
     results = [json.loads((workdir / f"{name}.json").read_text()) for name in order]
     write_outputs(output_folder(args), results, machine_name(), argv)
     return 0
