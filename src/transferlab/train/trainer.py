@@ -229,10 +229,10 @@ class _StepTimer(keras.callbacks.Callback):
 def probe(t: FineTuning, batch_size: int, steps: int = 11) -> Probe:
     """Seconds per training step of this model on this machine (and of the
     smaller one of progressive resizing): `steps` full batches of the first
-    training images (a small set's repeated) at a learning rate of zero. Every variable of the model (weights and
-    the augmentation's random state) and the cached path's random flips are
-    restored afterwards, so a planned run trains exactly as its replay without
-    the probe does."""
+    training images (a small set's repeated) at a learning rate of zero. Every
+    variable of the model (weights and the augmentation's random state) and the
+    cached path's random flips are restored afterwards, so a planned run trains
+    exactly as its replay without the probe does."""
     if t.mode == "cached":
         rng_state = t.inputs.rng.bit_generator.state
         batches = [t.inputs[i] for i in range(min(steps, len(t.inputs)))]
