@@ -228,11 +228,11 @@ class _StepTimer(keras.callbacks.Callback):
 
 def probe(t: FineTuning, batch_size: int, steps: int = 11) -> Probe:
     """Seconds per training step of this model on this machine (and of the
-    smaller one of progressive resizing): `steps` full batches of the first
-    training images (a small set's repeated) at a learning rate of zero. Every
-    variable of the model (weights and the augmentation's random state) and the
-    cached path's random flips are restored afterwards, so a planned run trains
-    exactly as its replay without the probe does."""
+    smaller one of progressive resizing): up to `steps` full batches of the
+    first training images (at least 3, a small set's repeated) at a learning
+    rate of zero. Every variable of the model (weights and the augmentation's
+    random state) and the cached path's random flips are restored afterwards,
+    so a planned run trains exactly as its replay without the probe does."""
     if t.mode == "cached":
         rng_state = t.inputs.rng.bit_generator.state
         batches = [t.inputs[i] for i in range(min(steps, len(t.inputs)))]
@@ -241,7 +241,9 @@ def probe(t: FineTuning, batch_size: int, steps: int = 11) -> Probe:
         y = np.concatenate([b[1] for b in batches])
     else:
         x, y = t.inputs, t.fit_kwargs["y"]
-    # full batches only: a partial batch's new shape is traced again, and the mean would count that
+    # full batches only: a partial batch's new shape is traced again, and the mean would count that;
+    # as many as the set holds (at least 3, a smaller set's repeated: one traced, two timed)
+    steps = min(steps, max(len(y) // batch_size, 3))
     take = np.arange(steps * batch_size) % len(y)
     x, y = x[take], y[take]
     step, first = _time_steps(t.model, x, y, batch_size)
