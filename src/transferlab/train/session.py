@@ -65,7 +65,7 @@ def run(t: trainer.FineTuning, r: Recipe, f, start: Start, *, history_csv: Path,
     # patience and the warmup count epochs of the recipe's length: a schedule that min_steps stretched
     # over more (shorter) epochs waits as many more, so it can reach its low-rate end, and warms up over
     # as many more, so the same share of its steps (a budget's plan stretches neither: a long budget on a
-    # small set still stops). Unstretched, 600 images warmed up in 2 steps and collapsed at the peak.
+    # small set still stops). Unstretched, 540 training images warmed up in 2 steps and collapsed at the peak.
     stretch = recipe_steps / max(1, f.epochs * per_epoch)
     patience = math.ceil(f.patience * stretch)
     r = dataclasses.replace(r, warmup_epochs=r.warmup_epochs * stretch)
