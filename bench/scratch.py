@@ -10,11 +10,13 @@ The paper's recipe, with the numbers of its reference script airbench94.py (`hyp
   epoch a random translation by up to 2 px (reflect padding) and the alternating
   flip (a random half mirrored once, then every image mirrored on odd epochs);
 - network, 1.97 M parameters: a frozen 2x2 conv without padding whose 24 filters
-  are +/- the eigenvectors of the normalised 2x2 patches' covariance (first 5,000
-  images), scaled by 1/sqrt(eigenvalue + 5e-4), its bias trained for 3 epochs;
-  GELU; three groups 64, 256, 256 wide (conv3x3, maxpool 2, BatchNorm, GELU,
-  conv3x3, BatchNorm, GELU), each conv's first filters the identity; maxpool 3,
-  a linear layer without bias, times 1/9. BatchNorm: scale fixed at 1, eps 1e-12,
+  are +/- the eigenvectors of the normalised 2x2 patches' covariance over 5,000
+  images, scaled by 1/sqrt(eigenvalue + 5e-4), its bias trained for 3 epochs (the
+  reference takes the pickle's first 5,000, a mix of classes; here a seeded
+  random 5,000, as a folder is read class by class); GELU; three groups 64, 256,
+  256 wide (conv3x3, maxpool 2, BatchNorm, GELU, conv3x3, BatchNorm, GELU),
+  each conv's first filters the identity; maxpool 3, a linear layer without
+  bias, times 1/9. BatchNorm: scale fixed at 1, eps 1e-12,
   statistics 0.6 old + 0.4 new (PyTorch's momentum=0.4, Keras's momentum=0.6);
 - optimiser: batch 1024 (an epoch's partial batch dropped), 9.9 epochs (476
   steps), the batch's summed cross entropy with label smoothing 0.2, PyTorch's
@@ -146,10 +148,15 @@ def build_model(mean, std, classes: int = 10, widths=WIDTHS):
     return model
 
 
-def set_whitening(model, x: np.ndarray) -> None:
+def set_whitening(model, x: np.ndarray, seed: int = 0) -> None:
+    """The whitening kernel from a seeded random WHITEN_IMAGES of `x`. The
+    reference takes its first 5,000, a mix of classes in the canonical pickle;
+    an image folder is read class by class, where the first 5,000 would be one
+    class (airplanes in CIFAR-10)."""
     norm = model.get_layer("normalize")
     mean, std = np.array(norm.mean).ravel(), np.sqrt(np.array(norm.variance).ravel())
-    model.get_layer("whiten").kernel.assign(whitening_kernel(x[:WHITEN_IMAGES], mean, std))
+    chosen = np.random.default_rng(seed).permutation(len(x))[:WHITEN_IMAGES]
+    model.get_layer("whiten").kernel.assign(whitening_kernel(x[np.sort(chosen)], mean, std))
 
 
 # --------------------------------------------------------------------------- training
@@ -330,7 +337,7 @@ def run(source: str, workdir: Path, epochs: float, seed: int, limit: int = 0) ->
         raise SystemExit(f"{source}: {len(y_train)} training images, fewer than one batch of {BATCH_SIZE}")
     clock, points = Clock(), []
     model = build_model(*channel_stats(x_train), classes=len(classes))
-    set_whitening(model, x_train)
+    set_whitening(model, x_train, seed)
     init_seconds = clock.now()  # the model built, the whitening set
 
     def probe(epoch: int) -> None:

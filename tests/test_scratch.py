@@ -49,6 +49,21 @@ def test_the_whitening_layer_decorrelates_the_training_patches(images):
     assert all("whiten/kernel" != v.path for v in model.trainable_variables)  # frozen
 
 
+def test_the_whitening_is_fitted_on_every_class_when_the_images_come_class_by_class(images, monkeypatch):
+    # an image folder is read one class after another: the first WHITEN_IMAGES would be one class
+    x, y = images
+    order = np.argsort(y, kind="stable")
+    x, y = x[order], y[order]
+    n = int(np.sum(y == y[0]))  # as many as the first class holds
+    monkeypatch.setattr(scratch, "WHITEN_IMAGES", n)
+    fitted = []
+    kernel = scratch.whitening_kernel
+    monkeypatch.setattr(scratch, "whitening_kernel", lambda sample, *a: fitted.append(sample) or kernel(sample, *a))
+    small_model(x)
+    (sample,) = fitted
+    rows = [np.flatnonzero((x == image).all(axis=(1, 2, 3)))[0] for image in sample]
+    assert len(sample) == n and len(set(y[rows])) == len(synth.CLASSES)
+
 def test_schedule_and_rates_are_the_references():
     steps = scratch.total_steps(50_000, 1024, 9.9)
     assert steps == 476  # 48 full batches an epoch, 9.9 epochs
