@@ -60,6 +60,9 @@ def _finetune(params: Params) -> None:
         raise ConfigError(f"finetune.augment.erase is a probability in [0, 1], received: {f.augment.erase}")
     if not 0.0 <= f.label_smoothing < 1.0:
         raise ConfigError(f"finetune.label_smoothing must be in [0, 1), received: {f.label_smoothing}")
+    if not 0.0 < f.backprop <= 1.0:
+        raise ConfigError(f"finetune.backprop is the share of each batch a step trains on, in (0, 1] "
+                          f"(1: all), received: {f.backprop}")
     if not 0.0 <= f.ema < 1.0:
         raise ConfigError(f"finetune.ema is a momentum in [0, 1) (0: off), received: {f.ema}")
     if f.replans:

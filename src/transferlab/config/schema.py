@@ -112,6 +112,9 @@ class FinetuneConfig:
     # pretrained kernels, and the step skips their filter gradient
     train_depthwise: bool
     batch_size: int
+    # the share of each batch a step trains on: the images with the highest loss
+    # (selective backprop); 1: all
+    backprop: float
     patience: int
     augment: AugmentConfig
     progressive: ProgressiveConfig

@@ -40,6 +40,7 @@ class Recipe:
     augment: dict  # full mode: the keywords of surgery.augmentation
     select: str = "accuracy"  # the validation metric that picks the best epoch (train.selection)
     class_weight: dict | None = None  # class index -> loss weight (train.selection); None: every class 1
+    backprop: float = 1.0  # the share of each batch a step trains on, the highest losses (train.selective)
 
     @classmethod
     def from_params(cls, f, *, seed: int, batch_size: int, selection=None, flip: bool | None = None) -> "Recipe":
@@ -56,7 +57,7 @@ class Recipe:
         return cls(unfreeze=f.unfreeze, batch_size=batch_size, seed=seed, optimizer=f.optimizer,
                    learning_rate=f.learning_rate, weight_decay=f.weight_decay, schedule=f.schedule,
                    warmup_epochs=f.warmup_epochs, label_smoothing=f.label_smoothing, ema=f.ema,
-                   train_bn=f.train_bn, train_depthwise=f.train_depthwise, flip=flip,
+                   train_bn=f.train_bn, train_depthwise=f.train_depthwise, flip=flip, backprop=f.backprop,
                    augment={**{field.name: getattr(a, field.name) for field in dataclasses.fields(a)}, "flip": flip},
                    **chosen)
 

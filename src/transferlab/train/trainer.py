@@ -5,6 +5,8 @@ are `transferlab.train.surgery`'s.
 
 - the frozen BatchNorm layers train folded into the convolutions before them
   (`transferlab.folding`): the same function and gradients, a faster step;
+- `finetune.backprop` < 1: each step trains on the hardest share of the batch
+  it reads (`transferlab.train.selective`);
 - the model is compiled after `trainable` changes; the learning rate is low:
   linear warmup then a decay to zero at the last step, or ReduceLROnPlateau;
 - how long it trains (a number of steps, a replayed plan, or a time budget that
@@ -38,7 +40,7 @@ from transferlab.budget.callback import StepBudget
 from transferlab.budget.plans import Probe
 from transferlab.folding import fold_batchnorm
 from transferlab.train import recipe as recipes
-from transferlab.train import surgery
+from transferlab.train import selective, surgery
 from transferlab.train.guard import CollapseGuard
 from transferlab.train.recipe import Recipe
 from transferlab.train.schedule import learning_rate_schedule
@@ -101,8 +103,8 @@ def build(spec: BackboneSpec, body: keras.Model, head: keras.Model, r: Recipe, *
         val = (np.asarray(x_val), y_val) if has_val else None
         fit_kwargs, mode = {"y": y_train, "batch_size": r.batch_size, "shuffle": True}, "full"
     # what trains: the same variables with the frozen BatchNorm folded into the convolutions (faster)
-    model = fold_batchnorm(model, trained=True)
-    small = fold_batchnorm(small, trained=True) if small is not None else None
+    model = selective.wrap(fold_batchnorm(model, trained=True), r.backprop)
+    small = selective.wrap(fold_batchnorm(small, trained=True), r.backprop) if small is not None else None
     log.info("finetune: %s mode, top %s block(s) of %s unfrozen (%d trainable tensors in the body)",
              mode, r.unfreeze, spec.name, trainable)
     return FineTuning(model, inputs, val, fit_kwargs, len(y_train), mode, small, small_size if small else 0)
