@@ -193,6 +193,31 @@ def test_a_budget_plans_the_fine_tune_and_its_plan_replays_without_the_clock(sta
     assert replayed["epochs_run"] == planned["epochs_run"]
 
 
+@pytest.mark.parametrize("precision", ["float32", "auto"])
+def test_the_probe_is_spent_once_and_not_reserved_for_the_evaluate_stage(stages_done, monkeypatch, precision):
+    """The evaluate stage loads and predicts; it times no steps. Its start-up is
+    reserved as long as the fine-tune stage's before its probe, and the probe's
+    seconds are spent, whether the precision's choice timed it (auto, on a CPU
+    with bfloat16) or the plan did (a set precision)."""
+    from transferlab.stages import recorded_stage_seconds, stage_seconds
+
+    monkeypatch.setattr("transferlab.train.precision.cpu_has_bf16", lambda: True)  # auto times both policies
+    probes, reserved = [], []
+    reserve = plans.evaluate_reserve
+    monkeypatch.setattr(plans, "evaluate_reserve", lambda **kw: reserved.append(kw["startup_seconds"]) or reserve(**kw))
+
+    def slow_probe(t, batch_size):
+        probes.append(stage_seconds())
+        time.sleep(2.0)
+        return SLOW
+
+    plan = run_finetune(stages_done, monkeypatch, probe=slow_probe, budget="10m", precision=precision,
+                        finetune={**tinyproject.TINY["finetune"], "epochs": 1000})["plan"]
+    assert len(probes) == (2 if precision == "auto" else 1) and len(reserved) == 1
+    assert 0 < reserved[0] <= probes[0]  # the start-up before the first probe
+    earlier = recorded_stage_seconds("prepare", "features", "head")  # read in the stage folder
+    assert plan["spent_seconds"] - earlier >= probes[-1] + 2.0  # this stage's time, every probe included
+
 def test_a_budget_that_holds_the_whole_recipe_trains_the_recipe(stages_done, monkeypatch):
     recipe = run_finetune(stages_done, monkeypatch)["steps"]  # no budget: finetune.epochs
     planned = run_finetune(stages_done, monkeypatch, probe=SLOW, budget="10m")

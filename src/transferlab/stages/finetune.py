@@ -91,6 +91,7 @@ def _main(params: config.Params, prepared: data.Prepared, callbacks: list | None
 
             budget_seconds = budget.parse(params.budget)
             saved = checkpoints.Checkpoint.saved_plan(directory) if budget_seconds else None
+            startup = stage_seconds()  # loaded, not yet built or timed: as long as the evaluate stage's start-up
             choice, (trained, t), probed = precision.select(params.precision, device.kind(), saved, build,
                                                             lambda built: trainer.probe(built[1], r.batch_size))
             metrics.update(precision.record(choice))
@@ -98,7 +99,7 @@ def _main(params: config.Params, prepared: data.Prepared, callbacks: list | None
             start = session.Start(
                 directory, head=head_metrics, n_classes=len(prepared.classes),
                 n_val=len(prepared.y["val"]), n_test=len(prepared.y["test"]), precision=choice, saved=saved,
-                probed=probed, clock=_clock(budget_seconds) if budget_seconds and not saved else None)
+                probed=probed, clock=_clock(budget_seconds, startup) if budget_seconds and not saved else None)
             metrics.update(session.run(t, r, f, start, history_csv=PLOTS / "finetune" / "history.csv",
                                        callbacks=[tracking.EpochLogger(), *(callbacks or [])]))
         else:
@@ -121,13 +122,15 @@ def _main(params: config.Params, prepared: data.Prepared, callbacks: list | None
     return metrics
 
 
-def _clock(budget_seconds: float) -> session.Clock:
+def _clock(budget_seconds: float, startup_seconds: float) -> session.Clock:
     """The budget as the fine-tune plans with it, now: the earlier stages'
-    recorded times and this stage's so far spent."""
-    now = stage_seconds()
+    recorded times and this stage's so far spent. `startup_seconds`: this
+    stage's before it built and timed its model (the precision's probe), the
+    evaluate stage's start-up reserved alike."""
     feats = json.loads((METRICS / "features.json").read_text())
-    return session.Clock(budget_seconds, spent_seconds=recorded_stage_seconds("prepare", "features", "head") + now,
-                         startup_seconds=now, inference_images_per_second=float(feats["features_images_per_second"]))
+    return session.Clock(budget_seconds, spent_seconds=recorded_stage_seconds("prepare", "features", "head")
+                         + stage_seconds(), startup_seconds=startup_seconds,
+                         inference_images_per_second=float(feats["features_images_per_second"]))
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ class Clock:
 
     budget_seconds: float
     spent_seconds: float  # by the earlier stages, and by this one so far
-    startup_seconds: float  # this stage's so far: the evaluate stage's start-up is reserved alike
+    startup_seconds: float  # this stage's before its model was built and timed: the evaluate stage's start-up
     inference_images_per_second: float  # the features stage's: the same network, forward only
 
 
@@ -121,10 +121,12 @@ def _length(t: trainer.FineTuning, r: Recipe, f, start: Start, checkpoint, per_e
     if start.saved:
         return StepBudget(plan=budget.Plan(**start.saved), checkpoint=checkpoint)
     if start.clock is not None:
-        clock = start.clock
+        clock, probed, began = start.clock, start.probed, time.monotonic()
+        if probed is None:  # timed now, after the clock was read: its seconds are spent too
+            probed = trainer.probe(t, r.batch_size)
         plan = plan_to_budget(
-            start.probed or trainer.probe(t, r.batch_size), budget_seconds=clock.budget_seconds,
-            startup_seconds=clock.startup_seconds, spent_seconds=clock.spent_seconds,
+            probed, budget_seconds=clock.budget_seconds, startup_seconds=clock.startup_seconds,
+            spent_seconds=clock.spent_seconds + time.monotonic() - began,
             inference_images_per_second=clock.inference_images_per_second,
             n_val=start.n_val, n_test=start.n_test, steps_per_epoch=per_epoch,
             max_steps=recipe_steps,  # the recipe's own length caps the plan: a fast machine finishes early
