@@ -252,7 +252,7 @@ def replan(p: Plan, *, step_seconds: float, steps_done: int, seconds_left: float
 
 def evaluate_reserve(*, n_val: int, n_test: int, views: int, inference_images_per_second: float,
                      startup_seconds: float) -> float:
-    """Seconds the evaluate stage needs: its start-up (as long as this stage's),
-    every validation and test image through the model once per view, and the
-    raw-pixel baseline."""
+    """Seconds the evaluate stage needs: its start-up (as long as the fine-tune
+    stage's before its probe), every validation and test image through the
+    model once per view, and the raw-pixel baseline."""
     return startup_seconds + views * (n_val + n_test) / inference_images_per_second + BASELINE_SECONDS
