@@ -216,7 +216,8 @@ def test_the_probe_is_spent_once_and_not_reserved_for_the_evaluate_stage(stages_
     assert len(probes) == (2 if precision == "auto" else 1) and len(reserved) == 1
     assert 0 < reserved[0] <= probes[0]  # the start-up before the first probe
     earlier = recorded_stage_seconds("prepare", "features", "head")  # read in the stage folder
-    assert plan["spent_seconds"] - earlier >= probes[-1] + 2.0  # this stage's time, every probe included
+    # this stage's time, every probe included (less what rounding the recorded seconds loses)
+    assert plan["spent_seconds"] - earlier >= probes[-1] + 2.0 - 0.1
 
 def test_a_budget_that_holds_the_whole_recipe_trains_the_recipe(stages_done, monkeypatch):
     recipe = run_finetune(stages_done, monkeypatch)["steps"]  # no budget: finetune.epochs
