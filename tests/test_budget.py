@@ -219,6 +219,7 @@ def test_the_probe_is_spent_once_and_not_reserved_for_the_evaluate_stage(stages_
     # this stage's time, every probe included (less what rounding the recorded seconds loses)
     assert plan["spent_seconds"] - earlier >= probes[-1] + 2.0 - 0.1
 
+
 def test_a_budget_that_holds_the_whole_recipe_trains_the_recipe(stages_done, monkeypatch):
     recipe = run_finetune(stages_done, monkeypatch)["steps"]  # no budget: finetune.epochs
     planned = run_finetune(stages_done, monkeypatch, probe=SLOW, budget="10m")

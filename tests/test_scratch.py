@@ -64,6 +64,7 @@ def test_the_whitening_is_fitted_on_every_class_when_the_images_come_class_by_cl
     rows = [np.flatnonzero((x == image).all(axis=(1, 2, 3)))[0] for image in sample]
     assert len(sample) == n and len(set(y[rows])) == len(synth.CLASSES)
 
+
 def test_schedule_and_rates_are_the_references():
     steps = scratch.total_steps(50_000, 1024, 9.9)
     assert steps == 476  # 48 full batches an epoch, 9.9 epochs

@@ -49,8 +49,9 @@ def plan_to_budget(probe: Probe, *, budget_seconds: float, spent_seconds: float,
                    precision_step_seconds: dict | None = None) -> Plan:
     """The fine-tune's plan: the most steps that fit what is left of the budget
     at the probe's pace, after reserving the evaluate stage (its start-up as long
-    as this stage's before its probe, both views of the validation and test images at the
-    features stage's inference speed) and capped at the recipe's own length.
+    as this stage's before its probe, both views of the validation and test
+    images at the features stage's inference speed) and capped at the recipe's
+    own length.
     `precision` (and the step time of each policy timed to choose it) is
     recorded with the plan, so that a replay trains in it. Logged, and its
     figures go to the MLflow run as `plan.*` params."""

@@ -5,8 +5,10 @@ Each training step reads a batch of candidates (`finetune.batch_size`), scores
 them with one forward pass in inference mode, and trains on the share
 `finetune.backprop` of them with the highest loss. The rest cost their forward
 pass only, about 0.3 of a training step on these CPUs (EfficientNet-Lite0 at
-128 and 160 px): a step that reads 384 images and trains on 128 of them costs
-about 1.9x a 128-image step (3 x 0.3 + 1) and reads 3x the images.
+128 and 160 px): a step that reads 384 images and trains on 128 of them cost
+1.8x a 128-image step and read 3x the images. Under a 20-minute budget on
+CIFAR-10 it tied the plain step on validation, so it is off by default:
+docs/bench/2026-12-06-selective-backprop.
 
 - The ranking loss is each image's cross-entropy, times its class weight where
   the loss weighs classes (`class_weight`), so a rare class is not left out.
