@@ -116,8 +116,9 @@ def write_run(out: str | Path, script: str, figures: dict, data: dict, text: str
             "```bash", results["command"], "```", "", f"**Commit.** {results['commit'] or 'not recorded'}. "
             f"**CPU.** {results['cpu']}", "",
             "For RESULTS.md: write the question and the answer here and in results.json, list in its `measures` the",
-            "targets the run measures (hour, budget-20m, seeds, fastai, scratch, small-data, memory) and in",
-            "`supersedes` the runs it replaces, then run `python bench/report.py`.", "",
+            "targets the run measures (hour, budget-20m, seeds, fastai, scratch, small-data, memory), in",
+            "`supersedes` the runs it replaces and in `short_because` why it falls short of an accuracy target,",
+            "then run `python bench/report.py`.", "",
             "## Output", "", text.rstrip("\n"), ""]))
     if echo:
         print(text)
