@@ -85,3 +85,4 @@ def test_optimizers(name):
     assert opt.weight_decay == pytest.approx(1e-5)
     if name == "sgd":
         assert opt.momentum == pytest.approx(0.9) and opt.nesterov
+    assert not recipes.make_optimizer(name, 1e-3, weight_decay=0.0).weight_decay  # 0 means none, adamw too

@@ -67,14 +67,16 @@ def make_optimizer(name: str, learning_rate, weight_decay: float | None = None, 
     """`learning_rate` may be a float or a keras LearningRateSchedule. `ema` > 0:
     the optimizer keeps an exponential moving average of the weights with that
     momentum (Keras' `use_ema`) and writes it into them every `ema_every` steps
-    and at the end of `fit` (`finalize_variable_values`)."""
+    and at the end of `fit` (`finalize_variable_values`). `weight_decay` None:
+    none, except Keras' default 1e-4 for adamw; 0: none for every optimizer."""
     options = {"weight_decay": weight_decay} if weight_decay else {}
     if ema:
         options.update(use_ema=True, ema_momentum=ema, ema_overwrite_frequency=ema_every)
     if name == "adam":
         return keras.optimizers.Adam(learning_rate, **options)
     if name == "adamw":
-        return keras.optimizers.AdamW(learning_rate, **{"weight_decay": 1e-4, **options})
+        options["weight_decay"] = 1e-4 if weight_decay is None else weight_decay
+        return keras.optimizers.AdamW(learning_rate, **options)
     if name == "sgd":
         return keras.optimizers.SGD(learning_rate, momentum=0.9, nesterov=True, **options)
     if name == "rmsprop":
