@@ -312,6 +312,15 @@ def test_archive_checksum_mismatch_is_a_hard_error(tmp_path):
         load(archive, tmp_path, checksum="sha256:" + "0" * 64)
 
 
+def test_a_folder_is_pinned_by_its_checksum_too(tmp_path):
+    root = synth.make_image_folder(tmp_path / "imgs", per_class=2, test_per_class=1)
+    _, digest = load(root, tmp_path)
+    assert load(root, tmp_path, checksum=digest)[1] == digest
+    next(root.rglob("*.png")).unlink()
+    with pytest.raises(DataError, match=f"{root}: the folder's checksum is sha256:.*set data.checksum to null"):
+        load(root, tmp_path, checksum=digest)
+
+
 def _evil_tar(path: Path, name: str, linkname: str | None = None):
     with tarfile.open(path, "w") as tar:
         info = tarfile.TarInfo(name)

@@ -76,7 +76,14 @@ def resolve_source(source: str, cache_dir: Path, checksum: str | None) -> tuple[
             "archive or folder of images, or at the CIFAR-10 URL on a machine with internet."
         )
     if path.is_dir():
-        return path, f"sha256:{tree_digest(path)}"
+        digest = f"sha256:{tree_digest(path)}"
+        if checksum is not None and checksum.lower() != digest:
+            raise DataError(
+                f"{path}: the folder's checksum is {digest} (sha256 over its files' paths and contents), "
+                f"data.checksum says {checksum}. Its files changed, or data.checksum pins another source: "
+                "set data.checksum to null, or to the folder's checksum to pin it."
+            )
+        return path, digest
     if checksum is not None:
         verify_checksum(path, checksum)
         return path, checksum
