@@ -262,3 +262,18 @@ def test_the_raw_pixel_baseline_learns_what_pixels_tell_and_no_more():
     noise = rng.integers(0, 255, (300, 48, 48, 3)).astype(np.uint8)  # labels pixels cannot tell
     assert evaluate.pixel_baseline(noise[:200], y[:200], noise[200:], y[200:], seed=0)["baseline_test_accuracy"] < 0.6
     assert evaluate._pixels(x[:2], 32).shape == (2, 32 * 32 * 3)  # larger images are shrunk first
+
+
+def test_the_raw_pixel_baseline_weighs_imbalanced_classes_as_the_fine_tune_does():
+    from transferlab import evaluate
+    from transferlab.train import selection
+
+    rng = np.random.default_rng(0)
+    y, y_test = np.r_[np.zeros(190, int), np.ones(10, int)], np.r_[np.zeros(100, int), np.ones(100, int)]
+    x, x_test = (rng.integers(0, 200, (len(labels), 8, 8, 3)) + 25 * labels[:, None, None, None]
+                 for labels in (y, y_test))  # the rare class a little brighter
+    weights = selection.resolve("auto", "auto", np.bincount(y)).class_weight
+    plain = evaluate.pixel_baseline(x.astype(np.uint8), y, x_test.astype(np.uint8), y_test, seed=0)
+    weighted = evaluate.pixel_baseline(x.astype(np.uint8), y, x_test.astype(np.uint8), y_test, seed=0,
+                                       class_weight=weights)
+    assert plain["baseline_test_balanced_accuracy"] < 0.7 < 0.85 < weighted["baseline_test_balanced_accuracy"]

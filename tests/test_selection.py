@@ -116,21 +116,28 @@ def imbalanced(tmp_path_factory):
                                                             f"x{i:04d}.png")
     cwd, uri = os.getcwd(), os.environ.pop("MLFLOW_TRACKING_URI", None)
     os.chdir(folder)
-    fit, weights = keras.Model.fit, []
+    from transferlab import evaluate as evaluate_lib
+
+    fit, baseline, weights, baseline_weights = keras.Model.fit, evaluate_lib.pixel_baseline, [], []
 
     def spy(self, *args, **kwargs):  # the class weights each fit was given
         weights.append(kwargs.get("class_weight"))
         return fit(self, *args, **kwargs)
 
-    keras.Model.fit = spy
+    def baseline_spy(*args):  # and the raw-pixel baseline's
+        baseline_weights.append(args[5])
+        return baseline(*args)
+
+    keras.Model.fit, evaluate_lib.pixel_baseline = spy, baseline_spy
     try:
-        over = {**tinyproject.TINY, "data": {**tinyproject.TINY["data"], "val_fraction": 0.25, "val_min_per_class": 3}}
+        over = {**tinyproject.TINY, "data": {**tinyproject.TINY["data"], "val_fraction": 0.25, "val_min_per_class": 3},
+                "evaluate": {**tinyproject.TINY["evaluate"], "baseline": True}}
         params = config.from_dict(tinyproject.full_params(over))
         for stage in (prepare, features, head, finetune, evaluate):
             stage.main(params)
-        yield folder, weights
+        yield folder, weights, baseline_weights
     finally:
-        keras.Model.fit = fit
+        keras.Model.fit, evaluate_lib.pixel_baseline = fit, baseline
         os.chdir(cwd)
         if uri is not None:
             os.environ["MLFLOW_TRACKING_URI"] = uri
@@ -141,7 +148,7 @@ def test_an_imbalanced_set_is_selected_weighted_and_reported_by_balanced_accurac
 
     from transferlab import data, tracking
 
-    imbalanced, fit_weights = imbalanced
+    imbalanced, fit_weights, baseline_weights = imbalanced
     read = lambda name: json.loads((imbalanced / "metrics" / f"{name}.json").read_text())  # noqa: E731
     prepared = data.load_prepared(imbalanced / "data/prepared")
     # the floor: 3 validation images of each small class, where a quarter of 6 would be 1 or 2
@@ -170,6 +177,7 @@ def test_an_imbalanced_set_is_selected_weighted_and_reported_by_balanced_accurac
     recalls = [report[c]["recall"] for c in synth.CLASSES]
     assert e["test_balanced_accuracy"] == pytest.approx(np.mean(recalls), abs=1e-4)
     assert e["test_macro_f1"] == pytest.approx(report["macro avg"]["f1-score"], abs=1e-4)
+    assert baseline_weights == [pytest.approx(expected)] and "baseline_test_balanced_accuracy" in e  # weighted alike
     monkeypatch.chdir(imbalanced)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     mlflow.set_tracking_uri(tracking.tracking_uri())

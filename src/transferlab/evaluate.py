@@ -272,10 +272,12 @@ def _pixels(x: np.ndarray, size: int, chunk: int = 512) -> np.ndarray:
 
 
 def pixel_baseline(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
-                   seed: int) -> dict:
+                   seed: int, class_weight: dict[int, float] | None = None) -> dict:
     """The trivial model beside ours: scikit-learn's logistic regression on the raw
     pixels (at most BASELINE_IMAGES training images, at most BASELINE_SIZE px a
-    side). Transfer paid off when the model beats it by a wide margin."""
+    side), with the fine-tune's `class_weight` (class index -> loss weight; None:
+    every class 1), so that on imbalanced classes it is not a majority vote.
+    Transfer paid off when the model beats it by a wide margin."""
     import time
     import warnings
 
@@ -291,7 +293,9 @@ def pixel_baseline(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
         counts = np.bincount(y_train)
         stratify = y_train if counts[counts > 0].min() >= 2 else None
         rows = np.sort(train_test_split(rows, train_size=BASELINE_IMAGES, random_state=seed, stratify=stratify)[0])
-    clf = LogisticRegression(max_iter=200)
+    present = set(np.unique(y_train[rows]).tolist())  # scikit-learn wants weights for these classes only
+    weights = {c: w for c, w in class_weight.items() if c in present} if class_weight else None
+    clf = LogisticRegression(max_iter=200, class_weight=weights)
     with warnings.catch_warnings():  # 200 iterations are enough for a baseline
         warnings.simplefilter("ignore", ConvergenceWarning)
         clf.fit(_pixels(Rows(x_train, rows), BASELINE_SIZE), y_train[rows])

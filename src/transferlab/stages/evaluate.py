@@ -61,7 +61,8 @@ def main(params: config.Params) -> dict:
                    evaluate_seconds=round(seconds, 2), test_images_per_second=round(len(y) / seconds, 1),
                    parameters=parameters)
     if e.baseline:  # did transfer pay off? the trivial model beside ours
-        metrics.update(evaluate.pixel_baseline(prepared.x["train"], prepared.y["train"], x, y, params.seed))
+        metrics.update(evaluate.pixel_baseline(prepared.x["train"], prepared.y["train"], x, y, params.seed,
+                                               chosen.class_weight))
         metrics["beats_baseline"] = int(metrics[key] > metrics[f"baseline_{key}"])
     metrics["stage_seconds"] = round(end_stage(), 2)
     write_json(METRICS / "evaluate.json", metrics)
