@@ -86,3 +86,5 @@ def test_optimizers(name):
     if name == "sgd":
         assert opt.momentum == pytest.approx(0.9) and opt.nesterov
     assert not recipes.make_optimizer(name, 1e-3, weight_decay=0.0).weight_decay  # 0 means none, adamw too
+    if name == "adamw":  # none given (the head): Keras' default
+        assert recipes.make_optimizer(name, 1e-3).weight_decay == pytest.approx(1e-4)

@@ -106,6 +106,7 @@ def test_class_weights_weigh_the_heads_loss():
 def imbalanced(tmp_path_factory):
     """The tiny pipeline on a folder whose first class has 4x the images of the
     others, through evaluate, in a scratch folder."""
+    import inspect
     import os
 
     folder = tmp_path_factory.mktemp("imbalanced")
@@ -124,9 +125,10 @@ def imbalanced(tmp_path_factory):
         weights.append(kwargs.get("class_weight"))
         return fit(self, *args, **kwargs)
 
-    def baseline_spy(*args):  # and the raw-pixel baseline's
-        baseline_weights.append(args[5])
-        return baseline(*args)
+    def baseline_spy(*args, **kwargs):  # and the raw-pixel baseline's
+        bound = inspect.signature(baseline).bind(*args, **kwargs)
+        baseline_weights.append(bound.arguments.get("class_weight"))
+        return baseline(*args, **kwargs)
 
     keras.Model.fit, evaluate_lib.pixel_baseline = spy, baseline_spy
     try:

@@ -293,9 +293,7 @@ def pixel_baseline(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
         counts = np.bincount(y_train)
         stratify = y_train if counts[counts > 0].min() >= 2 else None
         rows = np.sort(train_test_split(rows, train_size=BASELINE_IMAGES, random_state=seed, stratify=stratify)[0])
-    present = set(np.unique(y_train[rows]).tolist())  # scikit-learn wants weights for these classes only
-    weights = {c: w for c, w in class_weight.items() if c in present} if class_weight else None
-    clf = LogisticRegression(max_iter=200, class_weight=weights)
+    clf = LogisticRegression(max_iter=200, class_weight=class_weight)
     with warnings.catch_warnings():  # 200 iterations are enough for a baseline
         warnings.simplefilter("ignore", ConvergenceWarning)
         clf.fit(_pixels(Rows(x_train, rows), BASELINE_SIZE), y_train[rows])

@@ -80,8 +80,8 @@ def resolve_source(source: str, cache_dir: Path, checksum: str | None) -> tuple[
         if checksum is not None and checksum.lower() != digest:
             raise DataError(
                 f"{path}: the folder's checksum is {digest} (sha256 over its files' paths and contents), "
-                f"data.checksum says {checksum}. Its files changed, or data.checksum pins another source: "
-                "set data.checksum to null, or to the folder's checksum to pin it."
+                f"data.checksum says {checksum}. Its files changed, or data.checksum pins another source (a "
+                "folder is pinned by its sha256 only): set data.checksum to null, or to the folder's checksum."
             )
         return path, digest
     if checksum is not None:
