@@ -34,12 +34,13 @@ MEMORY_RATIO = 1.5  # peak RSS of 20,000 images against 2,000, at 224 px
 SHORT_COMMON = (
     "The fine-tune gains with every epoch it is given: on each machine kind measured, the hour (160 px) scores "
     "above the 20 minutes (128 px), and each run's reason below gives the epochs its time held. No change measured "
-    "at equal time has won: input size 144, progressive resizing, frozen depthwise kernels, EMA and selective "
-    "backprop tied; one block fewer unfrozen, batch 64 and BatchNorm training lost; the learning rate stayed the "
-    "best of three (their runs are in [docs/bench](docs/bench/README.md)). The data is a JPEG re-encoding of "
-    "CIFAR-10 (quality 75, 4:2:0 chroma), on which the from-scratch peer reaches 90.71 % against its published "
-    "94.01 %: a gap not explained (this data, or a fault in our implementation of the peer). What the re-encoding "
-    "costs ours is not measured: the canonical archive cannot be downloaded on these machines.")
+    "at equal time has won: input size 144, progressive resizing, frozen depthwise kernels, EMA, selective "
+    "backprop, and Lite1 or Lite2 at a smaller input size tied; one block fewer unfrozen, batch 64 and BatchNorm "
+    "training lost; the learning rate stayed the best of three (their runs are in "
+    "[docs/bench](docs/bench/README.md)). The data is a JPEG re-encoding of CIFAR-10 (quality 75, 4:2:0 chroma), on "
+    "which the from-scratch peer reaches 90.71 % against its published 94.01 %: a gap not explained (this data, or "
+    "a fault in our implementation of the peer). What the re-encoding costs ours is not measured: the canonical "
+    "archive cannot be downloaded on these machines.")
 NO_REASON = "(not written: add `short_because` to its results.json)"
 
 
